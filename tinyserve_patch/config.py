@@ -1,0 +1,139 @@
+"""SparseConfig: every knob of sparse decode attention, validated once, here.
+
+Units: ``token_budget`` is in tokens; ``sink_pages`` / ``recent_pages`` are in pages of ``page_size``
+tokens. The budget always contains the sink and recent pages: ``budget_pages = token_budget // page_size``
+pages are attended per decode step, per batch row and KV head.
+
+Exact-dense rule: a sequence whose valid length is within ``token_budget`` attends to every one of its
+tokens (every valid page is selected), so attention is exact. When the whole KV cache can never exceed
+the budget (its capacity is within it), decoding calls the dense SDPA path itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+POLICIES = ("quest", "oracle", "streaming", "random")
+PAGE_SIZES = (8, 16, 32, 64, 128)
+GQA_REDUCTIONS = ("max", "sum")
+
+
+def _fail(name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"SparseConfig.{name}={value!r} is invalid: allowed {allowed}")
+
+
+@dataclass(frozen=True)
+class SparseConfig:
+    """Configuration of query-aware page selection.
+
+    Attributes:
+        token_budget: tokens attended per decode step (per row and KV head), sink and recent included.
+            Must be a multiple of ``page_size`` and hold at least ``sink_pages + recent_pages + 1`` pages.
+            ``None`` means dense: the same code path with every page selected (the eval baseline).
+        page_size: tokens per page; a power of two in 8..128.
+        sink_pages: the first pages of each row, always attended (attention sinks).
+        recent_pages: the last pages of each row, always attended; the current, possibly partial,
+            page is the last of them.
+        dense_layers: the first N decoder layers stay dense (Quest keeps 2).
+        policy: page-selection policy: ``quest`` (min/max upper bound), ``oracle`` (exact top pages by
+            max q.k, for measuring recall), ``streaming`` (sink + most recent pages), ``random``.
+        gqa_reduction: how the scores of a KV head's query-head group become one selection:
+            ``max`` (a page matters if it matters to any head of the group) or ``sum``.
+        fused: use the fused score+select kernel instead of the split score / select kernels (GPU).
+        seed: seed of the ``random`` policy.
+    """
+
+    token_budget: int | None = 2048
+    page_size: int = 16
+    sink_pages: int = 1
+    recent_pages: int = 1
+    dense_layers: int = 2
+    policy: str = "quest"
+    gqa_reduction: str = "max"
+    fused: bool = False
+    seed: int = 0
+    extra: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.page_size not in PAGE_SIZES or isinstance(self.page_size, bool):
+            _fail("page_size", self.page_size, f"one of {PAGE_SIZES}")
+        for name in ("sink_pages", "recent_pages", "dense_layers", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                _fail(name, value, "an integer >= 0")
+        if self.recent_pages < 1:
+            _fail("recent_pages", self.recent_pages, "an integer >= 1 (the current page is always attended)")
+        if self.token_budget is not None:
+            tb = self.token_budget
+            if not isinstance(tb, int) or isinstance(tb, bool):
+                _fail("token_budget", tb, "a positive integer or None (dense)")
+            min_pages = self.sink_pages + self.recent_pages + 1
+            if tb < min_pages * self.page_size:
+                _fail(
+                    "token_budget",
+                    tb,
+                    f">= (sink_pages + recent_pages + 1) * page_size = {min_pages * self.page_size}",
+                )
+            if tb % self.page_size:
+                _fail("token_budget", tb, f"a multiple of page_size={self.page_size}")
+        if self.policy not in POLICIES:
+            _fail("policy", self.policy, f"one of {POLICIES}")
+        if self.gqa_reduction not in GQA_REDUCTIONS:
+            _fail("gqa_reduction", self.gqa_reduction, f"one of {GQA_REDUCTIONS}")
+        if not isinstance(self.fused, bool):
+            _fail("fused", self.fused, "True or False")
+
+    @property
+    def is_dense(self) -> bool:
+        return self.token_budget is None
+
+    @property
+    def budget_pages(self) -> int:
+        """Pages attended per decode step; only meaningful when not dense."""
+        if self.token_budget is None:
+            raise ValueError("a dense SparseConfig has no page budget")
+        return self.token_budget // self.page_size
+
+    def replace(self, **overrides: Any) -> "SparseConfig":
+        return dataclasses.replace(self, **overrides)
+
+    @classmethod
+    def from_kwargs(cls, base: "SparseConfig | None" = None, **overrides: Any) -> "SparseConfig":
+        """Build from keyword overrides; strings are parsed (for CLI / lm-eval ``model_args``).
+
+        ``token_budget`` accepts ``"dense"`` / ``"none"`` for the dense baseline.
+        """
+        base = base or cls()
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        unknown = set(overrides) - names
+        if unknown:
+            raise ValueError(f"unknown SparseConfig field(s) {sorted(unknown)}; known: {sorted(names)}")
+        parsed = {k: _parse(k, v) for k, v in overrides.items()}
+        return dataclasses.replace(base, **parsed)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("extra")
+        return d
+
+
+def _parse(name: str, value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if name == "token_budget" and text.lower() in ("dense", "none", "full"):
+        return None
+    if name in ("policy", "gqa_reduction"):
+        return text
+    if name == "fused":
+        if text.lower() in ("1", "true", "yes"):
+            return True
+        if text.lower() in ("0", "false", "no"):
+            return False
+        _fail(name, value, "true or false")
+    try:
+        return int(text)
+    except ValueError:
+        _fail(name, value, "an integer")

@@ -1,0 +1,120 @@
+"""Public entry points of the sparse-decode ops (``torch.ops.tinyserve.*``), with input checks.
+
+Layouts are documented in :mod:`tinyserve_patch.ops.reference`. Every function works on CPU (reference)
+and CUDA (Triton) tensors and traces under ``torch.compile(fullgraph=True)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import library as _lib  # registers torch.ops.tinyserve.*
+from . import reference
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+__all__ = [
+    "append_kv",
+    "page_scores",
+    "select_pages",
+    "score_and_select",
+    "sparse_decode_attention",
+    "check_cache",
+    "reference",
+]
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, meta: torch.Tensor | None = None) -> int:
+    """Validate the cache layout; returns ``page_size``."""
+    _check(k_cache.dim() == 4, f"k_cache must be [batch, kv_heads, capacity, head_dim], got {tuple(k_cache.shape)}")
+    _check(v_cache.shape == k_cache.shape, f"v_cache {tuple(v_cache.shape)} != k_cache {tuple(k_cache.shape)}")
+    _check(k_cache.dtype in SUPPORTED_DTYPES, f"cache dtype {k_cache.dtype} unsupported: {SUPPORTED_DTYPES}")
+    _check(v_cache.dtype == k_cache.dtype, "k_cache and v_cache dtypes differ")
+    _check(k_cache.device == v_cache.device, "k_cache and v_cache are on different devices")
+    _check(k_cache.shape[-1] <= MAX_HEAD_DIM, f"head_dim {k_cache.shape[-1]} > {MAX_HEAD_DIM} is not supported")
+    if meta is None:
+        return 0
+    b, h, cap, d = k_cache.shape
+    _check(
+        meta.dim() == 5 and meta.shape[:2] == (b, h) and meta.shape[3:] == (2, d),
+        f"meta must be [batch, kv_heads, pages, 2, head_dim] matching the cache, got {tuple(meta.shape)}",
+    )
+    _check(meta.dtype == k_cache.dtype and meta.device == k_cache.device, "meta must match the cache's dtype/device")
+    pages = meta.shape[2]
+    _check(pages > 0 and cap % pages == 0, f"capacity {cap} is not a whole number of pages ({pages})")
+    page_size = cap // pages
+    _check(page_size in (8, 16, 32, 64, 128), f"page_size {page_size} must be a power of two in 8..128")
+    return page_size
+
+
+def _check_rows(seq_start: torch.Tensor, seq_end: torch.Tensor, batch: int, device: torch.device) -> None:
+    for name, t in (("seq_start", seq_start), ("seq_end", seq_end)):
+        _check(t.dtype == torch.int32 and t.shape == (batch,), f"{name} must be int32 [batch={batch}], got {t.dtype} {tuple(t.shape)}")
+        _check(t.device == device, f"{name} is on {t.device}, the cache on {device}")
+
+
+def _check_query(q: torch.Tensor, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+    _check(q.dim() == 3, f"q must be [batch, q_heads, head_dim], got {tuple(q.shape)}")
+    _check(q.shape[-1] == head_dim, f"q head_dim {q.shape[-1]} != cache head_dim {head_dim}")
+    _check(q.shape[1] % kv_heads == 0, f"q_heads {q.shape[1]} is not a multiple of kv_heads {kv_heads}")
+    _check(q.dtype == dtype, f"q dtype {q.dtype} != cache dtype {dtype}")
+    _check(q.device == device, f"q is on {q.device}, the cache on {device}")
+
+
+def append_kv(k_cache, v_cache, meta, k_new, v_new, pos) -> None:
+    """Write ``k_new``/``v_new`` ``[batch, kv_heads, n, head_dim]`` at ``pos .. pos+n-1`` (``pos``: one-element
+    int tensor on the cache's device) and update the min/max metadata of the touched pages, in place."""
+    check_cache(k_cache, v_cache, meta)
+    _check(k_new.shape == v_new.shape, "k_new and v_new shapes differ")
+    _check(
+        k_new.dim() == 4 and k_new.shape[:2] == k_cache.shape[:2] and k_new.shape[3] == k_cache.shape[3],
+        f"k_new {tuple(k_new.shape)} does not fit the cache {tuple(k_cache.shape)}",
+    )
+    _check(pos.numel() == 1 and not pos.is_floating_point(), "pos must be a one-element integer tensor")
+    _check(pos.device == k_cache.device and k_new.device == k_cache.device, "pos/k_new must be on the cache's device")
+    torch.ops.tinyserve.append_kv(k_cache, v_cache, meta, k_new.to(k_cache.dtype), v_new.to(v_cache.dtype), pos)
+
+
+def page_scores(q, meta, seq_start, seq_end, page_size: int, gqa_reduction: str = "max") -> torch.Tensor:
+    """Quest upper-bound scores ``[batch, kv_heads, pages]`` float32 (``-inf`` for invalid pages)."""
+    _check(meta.dim() == 5 and meta.shape[3] == 2, f"meta must be [batch, kv_heads, pages, 2, head_dim], got {tuple(meta.shape)}")
+    _check_query(q, meta.shape[1], meta.shape[-1], meta.dtype, meta.device)
+    _check_rows(seq_start, seq_end, q.shape[0], q.device)
+    _check(gqa_reduction in ("max", "sum"), f"gqa_reduction={gqa_reduction!r}: allowed 'max' or 'sum'")
+    return torch.ops.tinyserve.page_scores(q, meta, seq_start, seq_end, page_size, gqa_reduction)
+
+
+def select_pages(scores, seq_start, seq_end, page_size: int, num_select: int, sink_pages: int = 1, recent_pages: int = 1) -> torch.Tensor:
+    """Top ``num_select`` pages ``[batch, kv_heads, num_select]`` int32, ascending, ``-1`` padded."""
+    _check(scores.dim() == 3 and scores.dtype == torch.float32, "scores must be float32 [batch, kv_heads, pages]")
+    _check_rows(seq_start, seq_end, scores.shape[0], scores.device)
+    _check(num_select >= 1, f"num_select={num_select} must be >= 1")
+    return torch.ops.tinyserve.select_pages(scores, seq_start, seq_end, page_size, num_select, sink_pages, recent_pages)
+
+
+def score_and_select(q, meta, seq_start, seq_end, page_size: int, num_select: int, sink_pages: int = 1, recent_pages: int = 1, gqa_reduction: str = "max") -> torch.Tensor:
+    """Fused ``page_scores`` + ``select_pages`` (one kernel on CUDA)."""
+    _check(meta.dim() == 5 and meta.shape[3] == 2, f"meta must be [batch, kv_heads, pages, 2, head_dim], got {tuple(meta.shape)}")
+    _check_query(q, meta.shape[1], meta.shape[-1], meta.dtype, meta.device)
+    _check_rows(seq_start, seq_end, q.shape[0], q.device)
+    _check(num_select >= 1, f"num_select={num_select} must be >= 1")
+    return torch.ops.tinyserve.score_select(q, meta, seq_start, seq_end, page_size, num_select, sink_pages, recent_pages, gqa_reduction)
+
+
+def sparse_decode_attention(q, k_cache, v_cache, indices, seq_start, seq_end, page_size: int, scale: float, softcap: float = 0.0) -> torch.Tensor:
+    """Attention over the selected pages: ``[batch, q_heads, head_dim]`` in ``q``'s dtype."""
+    check_cache(k_cache, v_cache)
+    _check(k_cache.shape[2] % page_size == 0, f"capacity {k_cache.shape[2]} is not a multiple of page_size {page_size}")
+    _check_query(q, k_cache.shape[1], k_cache.shape[-1], k_cache.dtype, k_cache.device)
+    _check_rows(seq_start, seq_end, q.shape[0], q.device)
+    _check(
+        indices.dtype == torch.int32 and indices.dim() == 3 and indices.shape[:2] == k_cache.shape[:2],
+        f"indices must be int32 [batch, kv_heads, n], got {indices.dtype} {tuple(indices.shape)}",
+    )
+    return torch.ops.tinyserve.sparse_decode(q, k_cache, v_cache, indices, seq_start, seq_end, page_size, float(scale), float(softcap or 0.0))

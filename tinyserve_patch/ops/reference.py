@@ -1,0 +1,308 @@
+"""Pure-PyTorch reference of every step of query-aware page selection: the ground truth and the CPU path.
+
+Layouts (shared by the Triton kernels):
+
+* ``k_cache``, ``v_cache``: ``[batch, kv_heads, capacity, head_dim]``; ``capacity`` is a multiple of
+  ``page_size``, so the paged view is ``[batch, kv_heads, pages, page_size, head_dim]`` with no copy.
+* ``meta``: ``[batch, kv_heads, pages, 2, head_dim]`` in the keys' dtype; ``meta[..., 0, :]`` is the
+  element-wise minimum and ``meta[..., 1, :]`` the maximum of the keys written to that page so far.
+* ``q``: the decode query, ``[batch, q_heads, head_dim]``; query head ``h`` reads KV head
+  ``h // (q_heads // kv_heads)`` (HF ``repeat_kv`` order).
+* ``seq_start``, ``seq_end``: ``[batch]`` int32; row ``b`` holds valid tokens at positions
+  ``seq_start[b] <= t < seq_end[b]`` (left padding sits before ``seq_start``). A page is valid for a row
+  when it holds at least one valid token.
+* ``indices``: ``[batch, kv_heads, num_select]`` int32 page numbers, ascending, ``-1`` padded.
+
+GQA rule: each KV head makes one selection shared by its group of query heads. The group's per-head
+scores are reduced with ``max`` (default: a page is kept if it matters to any head of the group) or
+``sum`` (the upper bound of the group's summed logits).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+def num_pages(capacity: int, page_size: int) -> int:
+    return capacity // page_size
+
+
+# ----------------------------------------------------------------------------------------------
+# metadata
+
+
+def append_kv(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    pos: torch.Tensor,
+) -> None:
+    """Write ``k_new``/``v_new`` (``[batch, kv_heads, n, head_dim]``) at positions ``pos .. pos+n-1`` of
+    every row and refresh the min/max of each page they touch (in place).
+
+    ``pos`` is a one-element integer tensor (the same write position for every row). A page's metadata
+    covers the tokens from the page's start up to the last written one: a partial last page included.
+    """
+    n = k_new.shape[2]
+    p0 = int(pos.reshape(-1)[0])
+    capacity = k_cache.shape[2]
+    page_size = capacity // meta.shape[2]
+    if p0 < 0 or p0 + n > capacity:
+        raise ValueError(f"append of {n} tokens at {p0} overflows the cache capacity {capacity}")
+    k_cache[:, :, p0 : p0 + n] = k_new.to(k_cache.dtype)
+    v_cache[:, :, p0 : p0 + n] = v_new.to(v_cache.dtype)
+    end = p0 + n
+    for page in range(p0 // page_size, (end - 1) // page_size + 1):
+        lo = page * page_size
+        hi = min(lo + page_size, end)
+        block = k_cache[:, :, lo:hi]
+        meta[:, :, page, 0] = block.amin(dim=2)
+        meta[:, :, page, 1] = block.amax(dim=2)
+
+
+def build_meta(k_cache: torch.Tensor, length: int, page_size: int) -> torch.Tensor:
+    """Bulk metadata of the first ``length`` tokens of ``k_cache``: ``[batch, kv_heads, pages, 2, head_dim]``.
+
+    Pages past ``length`` are left as zeros (they are never valid)."""
+    b, h, capacity, d = k_cache.shape
+    pages = capacity // page_size
+    meta = torch.zeros(b, h, pages, 2, d, dtype=k_cache.dtype, device=k_cache.device)
+    for page in range(0, (length + page_size - 1) // page_size):
+        lo = page * page_size
+        hi = min(lo + page_size, length)
+        meta[:, :, page, 0] = k_cache[:, :, lo:hi].amin(dim=2)
+        meta[:, :, page, 1] = k_cache[:, :, lo:hi].amax(dim=2)
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------
+# page validity
+
+
+def page_valid_mask(
+    seq_start: torch.Tensor, seq_end: torch.Tensor, pages: int, page_size: int
+) -> torch.Tensor:
+    """``[batch, pages]`` bool: the page holds at least one token of ``[seq_start, seq_end)``."""
+    first = torch.arange(pages, device=seq_start.device) * page_size
+    start = seq_start.long()[:, None]
+    end = seq_end.long()[:, None]
+    return (first[None] < end) & (first[None] + page_size > start) & (end > start)
+
+
+def token_valid_mask(seq_start: torch.Tensor, seq_end: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``positions`` ``[batch, ...]`` -> bool of the same shape: inside ``[seq_start, seq_end)``."""
+    shape = (-1,) + (1,) * (positions.dim() - 1)
+    return (positions >= seq_start.long().view(shape)) & (positions < seq_end.long().view(shape))
+
+
+def _group(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """``[batch, q_heads, d]`` -> ``[batch, kv_heads, group, d]``."""
+    b, hq, d = q.shape
+    if hq % kv_heads:
+        raise ValueError(f"q_heads={hq} is not a multiple of kv_heads={kv_heads}")
+    return q.reshape(b, kv_heads, hq // kv_heads, d)
+
+
+def _reduce_group(scores: torch.Tensor, gqa_reduction: str) -> torch.Tensor:
+    """``[batch, kv_heads, group, pages]`` -> ``[batch, kv_heads, pages]``."""
+    if gqa_reduction == "max":
+        return scores.amax(dim=2)
+    if gqa_reduction == "sum":
+        return scores.sum(dim=2)
+    raise ValueError(f"gqa_reduction={gqa_reduction!r}: allowed 'max' or 'sum'")
+
+
+# ----------------------------------------------------------------------------------------------
+# page scores (one function per policy; all return [batch, kv_heads, pages] float32, -inf if invalid)
+
+
+def page_scores(
+    q: torch.Tensor,
+    meta: torch.Tensor,
+    seq_start: torch.Tensor,
+    seq_end: torch.Tensor,
+    page_size: int,
+    gqa_reduction: str = "max",
+) -> torch.Tensor:
+    """Quest upper bound: per query head, ``sum_d max(q_d * min_d, q_d * max_d)`` for every page; the
+    group's scores are reduced by ``gqa_reduction``; invalid pages get ``-inf``.
+
+    The bound is ``>= max over the page's tokens of q.k`` for every head (each term bounds q_d * k_d)."""
+    b, hkv, pages, _, d = meta.shape
+    qg = _group(q, hkv).float()  # [b, hkv, g, d]
+    mn = meta[:, :, :, 0].float()  # [b, hkv, p, d]
+    mx = meta[:, :, :, 1].float()
+    per_head = torch.maximum(qg[:, :, :, None, :] * mn[:, :, None], qg[:, :, :, None, :] * mx[:, :, None]).sum(-1)
+    scores = _reduce_group(per_head, gqa_reduction)
+    valid = page_valid_mask(seq_start, seq_end, pages, page_size)
+    return scores.masked_fill(~valid[:, None, :], NEG_INF)
+
+
+def oracle_page_scores(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    seq_start: torch.Tensor,
+    seq_end: torch.Tensor,
+    page_size: int,
+    gqa_reduction: str = "max",
+) -> torch.Tensor:
+    """Exact page importance: per query head, the max of q.k over the page's valid tokens (reads all keys;
+    for measuring the recall of cheaper policies)."""
+    b, hkv, capacity, d = k_cache.shape
+    pages = capacity // page_size
+    qg = _group(q, hkv).float()
+    logits = torch.einsum("bhgd,bhtd->bhgt", qg, k_cache.float())  # [b, hkv, g, capacity]
+    positions = torch.arange(capacity, device=q.device).expand(b, capacity)
+    tok_valid = token_valid_mask(seq_start, seq_end, positions)  # [b, capacity]
+    logits = logits.masked_fill(~tok_valid[:, None, None, :], NEG_INF)
+    per_head = logits.view(b, hkv, -1, pages, page_size).amax(-1)
+    return _reduce_group(per_head, gqa_reduction)
+
+
+def streaming_page_scores(
+    seq_start: torch.Tensor, seq_end: torch.Tensor, kv_heads: int, pages: int, page_size: int
+) -> torch.Tensor:
+    """StreamingLLM baseline: the score is the page number, so the budget goes to the most recent pages
+    (the sink pages are forced by the selection)."""
+    scores = torch.arange(pages, device=seq_start.device, dtype=torch.float32)
+    scores = scores.expand(seq_start.shape[0], kv_heads, pages).clone()
+    valid = page_valid_mask(seq_start, seq_end, pages, page_size)
+    return scores.masked_fill(~valid[:, None, :], NEG_INF)
+
+
+def random_page_scores(
+    seq_start: torch.Tensor,
+    seq_end: torch.Tensor,
+    kv_heads: int,
+    pages: int,
+    page_size: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Random baseline: i.i.d. uniform scores (sink and recent pages are still forced)."""
+    b = seq_start.shape[0]
+    scores = torch.rand(b, kv_heads, pages, generator=generator, device="cpu").to(seq_start.device)
+    valid = page_valid_mask(seq_start, seq_end, pages, page_size)
+    return scores.masked_fill(~valid[:, None, :], NEG_INF)
+
+
+# ----------------------------------------------------------------------------------------------
+# selection
+
+
+def forced_page_mask(
+    seq_start: torch.Tensor,
+    seq_end: torch.Tensor,
+    pages: int,
+    page_size: int,
+    sink_pages: int,
+    recent_pages: int,
+) -> torch.Tensor:
+    """``[batch, pages]`` bool: the first ``sink_pages`` and last ``recent_pages`` valid pages of each row."""
+    idx = torch.arange(pages, device=seq_start.device)[None]
+    first = (seq_start.long() // page_size)[:, None]
+    last = ((seq_end.long() - 1) // page_size)[:, None]
+    valid = page_valid_mask(seq_start, seq_end, pages, page_size)
+    return valid & ((idx < first + sink_pages) | (idx > last - recent_pages))
+
+
+def select_pages(
+    scores: torch.Tensor,
+    seq_start: torch.Tensor,
+    seq_end: torch.Tensor,
+    page_size: int,
+    num_select: int,
+    sink_pages: int,
+    recent_pages: int,
+) -> torch.Tensor:
+    """Top pages per row and KV head: ``[batch, kv_heads, num_select]`` int32, ascending, ``-1`` padded.
+
+    Forced (sink + recent) pages rank first, then valid pages by descending score; ties go to the lower
+    page number. Invalid pages are never selected; a row with ``<= num_select`` valid pages gets all of
+    them (exact attention)."""
+    b, hkv, pages = scores.shape
+    valid = page_valid_mask(seq_start, seq_end, pages, page_size)[:, None, :].expand(b, hkv, pages)
+    forced = forced_page_mask(seq_start, seq_end, pages, page_size, sink_pages, recent_pages)[:, None, :]
+    ranked = scores.float().masked_fill(forced, float("inf")).masked_fill(~valid, NEG_INF)
+    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., :num_select]
+    n_valid = valid.sum(-1, keepdim=True)  # [b, hkv, 1]
+    keep = torch.arange(order.shape[-1], device=scores.device)[None, None] < n_valid
+    chosen = torch.where(keep, order, torch.full_like(order, pages))
+    chosen = torch.sort(chosen, dim=-1).values
+    chosen = torch.where(chosen == pages, torch.full_like(chosen, -1), chosen)
+    if chosen.shape[-1] < num_select:  # fewer pages than the budget exist at all
+        pad = torch.full((b, hkv, num_select - chosen.shape[-1]), -1, dtype=chosen.dtype, device=chosen.device)
+        chosen = torch.cat([chosen, pad], dim=-1)
+    return chosen.to(torch.int32)
+
+
+# ----------------------------------------------------------------------------------------------
+# attention
+
+
+def _softcap(logits: torch.Tensor, softcap: float) -> torch.Tensor:
+    return logits if not softcap else softcap * torch.tanh(logits / softcap)
+
+
+def _attend(qg, keys, values, valid, scale, softcap):
+    """qg ``[b, hkv, g, d]``, keys/values ``[b, hkv, t, d]``, valid ``[b, hkv, t]`` -> ``[b, hkv, g, d]``
+    float32; rows with no valid token give zeros."""
+    logits = torch.einsum("bhgd,bhtd->bhgt", qg.float(), keys.float()) * scale
+    logits = _softcap(logits, softcap).masked_fill(~valid[:, :, None, :], NEG_INF)
+    any_valid = valid.any(-1)[:, :, None, None]
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    out = torch.einsum("bhgt,bhtd->bhgd", probs, values.float())
+    return torch.where(any_valid, out, torch.zeros_like(out))
+
+
+def sparse_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    indices: torch.Tensor,
+    seq_start: torch.Tensor,
+    seq_end: torch.Tensor,
+    page_size: int,
+    scale: float,
+    softcap: float = 0.0,
+) -> torch.Tensor:
+    """Softmax attention of each query head over exactly the tokens of its KV head's selected pages that
+    lie in ``[seq_start, seq_end)``: ``[batch, q_heads, head_dim]`` in ``q``'s dtype."""
+    b, hkv, capacity, d = k_cache.shape
+    k_sel = indices.shape[-1]
+    offs = torch.arange(page_size, device=q.device)
+    idx = indices.long()
+    positions = (idx.clamp(min=0)[..., None] * page_size + offs).reshape(b, hkv, k_sel * page_size)
+    valid = (idx >= 0)[..., None].expand(b, hkv, k_sel, page_size).reshape(b, hkv, -1)
+    valid = valid & token_valid_mask(seq_start, seq_end, positions)
+    gather = positions[..., None].expand(-1, -1, -1, d)
+    keys = torch.gather(k_cache, 2, gather)
+    values = torch.gather(v_cache, 2, gather)
+    out = _attend(_group(q, hkv), keys, values, valid, scale, softcap)
+    return out.reshape(b, -1, d).to(q.dtype)
+
+
+def dense_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seq_start: torch.Tensor,
+    seq_end: torch.Tensor,
+    scale: float,
+    softcap: float = 0.0,
+) -> torch.Tensor:
+    """Exact attention over every valid token: ``[batch, q_heads, head_dim]`` in ``q``'s dtype."""
+    b, hkv, capacity, d = k_cache.shape
+    positions = torch.arange(capacity, device=q.device).expand(b, capacity)
+    valid = token_valid_mask(seq_start, seq_end, positions)[:, None, :].expand(b, hkv, capacity)
+    out = _attend(_group(q, hkv), k_cache, v_cache, valid, scale, softcap)
+    return out.reshape(b, -1, d).to(q.dtype)
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
