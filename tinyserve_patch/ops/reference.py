@@ -182,11 +182,17 @@ def random_page_scores(
     kv_heads: int,
     pages: int,
     page_size: int,
-    generator: torch.Generator | None = None,
+    seed: int = 0,
 ) -> torch.Tensor:
-    """Random baseline: i.i.d. uniform scores (sink and recent pages are still forced)."""
+    """Random baseline: a hash of (seed, row length, KV head, page) in [0, 1), so it is deterministic,
+    differs from step to step as the row grows, and needs no generator state (compile-safe). Sink and
+    recent pages are still forced by the selection."""
     b = seq_start.shape[0]
-    scores = torch.rand(b, kv_heads, pages, generator=generator, device="cpu").to(seq_start.device)
+    page = torch.arange(pages, device=seq_start.device, dtype=torch.float32)[None, None, :]
+    head = torch.arange(kv_heads, device=seq_start.device, dtype=torch.float32)[None, :, None]
+    step = seq_end.to(torch.float32)[:, None, None]
+    x = torch.sin(page * 12.9898 + head * 4.1414 + step * 78.233 + float(seed) * 0.618) * 43758.5453
+    scores = (x - torch.floor(x)).expand(b, kv_heads, pages)
     valid = page_valid_mask(seq_start, seq_end, pages, page_size)
     return scores.masked_fill(~valid[:, None, :], NEG_INF)
 
