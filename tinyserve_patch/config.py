@@ -43,6 +43,10 @@ class SparseConfig:
             ``max`` (a page matters if it matters to any head of the group) or ``sum``.
         fused: use the fused score+select kernel instead of the split score / select kernels (GPU).
         seed: seed of the ``random`` policy.
+        collect_stats: keep per-layer counters (pages attended, fraction read, page hit rate) on the
+            device for :func:`tinyserve_patch.stats`; a few tiny kernels per layer and step.
+        track_recall: also score every decode step with the oracle and count how many of the oracle's
+            top pages were selected (reads every key: for measurement only).
     """
 
     token_budget: int | None = 2048
@@ -54,6 +58,8 @@ class SparseConfig:
     gqa_reduction: str = "max"
     fused: bool = False
     seed: int = 0
+    collect_stats: bool = True
+    track_recall: bool = False
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -82,8 +88,9 @@ class SparseConfig:
             _fail("policy", self.policy, f"one of {POLICIES}")
         if self.gqa_reduction not in GQA_REDUCTIONS:
             _fail("gqa_reduction", self.gqa_reduction, f"one of {GQA_REDUCTIONS}")
-        if not isinstance(self.fused, bool):
-            _fail("fused", self.fused, "True or False")
+        for name in ("fused", "collect_stats", "track_recall"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "True or False")
 
     @property
     def is_dense(self) -> bool:
@@ -127,7 +134,7 @@ def _parse(name: str, value: Any) -> Any:
         return None
     if name in ("policy", "gqa_reduction"):
         return text
-    if name == "fused":
+    if name in ("fused", "collect_stats", "track_recall"):
         if text.lower() in ("1", "true", "yes"):
             return True
         if text.lower() in ("0", "false", "no"):

@@ -68,15 +68,19 @@ def _check_query(q: torch.Tensor, kv_heads: int, head_dim: int, dtype: torch.dty
 
 
 def append_kv(k_cache, v_cache, meta, k_new, v_new, pos) -> None:
-    """Write ``k_new``/``v_new`` ``[batch, kv_heads, n, head_dim]`` at ``pos .. pos+n-1`` (``pos``: one-element
-    int tensor on the cache's device) and update the min/max metadata of the touched pages, in place."""
+    """Write ``k_new``/``v_new`` ``[batch, kv_heads, n, head_dim]`` at ``pos[b] .. pos[b]+n-1`` and update the
+    min/max metadata of the touched pages, in place. ``pos``: int tensor of 1 or ``batch`` elements on the
+    cache's device; tokens landing before position 0 are skipped (dropped left padding)."""
     check_cache(k_cache, v_cache, meta)
     _check(k_new.shape == v_new.shape, "k_new and v_new shapes differ")
     _check(
         k_new.dim() == 4 and k_new.shape[:2] == k_cache.shape[:2] and k_new.shape[3] == k_cache.shape[3],
         f"k_new {tuple(k_new.shape)} does not fit the cache {tuple(k_cache.shape)}",
     )
-    _check(pos.numel() == 1 and not pos.is_floating_point(), "pos must be a one-element integer tensor")
+    _check(
+        pos.numel() in (1, k_cache.shape[0]) and not pos.is_floating_point(),
+        f"pos must be an integer tensor of 1 or batch={k_cache.shape[0]} elements, got {tuple(pos.shape)}",
+    )
     _check(pos.device == k_cache.device and k_new.device == k_cache.device, "pos/k_new must be on the cache's device")
     torch.ops.tinyserve.append_kv(k_cache, v_cache, meta, k_new.to(k_cache.dtype), v_new.to(v_cache.dtype), pos)
 

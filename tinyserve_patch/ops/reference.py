@@ -43,27 +43,34 @@ def append_kv(
     v_new: torch.Tensor,
     pos: torch.Tensor,
 ) -> None:
-    """Write ``k_new``/``v_new`` (``[batch, kv_heads, n, head_dim]``) at positions ``pos .. pos+n-1`` of
-    every row and refresh the min/max of each page they touch (in place).
+    """Write ``k_new``/``v_new`` (``[batch, kv_heads, n, head_dim]``) and refresh the min/max of every page
+    they touch (in place).
 
-    ``pos`` is a one-element integer tensor (the same write position for every row). A page's metadata
-    covers the tokens from the page's start up to the last written one: a partial last page included.
+    ``pos`` is an integer tensor of 1 (all rows alike) or ``batch`` elements: row ``b`` writes its token
+    ``i`` at position ``pos[b] + i``. Tokens that land before position 0 are skipped (that is how the
+    left padding of a prefill is dropped: rows are stored left-aligned, each from position 0); a token past
+    the capacity is an error. A page's metadata covers the tokens from the page's start up to the last
+    written one: a partial last page included.
     """
-    n = k_new.shape[2]
-    p0 = int(pos.reshape(-1)[0])
+    b, h, n, d = k_new.shape
     capacity = k_cache.shape[2]
     page_size = capacity // meta.shape[2]
-    if p0 < 0 or p0 + n > capacity:
-        raise ValueError(f"append of {n} tokens at {p0} overflows the cache capacity {capacity}")
-    k_cache[:, :, p0 : p0 + n] = k_new.to(k_cache.dtype)
-    v_cache[:, :, p0 : p0 + n] = v_new.to(v_cache.dtype)
-    end = p0 + n
-    for page in range(p0 // page_size, (end - 1) // page_size + 1):
-        lo = page * page_size
-        hi = min(lo + page_size, end)
-        block = k_cache[:, :, lo:hi]
-        meta[:, :, page, 0] = block.amin(dim=2)
-        meta[:, :, page, 1] = block.amax(dim=2)
+    starts = pos.reshape(-1).long().expand(b).tolist() if pos.numel() == 1 else pos.reshape(-1).long().tolist()
+    for row, p0 in enumerate(starts):
+        first = max(0, -p0)  # tokens before position 0 are padding
+        if first >= n:
+            continue
+        lo_pos, end = p0 + first, p0 + n
+        if end > capacity:
+            raise ValueError(f"append of {n} tokens at {p0} overflows the cache capacity {capacity}")
+        k_cache[row, :, lo_pos:end] = k_new[row, :, first:].to(k_cache.dtype)
+        v_cache[row, :, lo_pos:end] = v_new[row, :, first:].to(v_cache.dtype)
+        for page in range(lo_pos // page_size, (end - 1) // page_size + 1):
+            lo = page * page_size
+            hi = min(lo + page_size, end)
+            block = k_cache[row, :, lo:hi]
+            meta[row, :, page, 0] = block.amin(dim=1)
+            meta[row, :, page, 1] = block.amax(dim=1)
 
 
 def build_meta(k_cache: torch.Tensor, length: int, page_size: int) -> torch.Tensor:
