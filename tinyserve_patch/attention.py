@@ -31,6 +31,10 @@ def _softcapped_attention(module, query, key, value, attention_mask, scaling, so
     value = value.repeat_interleave(groups, dim=1)
     logits = torch.matmul(query, key.transpose(2, 3)) * scaling
     logits = softcap * torch.tanh(logits / softcap)
+    if attention_mask is None:  # HF dropped a plain causal mask (SDPA would use is_causal)
+        q_len, kv_len = logits.shape[-2:]
+        q_pos = torch.arange(q_len, device=logits.device)[:, None] + (kv_len - q_len)
+        attention_mask = torch.arange(kv_len, device=logits.device)[None, :] <= q_pos
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
             logits = logits.masked_fill(~attention_mask, torch.finfo(logits.dtype).min)

@@ -1,0 +1,235 @@
+"""patch_model on tiny random-weight models of every supported family (CPU, reference ops)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import tinyserve_patch as tp
+from tinyserve_patch.cache import TinyServeCache
+
+COMMON = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    eos_token_id=None,
+    bos_token_id=None,
+    pad_token_id=0,
+)
+FAMILIES = {
+    "llama": {},
+    "mistral": {"sliding_window": None},
+    "qwen2": {},
+    "qwen3": {"head_dim": 16},
+    "phi3": {},
+    "gemma": {"head_dim": 16},
+    # Gemma 2: soft-capped logits, alternating sliding-window (32 tokens) and global layers
+    "gemma2": {"head_dim": 16, "sliding_window": 32, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0},
+    # Gemma 3: sliding layers with a window larger than the budget, so they select pages within it
+    "gemma3_text": {"head_dim": 16, "sliding_window": 48, "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]},
+    "gpt2": None,
+}
+PROMPT = 70
+NEW = 12
+GEN = dict(max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+
+
+def tiny_model(family: str, dtype=torch.float32):
+    torch.manual_seed(0)
+    if family == "gpt2":
+        config = AutoConfig.for_model(
+            "gpt2", vocab_size=128, n_embd=64, n_layer=3, n_head=4, n_positions=512, eos_token_id=None, bos_token_id=None
+        )
+    else:
+        config = AutoConfig.for_model(family, **COMMON, **FAMILIES[family])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AutoModelForCausalLM.from_config(config).to(dtype).eval()
+
+
+def batch(pad: int = 9):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 128, (2, PROMPT), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :pad] = 0
+    return ids, mask
+
+
+@pytest.fixture(params=list(FAMILIES))
+def family(request):
+    return request.param
+
+
+@torch.no_grad()
+def test_family_full_budget_sparse_budget_unpatch(family):
+    model = tiny_model(family)
+    ids, mask = batch()
+    dense = model.generate(ids, attention_mask=mask, **GEN)
+    dense_logits = model(ids, attention_mask=mask).logits
+
+    tp.patch_model(model, token_budget=2048, page_size=8, dense_layers=0)
+    assert model.config._attn_implementation == "tinyserve"
+    full = model.generate(ids, attention_mask=mask, output_logits=True, return_dict_in_generate=True, **GEN)
+    assert torch.equal(full.sequences, dense)
+    torch.testing.assert_close(model(ids, attention_mask=mask).logits, dense_logits)
+
+    tp.patch_model(model, token_budget=40, page_size=8, dense_layers=0)
+    sparse = model.generate(ids, attention_mask=mask, **GEN)
+    assert sparse.shape == dense.shape
+    stats = tp.stats(model)
+    assert stats["budget_respected"]
+    assert stats["sparse_layers"] >= 1
+    assert 0.0 < stats["fraction_read"] < 1.0
+    for layer in stats["layers"]:
+        if layer["sparse_steps"]:
+            assert layer["pages_attended"] <= 40 // 8
+
+    tp.unpatch_model(model)
+    assert model.config._attn_implementation != "tinyserve"
+    assert torch.equal(model.generate(ids, attention_mask=mask, **GEN), dense)
+    assert torch.equal(model(ids, attention_mask=mask).logits, dense_logits)
+
+
+@torch.no_grad()
+def test_family_padded_row_equals_row_alone(family):
+    model = tp.patch_model(tiny_model(family), token_budget=40, page_size=8, dense_layers=0)
+    ids, mask = batch(pad=9)
+    both = model.generate(ids, attention_mask=mask, output_logits=True, return_dict_in_generate=True, **GEN)
+    alone = model.generate(ids[1:, 9:], output_logits=True, return_dict_in_generate=True, **GEN)
+    assert torch.equal(both.sequences[1, PROMPT:], alone.sequences[0, PROMPT - 9 :])
+    for step_both, step_alone in zip(both.logits, alone.logits):
+        torch.testing.assert_close(step_both[1], step_alone[0], atol=1e-5, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_budget_within_capacity_row_is_exact():
+    """A row whose length is within the budget selects every page: its logits equal dense ones even when
+    the cache (sized by the longer row) exceeds the budget and the sparse kernels run."""
+    model = tiny_model("llama")
+    ids, mask = batch(pad=40)  # row 1: 30 real tokens + 12 new < 48
+    dense = model.generate(ids, attention_mask=mask, output_logits=True, return_dict_in_generate=True, **GEN)
+    tp.patch_model(model, token_budget=48, page_size=8, dense_layers=0)
+    sparse = model.generate(ids, attention_mask=mask, output_logits=True, return_dict_in_generate=True, **GEN)
+    assert tp.stats(model)["sparse_layers"] == 3
+    for d, s in zip(dense.logits, sparse.logits):
+        torch.testing.assert_close(s[1], d[1], atol=1e-5, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_policies_run_and_oracle_recall():
+    model = tiny_model("qwen2")
+    ids, mask = batch()
+    for policy in ("quest", "oracle", "streaming", "random"):
+        tp.patch_model(model, token_budget=32, page_size=8, dense_layers=1, policy=policy, track_recall=True)
+        out = model.generate(ids, attention_mask=mask, **GEN)
+        assert out.shape == (2, PROMPT + NEW)
+        stats = tp.stats(model)
+        assert stats["sparse_layers"] == 2 and stats["dense_layers"] == 1
+        assert 0.0 <= stats["recall"] <= 1.0
+        if policy == "oracle":
+            assert stats["recall"] == pytest.approx(1.0)
+
+
+@torch.no_grad()
+def test_sampling_and_beam_search():
+    model = tp.patch_model(tiny_model("llama"), token_budget=32, page_size=8, dense_layers=0)
+    ids, mask = batch()
+    torch.manual_seed(0)
+    sampled = model.generate(ids, attention_mask=mask, do_sample=True, top_k=20, max_new_tokens=6, pad_token_id=0)
+    assert sampled.shape == (2, PROMPT + 6)
+    beams = model.generate(ids, attention_mask=mask, num_beams=3, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert beams.shape == (2, PROMPT + 6)
+    # with every page in budget, beam search equals dense beam search
+    tp.patch_model(model, token_budget=2048)
+    full = model.generate(ids, attention_mask=mask, num_beams=3, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    tp.unpatch_model(model)
+    dense = model.generate(ids, attention_mask=mask, num_beams=3, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(full, dense)
+
+
+@torch.no_grad()
+def test_bf16_model_runs_sparse():
+    model = tp.patch_model(tiny_model("llama", torch.bfloat16), token_budget=32, page_size=8, dense_layers=0)
+    ids, mask = batch()
+    out = model.generate(ids, attention_mask=mask, **GEN)
+    assert out.shape == (2, PROMPT + NEW)
+    assert tp.stats(model)["sparse_layers"] == 3
+
+
+def test_repatch_is_idempotent_and_replaces_config():
+    model = tiny_model("llama")
+    tp.patch_model(model, token_budget=64, page_size=8)
+    handles = len(model._tinyserve_state.hook_handles)
+    tp.patch_model(model, token_budget=128)
+    assert len(model._tinyserve_state.hook_handles) == handles
+    assert tp.get_config(model).token_budget == 128 and tp.get_config(model).page_size == 8
+    assert model.config.tinyserve["token_budget"] == 128
+    tp.unpatch_model(model)
+    assert not tp.is_patched(model) and not hasattr(model.config, "tinyserve")
+
+
+def test_unsupported_model_and_bad_config():
+    config = AutoConfig.for_model("opt", vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, ffn_dim=64, word_embed_proj_dim=32)
+    model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(ValueError, match="supported families: Llama"):
+        tp.patch_model(model)
+    with pytest.raises(TypeError):
+        tp.patch_model(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="page_size"):
+        tp.patch_model(tiny_model("llama"), page_size=12)
+    with pytest.raises(ValueError, match="unknown SparseConfig field"):
+        tp.patch_model(tiny_model("llama"), budget=12)
+
+
+@torch.no_grad()
+def test_from_pretrained_attn_implementation(tmp_path):
+    tiny_model("llama").save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="tinyserve").eval()
+    model.config.tinyserve = {"token_budget": 32, "page_size": 8, "dense_layers": 0}
+    ids, mask = batch()
+    out = model.generate(ids, attention_mask=mask, **GEN)
+    assert out.shape == (2, PROMPT + NEW)
+    assert tp.is_patched(model) and tp.get_config(model).token_budget == 32
+    assert tp.stats(model)["sparse_layers"] == 3
+
+
+@torch.no_grad()
+def test_cache_overflow_and_foreign_cache():
+    model = tp.patch_model(tiny_model("llama"), token_budget=32, page_size=8)
+    ids, mask = batch()
+    cache = tp.make_cache(model, 2, PROMPT)
+    model(ids, attention_mask=mask, past_key_values=cache)
+    with pytest.raises(ValueError, match="overflow"):
+        model(ids[:, :3], past_key_values=cache)  # capacity 72 = 70 rounded up to a page
+    # without a TinyServeCache (plain forward): exact dense attention
+    out = model(ids, attention_mask=mask).logits
+    tp.unpatch_model(model)
+    torch.testing.assert_close(out, model(ids, attention_mask=mask).logits)
+    with pytest.raises(ValueError, match="max_length"):
+        tp.make_cache(model, 2, 0)
+
+
+@torch.no_grad()
+def test_compiled_decode_step_fullgraph():
+    model = tp.patch_model(tiny_model("llama"), token_budget=32, page_size=8, dense_layers=1)
+    ids, mask = batch()
+    cache = tp.make_cache(model, 2, PROMPT + 4)
+    eager_cache = tp.make_cache(model, 2, PROMPT + 4)
+    model(ids, attention_mask=mask, past_key_values=cache)
+    model(ids, attention_mask=mask, past_key_values=eager_cache)
+    step = torch.compile(model.forward, fullgraph=True)
+    token = torch.full((2, 1), 5)
+    for i in range(3):
+        am = torch.cat([mask, torch.ones(2, i + 1, dtype=mask.dtype)], dim=1)
+        compiled = step(input_ids=token, attention_mask=am, past_key_values=cache).logits
+        eager = model(input_ids=token, attention_mask=am, past_key_values=eager_cache).logits
+        torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-4)
+        token = eager[:, -1].argmax(-1, keepdim=True)
+    assert isinstance(cache, TinyServeCache)
