@@ -1,0 +1,110 @@
+"""patch_model on CUDA: bf16 models through the Triton kernels, compiled decode under CUDA graphs,
+and a two-GPU device_map (skipped without CUDA / without two GPUs)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tinyserve_patch as tp
+from tests.test_patch import FAMILIES, GEN, PROMPT, batch, tiny_model
+
+pytestmark = pytest.mark.gpu
+
+
+def _cuda_model(family: str):
+    return tiny_model(family, torch.bfloat16).cuda()
+
+
+def _cuda_batch(pad: int = 9):
+    ids, mask = batch(pad)
+    return ids.cuda(), mask.cuda()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@torch.no_grad()
+def test_gpu_family_bf16(family):
+    model = _cuda_model(family)
+    ids, mask = _cuda_batch()
+    kwargs = dict(GEN, disable_compile=True)
+    dense = model.generate(ids, attention_mask=mask, output_logits=True, return_dict_in_generate=True, **kwargs)
+    tp.patch_model(model, token_budget=2048, page_size=8, dense_layers=0)
+    full = model.generate(ids, attention_mask=mask, output_logits=True, return_dict_in_generate=True, **kwargs)
+    for d, f in zip(dense.logits, full.logits):
+        torch.testing.assert_close(f.float(), d.float(), atol=2e-2, rtol=2e-2)
+    # the sparse kernels with every page selected (a row within the budget) stay close to dense
+    tp.patch_model(model, token_budget=96, page_size=8, dense_layers=0)
+    sparse = model.generate(ids, attention_mask=mask, output_logits=True, return_dict_in_generate=True, **kwargs)
+    assert tp.stats(model)["sparse_layers"] >= 1
+    for d, s in zip(dense.logits, sparse.logits):
+        torch.testing.assert_close(s.float(), d.float(), atol=5e-2, rtol=5e-2)
+    tp.patch_model(model, token_budget=32, page_size=8, dense_layers=0)
+    out = model.generate(ids, attention_mask=mask, **kwargs)
+    assert out.shape == (2, PROMPT + GEN["max_new_tokens"])
+    assert tp.stats(model)["budget_respected"]
+    tp.unpatch_model(model)
+    assert torch.equal(model.generate(ids, attention_mask=mask, **kwargs), dense.sequences)
+
+
+@torch.no_grad()
+def test_gpu_padded_row_equals_row_alone():
+    model = tp.patch_model(_cuda_model("llama"), token_budget=32, page_size=8, dense_layers=0)
+    ids, mask = _cuda_batch(pad=9)
+    kwargs = dict(GEN, disable_compile=True, output_logits=True, return_dict_in_generate=True)
+    both = model.generate(ids, attention_mask=mask, **kwargs)
+    alone = model.generate(ids[1:, 9:], **kwargs)
+    for b, a in zip(both.logits, alone.logits):
+        torch.testing.assert_close(b[1].float(), a[0].float(), atol=3e-2, rtol=3e-2)
+
+
+@torch.no_grad()
+def test_gpu_generate_auto_compile_cuda_graphs_matches_eager():
+    """generate() auto-compiles the decode step (reduce-overhead: CUDA graphs) for the static TinyServeCache."""
+    model = tp.patch_model(_cuda_model("llama"), token_budget=32, page_size=8, dense_layers=1)
+    ids, mask = _cuda_batch()
+    eager = model.generate(ids, attention_mask=mask, disable_compile=True, output_logits=True, return_dict_in_generate=True, **GEN)
+    compiled = model.generate(ids, attention_mask=mask, output_logits=True, return_dict_in_generate=True, **GEN)
+    again = model.generate(ids, attention_mask=mask, output_logits=True, return_dict_in_generate=True, **GEN)
+    for e, c, a in zip(eager.logits, compiled.logits, again.logits):
+        torch.testing.assert_close(c.float(), e.float(), atol=3e-2, rtol=3e-2)
+        torch.testing.assert_close(a.float(), c.float(), atol=0, rtol=0)
+
+
+@torch.no_grad()
+def test_gpu_compiled_forward_reduce_overhead_no_recompile():
+    model = tp.patch_model(_cuda_model("llama"), token_budget=32, page_size=8, dense_layers=1)
+    ids, mask = _cuda_batch()
+    steps = 8
+    cache = tp.make_cache(model, 2, PROMPT + steps)
+    eager_cache = tp.make_cache(model, 2, PROMPT + steps)
+    model(ids, attention_mask=mask, past_key_values=cache)
+    model(ids, attention_mask=mask, past_key_values=eager_cache)
+    torch._dynamo.reset()
+    step = torch.compile(model.forward, fullgraph=True, mode="reduce-overhead")
+    full_mask = torch.cat([mask, torch.ones(2, steps, dtype=mask.dtype, device="cuda")], dim=1)
+    token = torch.full((2, 1), 5, device="cuda")
+    from torch._dynamo.utils import counters
+
+    for i in range(steps):
+        am = full_mask[:, : PROMPT + i + 1]
+        compiled = step(input_ids=token, attention_mask=am, past_key_values=cache).logits.clone()
+        eager = model(input_ids=token, attention_mask=am, past_key_values=eager_cache).logits
+        torch.testing.assert_close(compiled.float(), eager.float(), atol=3e-2, rtol=3e-2)
+        token = eager[:, -1].argmax(-1, keepdim=True)
+    assert counters["stats"]["unique_graphs"] <= 3  # the mask length becomes dynamic once, then no recompiles
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@torch.no_grad()
+def test_two_gpu_device_map(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    tiny_model("llama", torch.bfloat16).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, device_map="balanced").eval()
+    tp.patch_model(model, token_budget=32, page_size=8, dense_layers=0)
+    ids, mask = _cuda_batch()
+    out = model.generate(ids, attention_mask=mask, disable_compile=True, **GEN)
+    assert out.shape == (2, PROMPT + GEN["max_new_tokens"])
+    cache = model._tinyserve_state.last_cache
+    devices = {layer.keys.device for layer in cache.layers}
+    assert len(devices) == 2
