@@ -21,6 +21,23 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from . import ops
 from .policies import get_policy
 
+_warned_foreign_cache = False
+
+
+def _warn_foreign_cache() -> None:
+    """Once per process: a patched model decoding without a TinyServeCache attends densely."""
+    global _warned_foreign_cache
+    if _warned_foreign_cache or torch.compiler.is_compiling():
+        return
+    _warned_foreign_cache = True
+    import warnings
+
+    warnings.warn(
+        "tinyserve: a decode step ran without a TinyServeCache (e.g. a DynamicCache), so it attended densely; "
+        "generate() allocates one itself, manual loops use tinyserve_patch.make_cache(model, batch, max_length)",
+        stacklevel=3,
+    )
+
 ATTN_IMPLEMENTATION = "tinyserve"
 
 
@@ -83,6 +100,8 @@ def tinyserve_attention_forward(
     q_len = query.shape[2]
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
+    if layer is None and state is not None and q_len == 1:
+        _warn_foreign_cache()
     if not _use_sparse(state, layer, module, q_len, sliding_window):
         out = _dense(module, query, key, value, attention_mask, dropout, scaling, softcap, sliding_window, layer, kwargs)
         if layer is not None and q_len == 1 and state is not None and state.config.collect_stats:
