@@ -60,6 +60,7 @@ def _check_rows(seq_start: torch.Tensor, seq_end: torch.Tensor, batch: int, devi
 
 
 def _check_query(q: torch.Tensor, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+    _check(dtype in SUPPORTED_DTYPES, f"cache/meta dtype {dtype} unsupported: {SUPPORTED_DTYPES}")
     _check(q.dim() == 3, f"q must be [batch, q_heads, head_dim], got {tuple(q.shape)}")
     _check(q.shape[-1] == head_dim, f"q head_dim {q.shape[-1]} != cache head_dim {head_dim}")
     _check(q.shape[1] % kv_heads == 0, f"q_heads {q.shape[1]} is not a multiple of kv_heads {kv_heads}")
@@ -99,6 +100,7 @@ def select_pages(scores, seq_start, seq_end, page_size: int, num_select: int, si
     _check(scores.dim() == 3 and scores.dtype == torch.float32, "scores must be float32 [batch, kv_heads, pages]")
     _check_rows(seq_start, seq_end, scores.shape[0], scores.device)
     _check(num_select >= 1, f"num_select={num_select} must be >= 1")
+    _check(sink_pages >= 0 and recent_pages >= 0, f"sink_pages={sink_pages} / recent_pages={recent_pages} must be >= 0")
     return torch.ops.tinyserve.select_pages(scores, seq_start, seq_end, page_size, num_select, sink_pages, recent_pages)
 
 
@@ -108,6 +110,7 @@ def score_and_select(q, meta, seq_start, seq_end, page_size: int, num_select: in
     _check_query(q, meta.shape[1], meta.shape[-1], meta.dtype, meta.device)
     _check_rows(seq_start, seq_end, q.shape[0], q.device)
     _check(num_select >= 1, f"num_select={num_select} must be >= 1")
+    _check(sink_pages >= 0 and recent_pages >= 0, f"sink_pages={sink_pages} / recent_pages={recent_pages} must be >= 0")
     return torch.ops.tinyserve.score_select(q, meta, seq_start, seq_end, page_size, num_select, sink_pages, recent_pages, gqa_reduction)
 
 

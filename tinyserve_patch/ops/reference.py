@@ -56,13 +56,14 @@ def append_kv(
     capacity = k_cache.shape[2]
     page_size = capacity // meta.shape[2]
     starts = pos.reshape(-1).long().expand(b).tolist() if pos.numel() == 1 else pos.reshape(-1).long().tolist()
+    for p0 in starts:  # check every row before writing any: a failed append leaves the cache untouched
+        if max(0, -p0) < n and p0 + n > capacity:
+            raise ValueError(f"append of {n} tokens at {p0} overflows the cache capacity {capacity}")
     for row, p0 in enumerate(starts):
         first = max(0, -p0)  # tokens before position 0 are padding
         if first >= n:
             continue
         lo_pos, end = p0 + first, p0 + n
-        if end > capacity:
-            raise ValueError(f"append of {n} tokens at {p0} overflows the cache capacity {capacity}")
         k_cache[row, :, lo_pos:end] = k_new[row, :, first:].to(k_cache.dtype)
         v_cache[row, :, lo_pos:end] = v_new[row, :, first:].to(v_cache.dtype)
         for page in range(lo_pos // page_size, (end - 1) // page_size + 1):
@@ -235,13 +236,18 @@ def select_pages(
 ) -> torch.Tensor:
     """Top pages per row and KV head: ``[batch, kv_heads, num_select]`` int32, ascending, ``-1`` padded.
 
-    Forced (sink + recent) pages rank first, then valid pages by descending score; ties go to the lower
-    page number. Invalid pages are never selected; a row with ``<= num_select`` valid pages gets all of
+    Forced (sink + recent) pages rank first, then valid pages by descending score (``+inf`` counts as the
+    largest finite score, ``-inf`` and NaN as the lowest); ties go to the lower page number. Invalid pages
+    are never selected; a row with ``<= num_select`` valid pages gets all of
     them (exact attention)."""
     b, hkv, pages = scores.shape
     valid = page_valid_mask(seq_start, seq_end, pages, page_size)[:, None, :].expand(b, hkv, pages)
     forced = forced_page_mask(seq_start, seq_end, pages, page_size, sink_pages, recent_pages)[:, None, :]
-    ranked = scores.float().masked_fill(forced, float("inf")).masked_fill(~valid, NEG_INF)
+    # scores are made finite first, so forced pages (+inf) rank strictly above every score and invalid
+    # pages (-inf) strictly below: a valid page scored -inf or NaN ranks lowest among the valid ones
+    big = torch.finfo(torch.float32).max
+    ranked = scores.float().nan_to_num(nan=-big, posinf=big, neginf=-big)
+    ranked = ranked.masked_fill(forced, float("inf")).masked_fill(~valid, NEG_INF)
     order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., :num_select]
     n_valid = valid.sum(-1, keepdim=True)  # [b, hkv, 1]
     keep = torch.arange(order.shape[-1], device=scores.device)[None, None] < n_valid
