@@ -99,11 +99,6 @@ def test_invalid_field_message(field, value, allowed, other):
     _raises_naming(field, value, allowed, **{field: value, **other})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in config.py (outside this change): page_size=16.0 passes `in PAGE_SIZES` (16.0 == 16) and "
-    "budget_pages becomes a float",
-)
 @pytest.mark.parametrize("value", [16.0, 8.0])
 def test_float_page_size_rejected(value):
     _raises_naming("page_size", value, "one of", page_size=value)

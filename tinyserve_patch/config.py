@@ -63,7 +63,7 @@ class SparseConfig:
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.page_size not in PAGE_SIZES or isinstance(self.page_size, bool):
+        if type(self.page_size) is not int or self.page_size not in PAGE_SIZES:
             _fail("page_size", self.page_size, f"one of {PAGE_SIZES}")
         for name in ("sink_pages", "recent_pages", "dense_layers", "seed"):
             value = getattr(self, name)
