@@ -1,0 +1,317 @@
+"""Benchmark of the sparse-decode Triton kernels against dense SDPA decode (GPU only).
+
+    python benchmarks/bench_kernels.py [--quick] [--out kernels.json]
+
+Shapes: TinyLlama (32 q / 4 kv heads, d 64) and Llama-3-8B (32 / 8, d 128); batch 1 and 8; 4K, 16K, 64K
+and 128K cached tokens; token budgets 1024 / 2048 / 4096; page 16; bf16. Rows: dense SDPA decode
+(``enable_gqa``), each kernel alone (score, select, fused score+select, sparse attention), and the two
+sparse pipelines (split: score + select + attend; fused: score_select + attend).
+
+Timing: ``triton.testing.do_bench`` (median, L2 flushed before each call) and, for every row, the same
+calls captured in a CUDA graph (``do_bench_cudagraph``, no launch overhead); each call rotates through
+enough copies of the cache that the bytes touched exceed twice the L2. The byte floor of a row is its
+bytes over the measured device-to-device copy bandwidth (read + write bytes / time):
+
+* dense: ``2 * B * Hkv * L * D * 2`` (+ q / out)
+* sparse pipeline: metadata ``B * Hkv * P * 2 * D * 2`` + selected K/V ``2 * B * Hkv * budget * D * 2`` + q / out
+* score: metadata + q + fp32 scores; select: fp32 scores + indices; fused: metadata + q + indices;
+  attention: selected K/V + q + out + indices
+
+Prints a markdown table and writes JSON (device, versions, commit, date, copy bandwidth, rows) to
+``--out`` (default ``$OUT/kernels.json`` when ``$OUT`` is set, else ``benchmarks/results/kernels.json``).
+Importable without CUDA; needs a GPU to run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+MODELS = {"tinyllama": (32, 4, 64), "llama3-8b": (32, 8, 128)}
+K = 1024
+PAGE = 16
+DTYPE = torch.bfloat16
+MEM_LIMIT = 40 * 2**30  # bytes of cache copies per configuration (all rows together stay < 70 GB)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _versions() -> dict:
+    out = {"torch": torch.__version__, "python": sys.version.split()[0]}
+    for name in ("triton", "transformers"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception:  # pragma: no cover - optional
+            out[name] = None
+    return out
+
+
+def _commit() -> str | None:
+    for cmd in (["git", "rev-parse", "HEAD"],):
+        try:
+            return subprocess.check_output(cmd, cwd=ROOT, stderr=subprocess.DEVNULL, text=True).strip()
+        except Exception:
+            pass
+    return os.environ.get("GIT_COMMIT")
+
+
+def _bench(fn, graph: bool, rep: int) -> float:
+    import triton.testing
+
+    if graph:  # the graph unrolls rep / t calls: a shorter window keeps capture time down
+        return float(triton.testing.do_bench_cudagraph(fn, rep=max(10, rep // 3), return_mode="median"))
+    return float(triton.testing.do_bench(fn, warmup=max(5, rep // 4), rep=rep, return_mode="median"))
+
+
+def copy_bandwidth(rep: int) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read and written."""
+    n = 2**30
+    src = torch.empty(n, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = _bench(lambda: dst.copy_(src), graph=False, rep=max(rep, 50))
+    src = dst = None  # noqa: F841 (free the buffers)
+    return 2 * n / (ms * 1e-3)
+
+
+class Copies:
+    """``n`` independent caches of one configuration (k, v, meta, q), rotated call by call."""
+
+    def __init__(self, batch, hq, hkv, d, length, n):
+        self.items = []
+        for _ in range(n):
+            k = torch.randn(batch, hkv, length, d, device="cuda", dtype=DTYPE)
+            v = torch.randn(batch, hkv, length, d, device="cuda", dtype=DTYPE)
+            paged = k.view(batch, hkv, length // PAGE, PAGE, d)
+            meta = torch.stack([paged.amin(3), paged.amax(3)], dim=3).contiguous()
+            q = torch.randn(batch, hq, d, device="cuda", dtype=DTYPE)
+            self.items.append({"k": k, "v": v, "meta": meta, "q": q})
+        self._it = itertools.cycle(range(n))
+
+    def next(self) -> dict:
+        return self.items[next(self._it)]
+
+
+def _n_copies(touched: int, per_copy: int, l2: int) -> int:
+    want = max(2, math.ceil(2 * l2 / max(1, touched)))
+    return max(1, min(want, 64, MEM_LIMIT // max(1, per_copy)))
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def correctness_check() -> None:
+    """Every kernel vs the reference on one small shape (aborts the benchmark on a mismatch)."""
+    from tinyserve_patch.ops import reference as ref
+    from tinyserve_patch.ops.triton_decode import sparse_decode_attention_triton
+    from tinyserve_patch.ops.triton_fused_select import score_and_select_triton
+    from tinyserve_patch.ops.triton_score import page_scores_triton
+    from tinyserve_patch.ops.triton_select import select_pages_triton
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    b, hq, hkv, d, L = 2, 32, 8, 128, 4096
+    k = torch.randn(b, hkv, L, d, device="cuda", generator=g).to(DTYPE)
+    v = torch.randn(b, hkv, L, d, device="cuda", generator=g).to(DTYPE)
+    q = torch.randn(b, hq, d, device="cuda", generator=g).to(DTYPE)
+    meta = ref.build_meta(k, L - 7, PAGE)
+    start = torch.tensor([0, 40], dtype=torch.int32, device="cuda")
+    end = torch.tensor([L - 7, L - 300], dtype=torch.int32, device="cuda")
+    n = 64
+    s = page_scores_triton(q, meta, start, end, PAGE, "max")
+    e = ref.page_scores(q, meta, start, end, PAGE, "max")
+    fin = torch.isfinite(e)
+    assert torch.equal(torch.isinf(s), torch.isinf(e)), "score: -inf pattern differs"
+    assert torch.allclose(s[fin], e[fin], rtol=1e-5, atol=1e-3), "score: values differ"
+    idx = select_pages_triton(s, start, end, PAGE, n, 1, 1)
+    assert torch.equal(idx, ref.select_pages(s, start, end, PAGE, n, 1, 1)), "select differs"
+    qi = torch.randint(-3, 4, q.shape, device="cuda", generator=g).to(DTYPE)
+    mi = torch.randint(-3, 4, meta.shape, device="cuda", generator=g).to(DTYPE)
+    fused = score_and_select_triton(qi, mi, start, end, PAGE, n, 1, 1, "max")
+    exp = ref.select_pages(ref.page_scores(qi, mi, start, end, PAGE, "max"), start, end, PAGE, n, 1, 1)
+    assert torch.equal(fused, exp), "fused score+select differs"
+    out = sparse_decode_attention_triton(q, k, v, idx, start, end, PAGE, d**-0.5, 0.0)
+    expect = ref.sparse_decode_attention(q.float(), k.float(), v.float(), idx, start, end, PAGE, d**-0.5)
+    err = ((out.float() - expect).norm() / expect.norm()).item()
+    assert err < 1e-2, f"attention: relative error {err}"
+    print(f"correctness check passed (attention rel err {err:.2e})")
+
+
+# ---------------------------------------------------------------------------------------------- benchmark
+
+
+def run(args) -> dict:
+    from tinyserve_patch.ops.triton_decode import sparse_decode_attention_triton
+    from tinyserve_patch.ops.triton_fused_select import score_and_select_triton
+    from tinyserve_patch.ops.triton_score import page_scores_triton
+    from tinyserve_patch.ops.triton_select import select_pages_triton
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    props = torch.cuda.get_device_properties(0)
+    l2 = int(getattr(props, "L2_cache_size", 50 * 2**20) or 50 * 2**20)
+    bw = copy_bandwidth(args.rep)
+    print(f"device {props.name}: {props.multi_processor_count} SMs, L2 {l2 / 2**20:.0f} MiB, copy bandwidth {bw / 1e12:.2f} TB/s")
+
+    rows = []
+    t_start = time.time()
+    for model, batch, length in itertools.product(args.models, args.batches, args.lengths):
+        hq, hkv, d = MODELS[model]
+        pages = length // PAGE
+        kv_bytes = 2 * batch * hkv * length * d * 2
+        meta_bytes = batch * hkv * pages * 2 * d * 2
+        qo_bytes = 2 * batch * hq * d * 2
+        min_touched = meta_bytes + 2 * batch * hkv * min(args.budgets) * d * 2
+        n = _n_copies(min_touched, kv_bytes + meta_bytes, l2)
+        copies = Copies(batch, hq, hkv, d, length, n)
+        start = torch.zeros(batch, dtype=torch.int32, device="cuda")
+        end = torch.full((batch,), length, dtype=torch.int32, device="cuda")
+        scale = d**-0.5
+        base = {"model": model, "batch": batch, "tokens": length, "q_heads": hq, "kv_heads": hkv, "head_dim": d,
+                "page_size": PAGE, "copies": n}
+
+        def add(kind, budget, nbytes, fn, dense_ms=None):
+            rec = dict(base, kind=kind, budget=budget, bytes=nbytes, floor_ms=nbytes / bw * 1e3)
+            for mode in ("eager", "graph") if args.graph else ("eager",):
+                ms = _bench(fn, graph=mode == "graph", rep=args.rep)
+                rec[f"{mode}_ms"] = ms
+                rec[f"{mode}_pct_floor"] = 100.0 * rec["floor_ms"] / ms
+                if dense_ms is not None:
+                    rec[f"{mode}_speedup"] = dense_ms[mode] / ms
+            rows.append(rec)
+            return rec
+
+        def dense():
+            c = copies.next()
+            return sdpa(c["q"][:, :, None, :], c["k"], c["v"], scale=scale, enable_gqa=True)
+
+        drec = add("dense_sdpa", length, kv_bytes + qo_bytes, dense)
+        dense_ms = {m: drec[f"{m}_ms"] for m in ("eager", "graph") if f"{m}_ms" in drec}
+        drec.update({f"{m}_speedup": 1.0 for m in dense_ms})
+
+        for budget in args.budgets:
+            nsel = budget // PAGE
+            sel_kv = 2 * batch * hkv * min(budget, length) * d * 2
+            idx_bytes = batch * hkv * nsel * 4
+            score_bytes = batch * hkv * pages * 4
+            for c in copies.items:  # inputs of the kernels timed alone
+                c["scores"] = page_scores_triton(c["q"], c["meta"], start, end, PAGE, "max")
+                c["idx"] = select_pages_triton(c["scores"], start, end, PAGE, nsel, 1, 1)
+
+            def score():
+                c = copies.next()
+                return page_scores_triton(c["q"], c["meta"], start, end, PAGE, "max")
+
+            def select():
+                c = copies.next()
+                return select_pages_triton(c["scores"], start, end, PAGE, nsel, 1, 1)
+
+            def fused():
+                c = copies.next()
+                return score_and_select_triton(c["q"], c["meta"], start, end, PAGE, nsel, 1, 1, "max")
+
+            def attend():
+                c = copies.next()
+                return sparse_decode_attention_triton(c["q"], c["k"], c["v"], c["idx"], start, end, PAGE, scale, 0.0)
+
+            def split_total():
+                c = copies.next()
+                s = page_scores_triton(c["q"], c["meta"], start, end, PAGE, "max")
+                i = select_pages_triton(s, start, end, PAGE, nsel, 1, 1)
+                return sparse_decode_attention_triton(c["q"], c["k"], c["v"], i, start, end, PAGE, scale, 0.0)
+
+            def fused_total():
+                c = copies.next()
+                i = score_and_select_triton(c["q"], c["meta"], start, end, PAGE, nsel, 1, 1, "max")
+                return sparse_decode_attention_triton(c["q"], c["k"], c["v"], i, start, end, PAGE, scale, 0.0)
+
+            total_bytes = meta_bytes + sel_kv + qo_bytes
+            add("score", budget, meta_bytes + qo_bytes // 2 + score_bytes, score)
+            add("select", budget, score_bytes + idx_bytes, select)
+            add("fused_score_select", budget, meta_bytes + qo_bytes // 2 + idx_bytes, fused)
+            add("sparse_attention", budget, sel_kv + qo_bytes + idx_bytes, attend, dense_ms)
+            add("total_split", budget, total_bytes, split_total, dense_ms)
+            add("total_fused", budget, total_bytes, fused_total, dense_ms)
+        copies = None  # free this configuration's caches
+        torch.cuda.empty_cache()
+        print(f"  {model} batch {batch} {length // K}K done ({time.time() - t_start:.0f} s)", flush=True)
+    return {"copy_bandwidth_Bps": bw, "l2_bytes": l2, "rows": rows}
+
+
+def markdown(rows: list[dict], graph: bool) -> str:
+    cols = ["model", "B", "tokens", "budget", "kind", "ms", "floor ms", "% floor", "x dense"]
+    if graph:
+        cols += ["graph ms", "graph % floor", "graph x dense"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = [r["model"], str(r["batch"]), f"{r['tokens'] // K}K", "-" if r["kind"] == "dense_sdpa" else str(r["budget"]),
+                 r["kind"], f"{r['eager_ms']:.4f}", f"{r['floor_ms']:.4f}", f"{r['eager_pct_floor']:.0f}%",
+                 f"{r['eager_speedup']:.2f}" if "eager_speedup" in r else "-"]
+        if graph:
+            cells += [f"{r['graph_ms']:.4f}", f"{r['graph_pct_floor']:.0f}%",
+                      f"{r['graph_speedup']:.2f}" if "graph_speedup" in r else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="a few shapes, short timing (a smoke run)")
+    p.add_argument("--out", default=None, help="JSON path (default $OUT/kernels.json or benchmarks/results/kernels.json)")
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--lengths", nargs="+", type=int, default=[4 * K, 16 * K, 64 * K, 128 * K])
+    p.add_argument("--budgets", nargs="+", type=int, default=[1024, 2048, 4096])
+    p.add_argument("--rep", type=int, default=60, help="ms of timed repetitions per measurement")
+    p.add_argument("--no-graph", dest="graph", action="store_false", help="skip the CUDA-graph timings")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.models, args.batches, args.lengths, args.budgets, args.rep = ["llama3-8b"], [1, 8], [16 * K, 64 * K], [2048], 25
+    for b in args.budgets:
+        if b % PAGE:
+            p.error(f"budget {b} is not a multiple of the page size {PAGE}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_kernels.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else (Path(os.environ["OUT"]) / "kernels.json" if os.environ.get("OUT") else ROOT / "benchmarks/results/kernels.json")
+    t0 = time.time()
+    correctness_check()
+    result = run(args)
+    table = markdown(result["rows"], args.graph)
+    print(table)
+    doc = {
+        "device": torch.cuda.get_device_name(0),
+        "versions": _versions(),
+        "commit": _commit(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "args": {k: v for k, v in vars(args).items() if k != "out"},
+        "dtype": str(DTYPE),
+        "seconds": round(time.time() - t0, 1),
+        **result,
+        "markdown": table,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1))
+    print(f"wrote {out} ({doc['seconds']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

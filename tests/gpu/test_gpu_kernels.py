@@ -1,0 +1,276 @@
+"""The Triton kernels on CUDA vs the pure-PyTorch reference, up to 128K tokens and batch 16, plus a
+CUDA-graph (torch.compile mode="reduce-overhead") decode loop (skipped without CUDA).
+
+Outputs the launchers allocate are poisoned first: a NaN-filled block of the same size is freed just
+before the call, so the caching allocator hands it back and any element left unwritten shows up as NaN.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tinyserve_patch import ops
+from tinyserve_patch.ops import reference as ref
+from tinyserve_patch.ops.triton_append import append_kv_triton
+from tinyserve_patch.ops.triton_decode import sparse_decode_attention_triton
+from tinyserve_patch.ops.triton_fused_select import score_and_select_triton
+from tinyserve_patch.ops.triton_score import page_scores_triton
+from tinyserve_patch.ops.triton_select import select_pages_triton
+
+pytestmark = pytest.mark.gpu
+DEV = "cuda"
+K = 1024
+# (q_heads, kv_heads, head_dim): TinyLlama, Llama-3-8B
+SHAPES = {"tinyllama": (32, 4, 64), "llama3": (32, 8, 128)}
+
+
+def _poison(numel: int, dtype: torch.dtype) -> None:
+    if dtype.is_floating_point:
+        torch.full((numel,), float("nan"), dtype=dtype, device=DEV)
+    else:
+        torch.full((numel,), -7777, dtype=dtype, device=DEV)
+    # freed at once: the next allocation of this size reuses the NaN block
+
+
+def _rows(batch: int, length: int, g: torch.Generator, page_size: int):
+    """Ragged rows: lengths from length/2 to length, the odd rows starting mid-page (sliding window)."""
+    end = torch.randint(length // 2, length + 1, (batch,), generator=g)
+    end[0] = length
+    start = torch.zeros(batch, dtype=torch.long)
+    start[1::2] = torch.randint(0, page_size * 5, (len(start[1::2]),), generator=g)
+    return start.to(torch.int32).to(DEV), end.to(torch.int32).to(DEV)
+
+
+def _meta(batch, hkv, pages, d, dtype, g, integer=False):
+    shape = (batch, hkv, pages, d)
+    if integer:
+        a = torch.randint(-4, 5, shape, generator=g).to(dtype)
+        b = torch.randint(-4, 5, shape, generator=g).to(dtype)
+    else:
+        a = torch.randn(shape, generator=g).to(dtype)
+        b = torch.randn(shape, generator=g).to(dtype)
+    return torch.stack([torch.minimum(a, b), torch.maximum(a, b)], dim=3).to(DEV)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16) if t.element_size() == 2 else t.view(torch.int32)
+
+
+# ---------------------------------------------------------------------------------------------- append
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("page_size", [8, 16, 32, 64])
+@pytest.mark.parametrize("d", [64, 128])
+def test_gpu_append_prefill_then_decode_bit_exact(dtype, page_size, d):
+    g = torch.Generator().manual_seed(page_size + d)
+    b, h, cap = 4, 4, 2048
+    k = torch.full((b, h, cap, d), float("nan"), dtype=dtype, device=DEV)  # unwritten slots stay NaN
+    v = k.clone()
+    meta = torch.full((b, h, cap // page_size, 2, d), float("nan"), dtype=dtype, device=DEV)
+    tri = (k, v, meta)
+    rb = tuple(t.clone() for t in tri)
+    pad = torch.tensor([0, 3, 17, 100])
+    pos = -pad  # left padding of the prefill is dropped
+    for n in (1000, 1, 1, 37, 1, page_size, 1):
+        kn = torch.randn(b, n, h, d, generator=g).to(dtype).to(DEV).transpose(1, 2)  # HF's view
+        vn = torch.randn(b, n, h, d, generator=g).to(dtype).to(DEV).transpose(1, 2)
+        p = pos.to(torch.int32).to(DEV)
+        append_kv_triton(*tri, kn, vn, p)
+        ref.append_kv(*rb, kn, vn, p)
+        for a, r in zip(tri, rb):
+            assert torch.equal(_bits(a), _bits(r))
+        pos = pos + n
+
+
+# ---------------------------------------------------------------------------------------------- scores / select
+
+
+# (model, tokens, batch, page_size): every page size, both models, up to 128K tokens and batch 16
+SCORE_CASES = [
+    ("tinyllama", 4 * K, 16, 8), ("tinyllama", 16 * K, 16, 16), ("tinyllama", 64 * K, 2, 32),
+    ("tinyllama", 128 * K, 1, 64), ("tinyllama", 128 * K, 1, 8),
+    ("llama3", 4 * K, 16, 16), ("llama3", 16 * K, 16, 8), ("llama3", 64 * K, 2, 16),
+    ("llama3", 128 * K, 1, 32), ("llama3", 128 * K, 2, 16),
+]
+
+
+@pytest.mark.parametrize("name,length,batch,ps", SCORE_CASES)
+def test_gpu_scores_and_select(name, length, batch, ps):
+    hq, hkv, d = SHAPES[name]
+    dtype = torch.bfloat16 if ps != 32 else torch.float16
+    g = torch.Generator().manual_seed(length + ps)
+    pages = length // ps
+    meta = _meta(batch, hkv, pages, d, dtype, g)
+    q = torch.randn(batch, hq, d, generator=g).to(dtype).to(DEV)
+    start, end = _rows(batch, length - 3, g, ps)
+    for red in ("max", "sum"):
+        _poison(batch * hkv * pages, torch.float32)
+        scores = page_scores_triton(q, meta, start, end, ps, red)
+        expect = ref.page_scores(q, meta, start, end, ps, red)
+        assert not torch.isnan(scores).any()
+        assert torch.equal(torch.isneginf(scores), torch.isneginf(expect))
+        fin = torch.isfinite(expect)
+        torch.testing.assert_close(scores[fin], expect[fin], rtol=1e-5, atol=1e-3)
+    # selection is exact given the same scores
+    for budget in (1024, 2048, 4096):
+        n = budget // ps
+        _poison(batch * hkv * n, torch.int32)
+        idx = select_pages_triton(scores, start, end, ps, n, 1, 1)
+        assert torch.equal(idx, ref.select_pages(scores, start, end, ps, n, 1, 1))
+    # ties everywhere: integer scores
+    tied = torch.randint(0, 4, scores.shape, generator=g).float().to(DEV)
+    assert torch.equal(select_pages_triton(tied, start, end, ps, 64, 2, 2), ref.select_pages(tied, start, end, ps, 64, 2, 2))
+
+
+@pytest.mark.parametrize("name,length,batch", [("tinyllama", 4 * K, 16), ("llama3", 16 * K, 8), ("tinyllama", 128 * K, 1), ("llama3", 128 * K, 2)])
+@pytest.mark.parametrize("ps", [8, 16, 64])
+def test_gpu_fused_select_exact_on_integer_data(name, length, batch, ps):
+    """Integer q / metadata: every score is exact, so the fused kernel must equal the reference."""
+    hq, hkv, d = SHAPES[name]
+    g = torch.Generator().manual_seed(length * ps)
+    pages = length // ps
+    meta = _meta(batch, hkv, pages, d, torch.bfloat16, g, integer=True)
+    q = torch.randint(-3, 4, (batch, hq, d), generator=g).to(torch.bfloat16).to(DEV)
+    start, end = _rows(batch, length - 1, g, ps)
+    for red, n in (("max", 2048 // ps), ("sum", 4096 // ps)):
+        expect = ref.select_pages(ref.page_scores(q, meta, start, end, ps, red), start, end, ps, n, 1, 2)
+        for _ in range(2):  # the second launch reuses the (re-zeroed) ticket counters
+            _poison(batch * hkv * n, torch.int32)
+            out = score_and_select_triton(q, meta, start, end, ps, n, 1, 2, red)
+            assert torch.equal(out, expect)
+
+
+def test_gpu_fused_select_random_data_up_to_ties():
+    from tests.ops.test_triton_fused_select import assert_topk_up_to_ties
+
+    hq, hkv, d = SHAPES["llama3"]
+    g = torch.Generator().manual_seed(5)
+    meta = _meta(2, hkv, 2048, d, torch.bfloat16, g)
+    q = torch.randn(2, hq, d, generator=g).to(torch.bfloat16).to(DEV)
+    start, end = _rows(2, 2048 * 16, g, 16)
+    out = score_and_select_triton(q, meta, start, end, 16, 128, 1, 1, "max")
+    assert_topk_up_to_ties(out.cpu(), q.cpu(), meta.cpu(), start.cpu(), end.cpu(), 16, 128, 1, 1, "max")
+
+
+# ---------------------------------------------------------------------------------------------- attention
+
+
+DECODE_CASES = [
+    ("tinyllama", 4 * K, 16, 16, torch.bfloat16), ("tinyllama", 32 * K, 4, 8, torch.bfloat16),
+    ("tinyllama", 128 * K, 1, 64, torch.float16), ("tinyllama", 128 * K, 2, 16, torch.bfloat16),
+    ("llama3", 4 * K, 16, 8, torch.float16), ("llama3", 32 * K, 4, 16, torch.bfloat16),
+    ("llama3", 128 * K, 1, 32, torch.bfloat16), ("llama3", 8 * K, 16, 64, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("name,length,batch,ps,dtype", DECODE_CASES)
+def test_gpu_sparse_decode(name, length, batch, ps, dtype):
+    hq, hkv, d = SHAPES[name]
+    g = torch.Generator(device=DEV).manual_seed(length + ps)
+    k = torch.randn(batch, hkv, length, d, generator=g, device=DEV).to(dtype)
+    v = torch.randn(batch, hkv, length, d, generator=g, device=DEV).to(dtype)
+    q = (torch.randn(batch, hq, d, generator=g, device=DEV) * 2).to(dtype)
+    start, end = _rows(batch, length - 5, torch.Generator().manual_seed(ps), ps)
+    pages = length // ps
+    for budget in (1024, 4096):
+        n = budget // ps
+        scores = torch.rand(batch, hkv, pages, generator=g, device=DEV)
+        idx = ref.select_pages(scores, start, end, ps, n, 1, 1)
+        idx[0, 0, -3:] = -1  # padding inside a row
+        for softcap in (0.0, 30.0):
+            _poison(batch * hq * d, dtype)
+            out = sparse_decode_attention_triton(q, k, v, idx, start, end, ps, d**-0.5, softcap)
+            expect = ref.sparse_decode_attention(q.float(), k.float(), v.float(), idx, start, end, ps, d**-0.5, softcap)
+            assert not torch.isnan(out).any()
+            err = ((out.float() - expect).norm() / expect.norm()).item()
+            assert err < 1e-2, err
+
+
+@pytest.mark.parametrize("d", [80, 96, 256])
+@pytest.mark.parametrize("g_size", [1, 4, 7])
+def test_gpu_sparse_decode_odd_head_dims(d, g_size):
+    g = torch.Generator(device=DEV).manual_seed(d)
+    b, hkv, cap, ps = 3, 2, 4096, 16
+    k = torch.randn(b, hkv, cap, d, generator=g, device=DEV).to(torch.bfloat16)
+    v = torch.randn(b, hkv, cap, d, generator=g, device=DEV).to(torch.bfloat16)
+    q = torch.randn(b, hkv * g_size, d, generator=g, device=DEV).to(torch.bfloat16)
+    start = torch.tensor([0, 100, 50], dtype=torch.int32, device=DEV)
+    end = torch.tensor([4000, 3000, 50], dtype=torch.int32, device=DEV)  # the last row is empty
+    idx = ref.select_pages(torch.rand(b, hkv, cap // ps, generator=g, device=DEV), start, end, ps, 64, 1, 1)
+    out = sparse_decode_attention_triton(q, k, v, idx, start, end, ps, d**-0.5, 0.0)
+    expect = ref.sparse_decode_attention(q.float(), k.float(), v.float(), idx, start, end, ps, d**-0.5)
+    assert ((out.float() - expect).norm() / expect.norm()).item() < 1e-2
+    assert (out[2] == 0).all()
+
+
+def test_gpu_fp32_paths():
+    g = torch.Generator(device=DEV).manual_seed(3)
+    b, hkv, hq, d, cap, ps = 2, 2, 8, 64, 1024, 16
+    k = torch.randn(b, hkv, cap, d, generator=g, device=DEV)
+    v = torch.randn(b, hkv, cap, d, generator=g, device=DEV)
+    q = torch.randn(b, hq, d, generator=g, device=DEV)
+    start = torch.tensor([0, 7], dtype=torch.int32, device=DEV)
+    end = torch.tensor([1000, 900], dtype=torch.int32, device=DEV)
+    meta = ref.build_meta(k, 1000, ps)
+    s = page_scores_triton(q, meta, start, end, ps, "max")
+    e = ref.page_scores(q, meta, start, end, ps, "max")
+    fin = torch.isfinite(e)
+    torch.testing.assert_close(s[fin], e[fin], rtol=1e-5, atol=1e-4)
+    idx = select_pages_triton(s, start, end, ps, 16, 1, 1)
+    out = sparse_decode_attention_triton(q, k, v, idx, start, end, ps, 0.125, 0.0)
+    torch.testing.assert_close(out, ref.sparse_decode_attention(q, k, v, idx, start, end, ps, 0.125), rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- CUDA graphs
+
+
+def _decode_step(k_cache, v_cache, meta, pos, k_new, v_new, q, seq_start, fused: bool):
+    """Append one token per row at ``pos``, advance ``pos`` in place, score, select, attend."""
+    ops.append_kv(k_cache, v_cache, meta, k_new, v_new, pos)
+    pos.add_(1)
+    seq_end = pos.clone()
+    if fused:
+        idx = ops.score_and_select(q, meta, seq_start, seq_end, 16, 8, 1, 1, "max")
+    else:
+        scores = ops.page_scores(q, meta, seq_start, seq_end, 16, "max")
+        idx = ops.select_pages(scores, seq_start, seq_end, 16, 8, 1, 1)
+    out = ops.sparse_decode_attention(q, k_cache, v_cache, idx, seq_start, seq_end, 16, 0.125, 0.0)
+    return out, idx
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_gpu_reduce_overhead_decode_loop_matches_eager(fused):
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    g = torch.Generator(device=DEV).manual_seed(11)
+    b, hkv, hq, d, cap, ps = 2, 4, 16, 64, 1024, 16
+    k = torch.zeros(b, hkv, cap, d, dtype=torch.bfloat16, device=DEV)
+    v = torch.zeros_like(k)
+    meta = torch.zeros(b, hkv, cap // ps, 2, d, dtype=torch.bfloat16, device=DEV)
+    pos = torch.zeros(b, dtype=torch.int32, device=DEV)
+    prompt = torch.randn(b, hkv, 200, d, generator=g, device=DEV).to(torch.bfloat16)
+    ops.append_kv(k, v, meta, prompt, prompt, torch.tensor([0, -37], dtype=torch.int32, device=DEV))
+    pos.copy_(torch.tensor([200, 163], dtype=torch.int32))
+    seq_start = torch.tensor([0, 20], dtype=torch.int32, device=DEV)
+    eager_bufs = [t.clone() for t in (k, v, meta, pos)]
+    for t in (k, v, meta, pos):
+        torch._dynamo.mark_static_address(t)
+    step = torch.compile(_decode_step, mode="reduce-overhead", fullgraph=True)
+    for i in range(20):
+        k_new = torch.randn(b, hkv, 1, d, generator=g, device=DEV).to(torch.bfloat16)
+        v_new = torch.randn(b, hkv, 1, d, generator=g, device=DEV).to(torch.bfloat16)
+        q = torch.randn(b, hq, d, generator=g, device=DEV).to(torch.bfloat16)
+        out, idx = step(k, v, meta, pos, k_new, v_new, q, seq_start, fused)
+        out, idx = out.clone(), idx.clone()
+        e_out, e_idx = _decode_step(*eager_bufs, k_new, v_new, q, seq_start, fused)
+        assert torch.equal(idx, e_idx), i
+        torch.testing.assert_close(out, e_out, rtol=0, atol=0)
+    assert torch.equal(pos, eager_bufs[3]) and int(pos[0]) == 220
+    for got, exp in zip((k, v, meta), eager_bufs[:3]):
+        assert torch.equal(got, exp)
+    assert counters["inductor"]["cudagraph_skips"] == 0

@@ -1,0 +1,108 @@
+"""append_kv_triton == reference.append_kv, bit for bit (cache and page min/max)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tinyserve_patch.ops import reference as ref
+from tinyserve_patch.ops.triton_append import append_kv_triton
+
+from tests.ops.kernel_cases import DEVICE, gen, randn
+
+
+def _buffers(b, h, cap, d, ps, dtype):
+    k = torch.zeros(b, h, cap, d, dtype=dtype, device=DEVICE)
+    meta = torch.zeros(b, h, cap // ps, 2, d, dtype=dtype, device=DEVICE)
+    return k, k.clone(), meta
+
+
+def _new(b, h, n, d, dtype, g, transposed):
+    if transposed:  # HF's [b, n, h, d] -> [b, h, n, d] view
+        return randn((b, n, h, d), dtype, g).transpose(1, 2), randn((b, n, h, d), dtype, g).transpose(1, 2)
+    return randn((b, h, n, d), dtype, g), randn((b, h, n, d), dtype, g)
+
+
+def _run_both(tri, refb, k_new, v_new, pos):
+    append_kv_triton(*tri, k_new, v_new, pos)
+    ref.append_kv(*refb, k_new, v_new, pos)
+    for a, r in zip(tri, refb):
+        assert torch.equal(a, r)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("b,h,d,ps,cap", [(2, 2, 64, 8, 64), (1, 2, 16, 16, 64), (2, 1, 80, 8, 48)])
+def test_append_sequence_matches_reference(dtype, b, h, d, ps, cap):
+    """Prefill with per-row left padding (negative pos), then decode steps and chunks across pages."""
+    g = gen(0)
+    tri = _buffers(b, h, cap, d, ps, dtype)
+    refb = tuple(t.clone() for t in tri)
+    cur = torch.tensor([-3, 0][:b], device=DEVICE)
+    for step, n in enumerate((7, 1, 1, 9, 16, 1)):
+        k_new, v_new = _new(b, h, n, d, dtype, g, transposed=step % 2 == 0)
+        _run_both(tri, refb, k_new, v_new, cur.to(torch.int32))
+        cur = cur + n
+
+
+def test_append_single_pos_and_int64():
+    g = gen(1)
+    tri = _buffers(2, 2, 32, 16, 8, torch.bfloat16)
+    refb = tuple(t.clone() for t in tri)
+    for p0, n in ((0, 5), (5, 3), (8, 1), (9, 12)):
+        k_new, v_new = _new(2, 2, n, 16, torch.bfloat16, g, transposed=False)
+        _run_both(tri, refb, k_new, v_new, torch.tensor([p0], dtype=torch.int64, device=DEVICE))
+
+
+def test_append_fully_padded_row_and_overflow_is_masked():
+    g = gen(2)
+    k, v, meta = _buffers(2, 1, 32, 16, 8, torch.float32)
+    k.fill_(float("nan"))
+    v.fill_(float("nan"))
+    meta.fill_(float("nan"))
+    k_new, v_new = _new(2, 1, 6, 16, torch.float32, g, transposed=False)
+    # row 0: every token lands before 0 (all padding, nothing written); row 1: 2 tokens past capacity
+    append_kv_triton(k, v, meta, k_new, v_new, torch.tensor([-6, 28], dtype=torch.int32, device=DEVICE))
+    assert torch.isnan(k[0]).all() and torch.isnan(meta[0]).all()
+    assert torch.equal(k[1, :, 28:], k_new[1, :, :4]) and torch.equal(v[1, :, 28:], v_new[1, :, :4])
+    assert torch.isnan(k[1, :, :28]).all()
+    assert torch.equal(meta[1, :, 3, 0], k_new[1, :, :4].amin(1)) and torch.equal(meta[1, :, 3, 1], k_new[1, :, :4].amax(1))
+    assert torch.isnan(meta[1, :, :3]).all()
+
+
+def test_append_rejects_bad_input():
+    k, v, meta = _buffers(1, 1, 32, 16, 8, torch.float32)
+    with pytest.raises(ValueError, match="head_dim"):
+        kk = torch.zeros(1, 1, 32, 272, device=DEVICE)
+        append_kv_triton(kk, kk.clone(), torch.zeros(1, 1, 4, 2, 272, device=DEVICE), kk[:, :, :1], kk[:, :, :1], torch.zeros(1, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="dtype"):
+        ki = k.to(torch.int32)
+        append_kv_triton(ki, ki.clone(), meta.to(torch.int32), ki[:, :, :1], ki[:, :, :1], torch.zeros(1, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="pos"):
+        append_kv_triton(k, v, meta, k[:, :, :1], v[:, :, :1], torch.zeros(1, device=DEVICE))
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    b=st.integers(1, 2),
+    h=st.integers(1, 2),
+    d=st.sampled_from([16, 32, 48]),
+    ps=st.sampled_from([8, 16]),
+    pages=st.integers(2, 6),
+    chunks=st.lists(st.integers(1, 20), min_size=1, max_size=3),
+    pad=st.integers(0, 5),
+    seed=st.integers(0, 1000),
+)
+def test_append_hypothesis(b, h, d, ps, pages, chunks, pad, seed):
+    cap = pages * ps
+    g = gen(seed)
+    tri = _buffers(b, h, cap, d, ps, torch.bfloat16)
+    refb = tuple(t.clone() for t in tri)
+    cur = -torch.arange(b, device=DEVICE) * pad
+    for n in chunks:
+        if int(cur.max()) + n > cap:
+            break
+        k_new, v_new = _new(b, h, n, d, torch.bfloat16, g, transposed=bool(seed % 2))
+        _run_both(tri, refb, k_new, v_new, cur.to(torch.int32))
+        cur = cur + n

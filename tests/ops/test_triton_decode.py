@@ -1,0 +1,107 @@
+"""sparse_decode_attention_triton vs reference.sparse_decode_attention (fp32: 1e-5, fp16/bf16: 1e-2 relative)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tinyserve_patch.ops import reference as ref
+from tinyserve_patch.ops.triton_decode import plan_splits, sparse_decode_attention_triton
+from tests.ops.kernel_cases import DEVICE, cache, gen, randn, random_indices, rel_err, rows
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 5e-3}
+
+
+def _check(q, k, v, idx, start, end, ps, scale, softcap, num_splits=None):
+    out = sparse_decode_attention_triton(q, k, v, idx, start, end, ps, scale, softcap, num_splits=num_splits)
+    # reference in fp32 from the same (rounded) inputs
+    expect = ref.sparse_decode_attention(q.float(), k.float(), v.float(), idx, start, end, ps, scale, softcap)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert torch.isfinite(out).all()
+    assert rel_err(out, expect) < TOL[q.dtype], rel_err(out, expect)
+    empty = end <= start
+    assert (out[empty] == 0).all()  # rows with no valid token give zeros
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("b,h,g,d,ps,cap,sel", [(2, 2, 4, 64, 8, 128, 5), (1, 2, 1, 16, 16, 64, 3), (2, 1, 2, 32, 8, 96, 20), (1, 1, 3, 80, 8, 64, 4)])
+@pytest.mark.parametrize("softcap", [0.0, 5.0])
+def test_decode_matches_reference(dtype, b, h, g, d, ps, cap, sel, softcap):
+    gn = gen(9)
+    k, v, _ = cache(b, h, cap, d, ps, dtype, gn)
+    q = randn((b, h * g, d), dtype, gn)
+    idx = random_indices(b, h, cap // ps, sel, gn, pad=1)
+    start, end = rows(b, cap, gn, empty_row=True)
+    _check(q, k, v, idx, start, end, ps, d**-0.5, softcap)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 3])
+def test_decode_split_counts_agree(num_splits):
+    """One split writes the output directly; several go through the workspace + merge kernel."""
+    gn = gen(10)
+    k, v, _ = cache(2, 2, 256, 32, 8, torch.bfloat16, gn)
+    q = randn((2, 4, 32), torch.bfloat16, gn)
+    idx = random_indices(2, 2, 32, 24, gn, pad=3)
+    start, end = rows(2, 256, gn, empty_row=True)
+    _check(q, k, v, idx, start, end, 8, 0.2, 0.0, num_splits=num_splits)
+
+
+def test_decode_all_pages_equals_dense_and_head_dim_256():
+    gn = gen(11)
+    k, v, _ = cache(1, 1, 32, 256, 8, torch.float32, gn)
+    q = randn((1, 2, 256), torch.float32, gn)
+    idx = torch.arange(4, dtype=torch.int32, device=DEVICE).view(1, 1, 4)
+    start = torch.tensor([0], dtype=torch.int32, device=DEVICE)
+    end = torch.tensor([29], dtype=torch.int32, device=DEVICE)
+    out = _check(q, k, v, idx, start, end, 8, 1 / 16, 0.0)
+    dense = ref.dense_decode_attention(q, k, v, start, end, 1 / 16)
+    torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5)
+
+
+def test_plan_splits_fills_the_gpu():
+    assert plan_splits(1, 64, 16, 64, 132) == (16, 64)  # capped at one BLOCK_N per split
+    splits, per = plan_splits(8, 128, 16, 64, 132)
+    assert per % 64 == 0 and splits * per >= 128 * 16 and 8 * splits <= 2 * 132 + 8
+    assert plan_splits(512, 128, 16, 64, 132) == (1, 2048)
+
+
+def test_decode_rejects_bad_input():
+    gn = gen(12)
+    k, v, _ = cache(1, 1, 32, 16, 8, torch.float32, gn)
+    q = randn((1, 2, 16), torch.float32, gn)
+    se = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    idx = torch.zeros(1, 1, 2, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="dtype"):
+        sparse_decode_attention_triton(q.half(), k, v, idx, se, se, 8, 1.0)
+    with pytest.raises(ValueError, match="indices"):
+        sparse_decode_attention_triton(q, k, v, idx.long(), se, se, 8, 1.0)
+    with pytest.raises(ValueError, match="page_size"):
+        sparse_decode_attention_triton(q, k, v, idx, se, se, 6, 1.0)
+    big = torch.zeros(1, 1, 32, 320, device=DEVICE)
+    with pytest.raises(ValueError, match="head_dim"):
+        sparse_decode_attention_triton(torch.zeros(1, 1, 320, device=DEVICE), big, big, idx, se, se, 8, 1.0)
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    b=st.integers(1, 2),
+    h=st.integers(1, 2),
+    g=st.sampled_from([1, 2, 4]),
+    d=st.sampled_from([16, 32, 64]),
+    ps=st.sampled_from([8, 16]),
+    pages=st.integers(1, 8),
+    sel=st.integers(1, 10),
+    softcap=st.sampled_from([0.0, 0.0, 20.0]),
+    seed=st.integers(0, 10_000),
+)
+def test_decode_hypothesis(b, h, g, d, ps, pages, sel, softcap, seed):
+    gn = gen(seed)
+    cap = pages * ps
+    k, v, _ = cache(b, h, cap, d, ps, torch.bfloat16, gn)
+    q = randn((b, h * g, d), torch.bfloat16, gn)
+    idx = random_indices(b, h, pages, sel, gn, pad=seed % 2)
+    start, end = rows(b, cap, gn, empty_row=seed % 3 == 0)
+    _check(q, k, v, idx, start, end, ps, d**-0.5, softcap)

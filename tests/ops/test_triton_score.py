@@ -1,0 +1,90 @@
+"""page_scores_triton vs reference.page_scores (fp32 sums in another order: ulp-level tolerance)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tinyserve_patch.ops import reference as ref
+from tinyserve_patch.ops.triton_score import page_scores_triton
+from tests.ops.kernel_cases import DEVICE, cache, gen, randint, randn, rows
+
+
+def _check(q, meta, start, end, ps, red, exact=False):
+    out = page_scores_triton(q, meta, start, end, ps, red)
+    expect = ref.page_scores(q, meta, start, end, ps, red)
+    assert out.dtype == torch.float32 and out.shape == expect.shape
+    assert torch.equal(torch.isneginf(out), torch.isneginf(expect))
+    finite = torch.isfinite(expect)
+    if exact:
+        assert torch.equal(out[finite], expect[finite])
+    else:
+        torch.testing.assert_close(out[finite], expect[finite], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("b,h,g,d,ps,cap", [(2, 2, 4, 64, 8, 128), (1, 2, 1, 16, 16, 64), (2, 1, 2, 32, 8, 96), (1, 1, 3, 80, 8, 64)])
+@pytest.mark.parametrize("red", ["max", "sum"])
+def test_scores_match_reference(dtype, b, h, g, d, ps, cap, red):
+    gn = gen(3)
+    _, _, meta = cache(b, h, cap, d, ps, dtype, gn, length=cap - 5)
+    q = randn((b, h * g, d), dtype, gn)
+    start, end = rows(b, cap - 5, gn, empty_row=True)
+    _check(q, meta, start, end, ps, red)
+
+
+def test_scores_exact_on_integer_inputs():
+    gn = gen(4)
+    _, _, meta = cache(2, 2, 128, 32, 8, torch.bfloat16, gn, integer=True)
+    q = randint(-3, 4, (2, 8, 32), torch.bfloat16, gn)
+    start, end = rows(2, 128, gn)
+    for red in ("max", "sum"):
+        _check(q, meta, start, end, 8, red, exact=True)
+
+
+def test_scores_many_pages_multiple_programs():
+    """P > BLOCK_P: several page blocks per (row, head); noncontiguous q."""
+    gn = gen(5)
+    _, _, meta = cache(1, 2, 1024, 16, 8, torch.float16, gn)
+    q = randn((1, 16, 4), torch.float16, gn).transpose(1, 2)  # [1, 4, 16] view, stride(-1) != 1
+    start = torch.tensor([100], dtype=torch.int32, device=DEVICE)
+    end = torch.tensor([1000], dtype=torch.int32, device=DEVICE)
+    _check(q, meta, start, end, 8, "max")
+
+
+def test_scores_reject_bad_input():
+    gn = gen(6)
+    _, _, meta = cache(1, 1, 32, 16, 8, torch.float32, gn)
+    q = randn((1, 2, 16), torch.float32, gn)
+    se = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="dtype"):
+        page_scores_triton(q.half(), meta, se, se, 8, "max")
+    with pytest.raises(ValueError, match="gqa_reduction"):
+        page_scores_triton(q, meta, se, se, 8, "mean")
+    with pytest.raises(ValueError, match="page_size"):
+        page_scores_triton(q, meta, se, se, 12, "max")
+    big = torch.zeros(1, 1, 4, 2, 512, device=DEVICE)
+    with pytest.raises(ValueError, match="head_dim"):
+        page_scores_triton(torch.zeros(1, 1, 512, device=DEVICE), big, se, se, 8, "max")
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    b=st.integers(1, 2),
+    h=st.integers(1, 2),
+    g=st.sampled_from([1, 2, 4]),
+    d=st.sampled_from([16, 32, 64]),
+    ps=st.sampled_from([8, 16]),
+    pages=st.integers(1, 8),
+    red=st.sampled_from(["max", "sum"]),
+    seed=st.integers(0, 10_000),
+)
+def test_scores_hypothesis(b, h, g, d, ps, pages, red, seed):
+    gn = gen(seed)
+    cap = pages * ps
+    _, _, meta = cache(b, h, cap, d, ps, torch.bfloat16, gn)
+    q = randn((b, h * g, d), torch.bfloat16, gn)
+    start, end = rows(b, cap, gn, empty_row=seed % 3 == 0)
+    _check(q, meta, start, end, ps, red)

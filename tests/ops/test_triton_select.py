@@ -1,0 +1,88 @@
+"""select_pages_triton == reference.select_pages exactly (set, order, padding, forced pages, ties)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tinyserve_patch.ops import reference as ref
+from tinyserve_patch.ops.triton_select import select_pages_triton
+from tests.ops.kernel_cases import DEVICE, gen, rows
+
+
+def _check(scores, start, end, ps, n, sink, recent):
+    out = select_pages_triton(scores, start, end, ps, n, sink, recent)
+    expect = ref.select_pages(scores, start, end, ps, n, sink, recent)
+    assert out.dtype == torch.int32 and out.shape == expect.shape
+    assert torch.equal(out, expect), (out, expect)
+
+
+@pytest.mark.parametrize("kind", ["randn", "ties", "constant"])
+@pytest.mark.parametrize("num_select", [1, 3, 8, 40])
+def test_select_matches_reference(kind, num_select):
+    g = gen(7)
+    b, h, ps, pages = 2, 2, 8, 24
+    if kind == "randn":
+        scores = torch.randn(b, h, pages, generator=g)
+    elif kind == "ties":
+        scores = torch.randint(0, 3, (b, h, pages), generator=g).float()
+    else:
+        scores = torch.zeros(b, h, pages)
+    start, end = rows(b, pages * ps, g)
+    for sink, recent in ((0, 1), (1, 1), (2, 3)):
+        _check(scores.to(DEVICE), start, end, ps, num_select, sink, recent)
+
+
+def test_select_special_values():
+    """-0.0 ties +0.0; +-inf and NaN scores rank like torch.sort; empty and one-page rows."""
+    s = torch.tensor([[0.0, -0.0, 1.0, float("inf"), -float("inf"), float("nan"), 0.0, -0.0, 2.0, -1.0]])
+    scores = torch.stack([s, s.flip(-1)]).to(DEVICE)  # [2, 1, 10]
+    for start, end in (([0, 0], [80, 80]), ([0, 5], [80, 6]), ([3, 7], [3, 7]), ([9, 20], [70, 75])):
+        st_ = torch.tensor(start, dtype=torch.int32, device=DEVICE)
+        en = torch.tensor(end, dtype=torch.int32, device=DEVICE)
+        for n in (1, 2, 4, 10, 12):
+            _check(scores, st_, en, 8, n, 0, 1)
+            _check(scores, st_, en, 8, n, 1, 2)
+
+
+def test_select_large_p_and_strided_scores():
+    g = gen(8)
+    base = torch.randint(0, 50, (1, 3000, 2), generator=g).float().to(DEVICE)
+    scores = base.transpose(1, 2)  # [1, 2, 3000] noncontiguous
+    start = torch.tensor([17], dtype=torch.int32, device=DEVICE)
+    end = torch.tensor([2990 * 8], dtype=torch.int32, device=DEVICE)
+    _check(scores, start, end, 8, 128, 1, 2)
+
+
+def test_select_rejects_bad_input():
+    se = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="float32"):
+        select_pages_triton(torch.zeros(1, 1, 4, dtype=torch.float16, device=DEVICE), se, se, 8, 2, 1, 1)
+    with pytest.raises(ValueError, match="16384"):
+        select_pages_triton(torch.zeros(1, 1, 16385, device=DEVICE), se, se, 8, 2, 1, 1)
+    with pytest.raises(ValueError, match="num_select"):
+        select_pages_triton(torch.zeros(1, 1, 4, device=DEVICE), se, se, 8, 0, 1, 1)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    b=st.integers(1, 2),
+    h=st.integers(1, 2),
+    ps=st.sampled_from([8, 16]),
+    pages=st.integers(1, 70),
+    num_select=st.integers(1, 80),
+    sink=st.integers(0, 3),
+    recent=st.integers(0, 3),
+    levels=st.sampled_from([0, 2, 5]),
+    seed=st.integers(0, 10_000),
+)
+def test_select_hypothesis(b, h, ps, pages, num_select, sink, recent, levels, seed):
+    g = gen(seed)
+    if levels:
+        scores = torch.randint(0, levels, (b, h, pages), generator=g).float()
+    else:
+        scores = torch.randn(b, h, pages, generator=g)
+    start, end = rows(b, pages * ps, g, empty_row=seed % 4 == 0)
+    _check(scores.to(DEVICE), start, end, ps, num_select, sink, recent)

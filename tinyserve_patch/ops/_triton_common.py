@@ -1,0 +1,175 @@
+"""Shared pieces of the Triton kernels: launch-side checks, the tensor-core product helper, page
+validity, and the exact top-k page selection used by ``triton_select`` and ``triton_fused_select``.
+
+Selection semantics (identical to :func:`reference.select_pages`): per (row, KV head), the ``P`` pages are
+ranked by ``+inf`` for forced (sink / recent) pages, ``-inf`` for invalid pages, the score made finite
+otherwise (NaN and ``-inf`` -> the lowest finite float32, ``+inf`` -> the largest), so a forced page
+always outranks a scored one and a valid page an invalid one;
+the first ``k = min(num_select, valid pages)`` pages of a *stable* descending sort are kept (ties go to
+the lower page number) and written in ascending page order, ``-1`` padded.
+
+On the device this is an exact top-k without sorting: the float32 ranks are mapped to order-preserving
+int32 keys, the ``k``-th largest key ``t`` is found by a 32-step binary search on ``count(key >= t)``,
+then every page with ``key > t`` and the first ``k - count(key > t)`` pages with ``key == t`` (in index
+order, by a prefix sum) are kept and compacted by a second prefix sum.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+#: Largest number of pages a selection kernel holds in one program (``BLOCK = next_pow2(P)``).
+MAX_SELECT_PAGES = 16384
+INT32_MAX = 2147483647
+
+
+def interpreting() -> bool:
+    """Triton's CPU interpreter (``TRITON_INTERPRET=1``) is on."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def f32_dot(dtype: torch.dtype) -> bool:
+    """Whether ``mm`` must run in IEEE fp32: for fp32 data (no TF32 rounding), and under the interpreter,
+    whose ``tl.dot`` mishandles bfloat16 operands (fp16/bf16 products are exact in fp32 either way)."""
+    return dtype == torch.float32 or interpreting()
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (132, an H100's, for the CPU interpreter)."""
+    if device.type != "cuda":
+        return 132
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def check_float_dtype(t: torch.Tensor, name: str) -> None:
+    check(t.dtype in (torch.float16, torch.bfloat16, torch.float32), f"{name} dtype {t.dtype} unsupported: fp16/bf16/fp32")
+
+
+def check_head_dim(d: int) -> None:
+    check(1 <= d <= 256, f"head_dim {d} unsupported: the Triton kernels take 1 <= head_dim <= 256")
+
+
+def check_page_size(page_size: int) -> None:
+    check(
+        page_size in (8, 16, 32, 64, 128),
+        f"page_size {page_size} unsupported: the Triton kernels take a power of two in 8..128",
+    )
+
+
+def check_rows(seq_start: torch.Tensor, seq_end: torch.Tensor, batch: int) -> None:
+    for name, t in (("seq_start", seq_start), ("seq_end", seq_end)):
+        check(t.dtype in (torch.int32, torch.int64) and t.numel() == batch, f"{name} must be an int tensor of {batch} elements")
+
+
+def check_select_pages(pages: int) -> int:
+    """``BLOCK`` of a selection program for ``pages`` pages (error above :data:`MAX_SELECT_PAGES`)."""
+    check(pages >= 1, "no pages to select from")
+    check(
+        pages <= MAX_SELECT_PAGES,
+        f"{pages} pages per row exceed the selection kernel's limit of {MAX_SELECT_PAGES} "
+        f"(capacity / page_size); use a larger page_size",
+    )
+    return max(16, triton.next_power_of_2(pages))
+
+
+def select_num_warps(block: int) -> int:
+    return 4 if block <= 1024 else (8 if block <= 4096 else 16)
+
+
+# ---------------------------------------------------------------------------------------------- device
+
+
+@triton.jit
+def mm(a, b, acc, F32: tl.constexpr):
+    """``acc + a @ b`` with fp32 accumulation; ``F32``: both operands as IEEE fp32 (see :func:`f32_dot`)."""
+    if F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc=acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc=acc)
+
+
+@triton.jit
+def page_valid(pages, start, end, page_size):
+    """Bool mask: page ``pages`` holds a token of ``[start, end)`` (int32 scalars)."""
+    first = pages * page_size
+    return (first < end) & (first + page_size > start) & (end > start)
+
+
+@triton.jit
+def sortable_key(x):
+    """float32 -> int32 with the same order (``-0.0`` folded into ``0.0``; NaN ranks above ``+inf``, as in
+    ``torch.sort``, though the selection makes scores finite first)."""
+    x = tl.where(x == 0.0, 0.0, x)
+    bits = x.to(tl.int32, bitcast=True)
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return tl.where(x != x, 0x7FFFFFFF, key)
+
+
+@triton.jit
+def select_from_scores(
+    scores,
+    offs,
+    num_pages,
+    start,
+    end,
+    out_ptr,
+    num_select,
+    page_size,
+    sink,
+    recent,
+    BLOCK: tl.constexpr,
+):
+    """Select from one row's float32 ``scores`` ``[BLOCK]`` (page ``offs``; lanes ``>= num_pages`` ignored)
+    and write ``num_select`` int32 page numbers at ``out_ptr`` (ascending, ``-1`` padded)."""
+    in_range = offs < num_pages
+    valid = page_valid(offs, start, end, page_size) & in_range
+    first = start // page_size  # start >= 0
+    last = (end - 1) // page_size  # only used where valid, i.e. end >= 1
+    forced = valid & ((offs < first + sink) | (offs > last - recent))
+    # scores made finite first (NaN, -inf -> lowest finite; +inf -> largest finite), so forced pages rank
+    # strictly above every score and invalid pages strictly below
+    scores = tl.where(scores != scores, -3.4028234663852886e38, scores)
+    scores = tl.where(scores < -3.4028234663852886e38, -3.4028234663852886e38, scores)
+    scores = tl.where(scores > 3.4028234663852886e38, 3.4028234663852886e38, scores)
+    key = sortable_key(scores)
+    key = tl.where(forced, 0x7F800000, key)  # +inf
+    key = tl.where(valid, key, -2139095041)  # -inf (0xFF800000 mapped)
+    n_valid = tl.sum(valid.to(tl.int32), axis=0)
+    k = tl.minimum(n_valid, num_select)
+
+    # largest t with count(key >= t) >= k: the k-th largest key (k >= 1); lo stays valid throughout
+    lo = tl.zeros([], dtype=tl.int64) - 2147483648
+    hi = tl.zeros([], dtype=tl.int64) + 2147483647
+    for _ in range(32):
+        mid = lo + (hi - lo + 1) // 2
+        cnt = tl.sum((in_range & (key >= mid.to(tl.int32))).to(tl.int32), axis=0)
+        ok = cnt >= k
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid - 1)
+    t = lo.to(tl.int32)
+
+    gt = in_range & (key > t)
+    eq = in_range & (key == t)
+    need = k - tl.sum(gt.to(tl.int32), axis=0)
+    eq_rank = tl.cumsum(eq.to(tl.int32), axis=0)  # inclusive: ties go to the lower page
+    sel = gt | (eq & (eq_rank <= need))
+    slot = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+    tl.store(out_ptr + slot, offs, mask=sel)
+    for c in range(0, num_select, BLOCK):
+        o = c + tl.arange(0, BLOCK)
+        tl.store(out_ptr + o, tl.full([BLOCK], -1, tl.int32), mask=(o >= k) & (o < num_select))

@@ -1,0 +1,264 @@
+"""Triton sparse decode attention over selected pages (split-K flash-decoding).
+
+Inputs: ``q`` ``[B, Hq, D]``; ``k_cache``/``v_cache`` ``[B, Hkv, cap, D]``; ``indices`` int32
+``[B, Hkv, S]`` (page numbers, ``-1`` = none); ``seq_start``/``seq_end`` ``[B]``. Output ``[B, Hq, D]`` in
+q's dtype: softmax attention of each query head over the tokens of its KV head's selected pages that lie
+in ``[seq_start, seq_end)`` (zeros for a row with none), as :func:`reference.sparse_decode_attention`.
+
+Kernel 1, grid ``(B * Hkv, num_splits)``: a program takes a contiguous chunk of the ``S * page_size``
+selected-token list (token ``j`` -> page slot ``j // ps``, cache position ``indices[slot] * ps + j % ps``)
+and walks it ``BLOCK_N`` tokens at a time, all ``G`` query heads of the KV head together (``G`` padded to
+16 rows for ``tl.dot``), online softmax in fp32 with ``exp2`` (log2(e) folded into the scale), optional
+soft-capping ``cap * tanh(s / cap)``. With one split it writes the output directly; otherwise it writes
+the normalised partial output and the log2-sum-exp to an fp32 workspace and kernel 2, grid ``(B * Hq,)``,
+merges the splits. ``num_splits`` depends on shapes only (``~2 x`` SM count programs), so the launch is
+static and CUDA-graph safe.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_common import check, check_float_dtype, check_head_dim, check_page_size, check_rows, f32_dot, mm, sm_count
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    idx_ptr,
+    start_ptr,
+    end_ptr,
+    out_ptr,
+    o_ws_ptr,
+    lse_ws_ptr,
+    num_select,
+    kv_heads,
+    num_splits,
+    tokens_per_split,
+    qk_scale,
+    softcap,
+    stride_qb,
+    stride_qh,
+    stride_cb,
+    stride_ch,
+    stride_ct,
+    stride_ib,
+    stride_ih,
+    stride_ob,
+    stride_oh,
+    G: tl.constexpr,
+    G_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    SINGLE: tl.constexpr,
+    F32: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = bh // kv_heads
+    h = bh % kv_heads
+    start = tl.load(start_ptr + b).to(tl.int32)
+    end = tl.load(end_ptr + b).to(tl.int32)
+
+    rows = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < HEAD_DIM
+    row_mask = rows < G
+    q = tl.load(
+        q_ptr + b.to(tl.int64) * stride_qb + (h * G + rows)[:, None].to(tl.int64) * stride_qh + offs_d[None, :],
+        mask=row_mask[:, None] & dmask[None, :],
+        other=0.0,
+    )
+    cache_bh = b.to(tl.int64) * stride_cb + h.to(tl.int64) * stride_ch
+    k_base = k_ptr + cache_bh
+    v_base = v_ptr + cache_bh
+    idx_base = idx_ptr + b.to(tl.int64) * stride_ib + h.to(tl.int64) * stride_ih
+
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
+    tok0 = split * tokens_per_split
+    tok_end = tl.minimum(tok0 + tokens_per_split, num_select * PAGE_SIZE)
+    for j0 in range(tok0, tok_end, BLOCK_N):
+        j = j0 + tl.arange(0, BLOCK_N)
+        page = tl.load(idx_base + j // PAGE_SIZE, mask=j < tok_end, other=-1)
+        pos = page * PAGE_SIZE + j % PAGE_SIZE
+        valid = (page >= 0) & (pos >= start) & (pos < end)
+        k_t = tl.load(
+            k_base + pos[None, :].to(tl.int64) * stride_ct + offs_d[:, None],
+            mask=valid[None, :] & dmask[:, None],
+            other=0.0,
+        )  # [BLOCK_D, BLOCK_N]
+        s = mm(q, k_t, None, F32)  # [G_PAD, BLOCK_N] raw q.k
+        if SOFTCAP:
+            # cap * tanh(scale * s / cap) in log2 units (qk_scale = scale / cap, softcap = cap * log2(e));
+            # tanh(y) = 1 - 2 / (exp(2y) + 1), saturating cleanly to +-1
+            y = s * qk_scale
+            s = softcap * (1.0 - 2.0 / (tl.exp2(y * (2.0 * 1.4426950408889634)) + 1.0))
+        else:
+            s = s * qk_scale
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(
+            v_base + pos[:, None].to(tl.int64) * stride_ct + offs_d[None, :],
+            mask=valid[:, None] & dmask[None, :],
+            other=0.0,
+        )  # [BLOCK_N, BLOCK_D]
+        acc = mm(p.to(v.dtype), v, acc * alpha[:, None], F32)
+        m_i = m_new
+
+    has = l_i > 0.0
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    if SINGLE:
+        out_ptrs = out_ptr + b.to(tl.int64) * stride_ob + (h * G + rows)[:, None].to(tl.int64) * stride_oh + offs_d[None, :]
+        tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & dmask[None, :])
+    else:
+        ws_row = (bh.to(tl.int64) * num_splits + split) * G + rows  # [G_PAD]
+        tl.store(o_ws_ptr + ws_row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=row_mask[:, None] & dmask[None, :])
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        tl.store(lse_ws_ptr + ws_row, lse, mask=row_mask)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    o_ws_ptr,
+    lse_ws_ptr,
+    out_ptr,
+    q_heads,
+    kv_heads,
+    num_splits,
+    stride_ob,
+    stride_oh,
+    G: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    CHUNK_S: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = pid // q_heads
+    hq = pid % q_heads
+    bh = b * kv_heads + hq // G
+    g = hq % G
+    splits = tl.arange(0, BLOCK_S)
+    row0 = bh.to(tl.int64) * num_splits * G + g  # workspace row of split 0; split s at + s * G
+    lse = tl.load(lse_ws_ptr + row0 + splits * G, mask=splits < num_splits, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    w_sum = tl.sum(tl.exp2(lse - m_use), axis=0)
+
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < HEAD_DIM
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for s0 in range(0, num_splits, CHUNK_S):
+        s = s0 + tl.arange(0, CHUNK_S)
+        smask = s < num_splits
+        ls = tl.load(lse_ws_ptr + row0 + s * G, mask=smask, other=float("-inf"))
+        w = tl.exp2(ls - m_use)
+        o = tl.load(
+            o_ws_ptr + (row0 + s[:, None] * G) * HEAD_DIM + offs_d[None, :],
+            mask=smask[:, None] & dmask[None, :],
+            other=0.0,
+        )
+        acc += tl.sum(w[:, None] * o, axis=0)
+    res = tl.where(w_sum > 0.0, acc / tl.where(w_sum > 0.0, w_sum, 1.0), 0.0)
+    tl.store(out_ptr + b.to(tl.int64) * stride_ob + hq.to(tl.int64) * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty), mask=dmask)
+
+
+def plan_splits(batch_heads: int, num_select: int, page_size: int, block_n: int, sm_count: int) -> tuple[int, int]:
+    """``(num_splits, tokens_per_split)``: about two programs per SM, at least ``block_n`` tokens each;
+    ``tokens_per_split`` is a multiple of ``block_n``. Shapes only (no data), so launches are static."""
+    total = num_select * page_size
+    max_splits = triton.cdiv(total, block_n)
+    want = triton.cdiv(2 * sm_count, max(1, batch_heads))
+    splits = max(1, min(want, max_splits))
+    per = triton.cdiv(triton.cdiv(total, splits), block_n) * block_n
+    return triton.cdiv(total, per), per
+
+
+def sparse_decode_attention_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    indices: torch.Tensor,
+    seq_start: torch.Tensor,
+    seq_end: torch.Tensor,
+    page_size: int,
+    scale: float,
+    softcap: float = 0.0,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """``[B, Hq, D]`` attention over the selected pages (see module docstring). ``num_splits`` overrides
+    the split heuristic (tests)."""
+    check(k_cache.dim() == 4 and v_cache.shape == k_cache.shape, "k_cache / v_cache must be [B, Hkv, cap, D] alike")
+    check_float_dtype(k_cache, "k_cache")
+    check(v_cache.dtype == k_cache.dtype and q.dtype == k_cache.dtype, f"q / k_cache / v_cache dtypes differ: {q.dtype} {k_cache.dtype} {v_cache.dtype}")
+    b, hkv, cap, d = k_cache.shape
+    check_head_dim(d)
+    check_page_size(page_size)
+    check(cap % page_size == 0, f"capacity {cap} is not a multiple of page_size {page_size}")
+    check(q.dim() == 3 and q.shape[0] == b and q.shape[2] == d, f"q {tuple(q.shape)} does not match the cache {tuple(k_cache.shape)}")
+    check(q.shape[1] % hkv == 0, f"q_heads {q.shape[1]} is not a multiple of kv_heads {hkv}")
+    check(indices.dim() == 3 and indices.shape[:2] == (b, hkv) and indices.dtype == torch.int32, "indices must be int32 [B, Hkv, S]")
+    check_rows(seq_start, seq_end, b)
+    check(math.isfinite(scale) and math.isfinite(softcap) and softcap >= 0, f"bad scale {scale} / softcap {softcap}")
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k_cache.stride(-1) != 1 or v_cache.stride() != k_cache.stride():
+        k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
+    if indices.stride(-1) != 1:
+        indices = indices.contiguous()
+    hq = q.shape[1]
+    g = hq // hkv
+    out = torch.empty((b, hq, d), dtype=q.dtype, device=q.device)
+    n_sel = indices.shape[2]
+    if out.numel() == 0:
+        return out
+    if n_sel == 0:
+        return out.zero_()
+
+    block_d = max(16, triton.next_power_of_2(d))
+    block_n = 64 if block_d <= 128 else 32
+    if num_splits is None:
+        splits, per = plan_splits(b * hkv, n_sel, page_size, block_n, sm_count(q.device))
+    else:
+        per = triton.cdiv(triton.cdiv(n_sel * page_size, num_splits), block_n) * block_n
+        splits = triton.cdiv(n_sel * page_size, per)
+    single = splits == 1
+    if single:
+        o_ws = lse_ws = out  # unused
+    else:
+        o_ws = torch.empty((b * hkv * splits * g, d), dtype=torch.float32, device=q.device)
+        lse_ws = torch.empty((b * hkv * splits * g,), dtype=torch.float32, device=q.device)
+    _decode_split_kernel[(b * hkv, splits)](
+        q, k_cache, v_cache, indices, seq_start, seq_end, out, o_ws, lse_ws,
+        n_sel, hkv, splits, per,
+        float(scale) / softcap if softcap else float(scale) * LOG2E, float(softcap) * LOG2E,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        indices.stride(0), indices.stride(1), out.stride(0), out.stride(1),
+        G=g, G_PAD=max(16, triton.next_power_of_2(g)), HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=block_n,
+        PAGE_SIZE=page_size, SOFTCAP=bool(softcap), SINGLE=single, F32=f32_dot(q.dtype),
+        num_warps=4 if block_d <= 128 else 8, num_stages=2,
+    )
+    if not single:
+        _decode_merge_kernel[(b * hq,)](
+            o_ws, lse_ws, out, hq, hkv, splits, out.stride(0), out.stride(1),
+            G=g, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits),
+            CHUNK_S=min(16, triton.next_power_of_2(splits)), num_warps=4,
+        )
+    return out

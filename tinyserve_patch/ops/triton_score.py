@@ -1,0 +1,166 @@
+"""Triton Quest page scores: ``q`` ``[B, Hq, D]`` + ``meta`` ``[B, Hkv, P, 2, D]`` -> float32 ``[B, Hkv, P]``.
+
+Per query head the upper bound ``sum_d max(q_d * min_d, q_d * max_d) = relu(q) . max + min(q, 0) . min``,
+computed as two tensor-core products ``[G_PAD, D] x [D, BLOCK_P]`` (G query heads of the KV head, padded
+to 16 rows; fp32 accumulation; exact products for fp16/bf16, IEEE fp32 for fp32), reduced over the group
+by ``max`` or ``sum``; ``-inf`` for pages without a valid token. Grid ``(B * Hkv, cdiv(P, BLOCK_P))``: many
+small programs, each reading ``BLOCK_P * 2 * D`` contiguous metadata elements, to saturate bandwidth.
+
+The summation order differs from the reference's, so a score may differ from it in the last ulp.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_common import check, check_float_dtype, check_head_dim, check_page_size, check_rows, f32_dot, mm, page_valid
+
+
+@triton.jit
+def load_group_query(q_ptr, b, h, stride_qb, stride_qh, G: tl.constexpr, G_PAD: tl.constexpr, D, BLOCK_D: tl.constexpr):
+    """``(relu(q), min(q, 0))`` of KV head ``h``'s query group, each ``[G_PAD, BLOCK_D]`` in q's dtype."""
+    rows = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    ptrs = q_ptr + b.to(tl.int64) * stride_qb + (h * G + rows)[:, None].to(tl.int64) * stride_qh + offs_d[None, :]
+    q = tl.load(ptrs, mask=(rows[:, None] < G) & (offs_d[None, :] < D), other=0.0)
+    qf = q.to(tl.float32)  # (exact; also keeps the CPU interpreter off bfloat16 arithmetic)
+    return tl.maximum(qf, 0.0).to(q.dtype), tl.minimum(qf, 0.0).to(q.dtype)
+
+
+@triton.jit
+def score_block(
+    q_pos,
+    q_neg,
+    meta_bh,
+    pages,
+    num_pages,
+    start,
+    end,
+    stride_mp,
+    stride_mm,
+    D,
+    page_size,
+    G: tl.constexpr,
+    G_PAD: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    GQA_SUM: tl.constexpr,
+    F32: tl.constexpr,
+):
+    """float32 scores ``[BLOCK_P]`` of ``pages`` (``-inf`` where invalid) for one (row, KV head);
+    ``meta_bh`` points at that head's ``[P, 2, D]`` metadata (innermost stride 1)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    in_range = pages < num_pages
+    mask = in_range[None, :] & (offs_d[:, None] < D)
+    ptrs = meta_bh + pages[None, :].to(tl.int64) * stride_mp + offs_d[:, None]  # [BLOCK_D, BLOCK_P]
+    mn_t = tl.load(ptrs, mask=mask, other=0.0)
+    mx_t = tl.load(ptrs + stride_mm, mask=mask, other=0.0)
+    s = mm(q_pos, mx_t, None, F32)
+    s = mm(q_neg, mn_t, s, F32)
+    rows = tl.arange(0, G_PAD)[:, None]
+    if GQA_SUM:
+        red = tl.sum(tl.where(rows < G, s, 0.0), axis=0)
+    else:
+        red = tl.max(tl.where(rows < G, s, float("-inf")), axis=0)
+    valid = page_valid(pages, start, end, page_size) & in_range
+    return tl.where(valid, red, float("-inf"))
+
+
+@triton.jit
+def _score_kernel(
+    q_ptr,
+    meta_ptr,
+    start_ptr,
+    end_ptr,
+    out_ptr,
+    num_pages,
+    kv_heads,
+    D,
+    stride_qb,
+    stride_qh,
+    stride_mb,
+    stride_mh,
+    stride_mp,
+    stride_mm,
+    page_size,
+    G: tl.constexpr,
+    G_PAD: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    GQA_SUM: tl.constexpr,
+    F32: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    pb = tl.program_id(1)
+    b = bh // kv_heads
+    h = bh % kv_heads
+    start = tl.load(start_ptr + b).to(tl.int32)
+    end = tl.load(end_ptr + b).to(tl.int32)
+    q_pos, q_neg = load_group_query(q_ptr, b, h, stride_qb, stride_qh, G, G_PAD, D, BLOCK_D)
+    meta_bh = meta_ptr + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+    pages = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+    s = score_block(
+        q_pos, q_neg, meta_bh, pages, num_pages, start, end, stride_mp, stride_mm, D, page_size,
+        G, G_PAD, BLOCK_D, GQA_SUM, F32,
+    )
+    tl.store(out_ptr + bh.to(tl.int64) * num_pages + pages, s, mask=pages < num_pages)
+
+
+def score_meta(q: torch.Tensor, meta: torch.Tensor, seq_start, seq_end, page_size: int, gqa_reduction: str):
+    """Checks shared by the score launchers; returns the launch constants and contiguous q / meta."""
+    check(q.dim() == 3 and meta.dim() == 5 and meta.shape[3] == 2, "q must be [B, Hq, D] and meta [B, Hkv, P, 2, D]")
+    check_float_dtype(meta, "meta")
+    check(q.dtype == meta.dtype, f"q dtype {q.dtype} != meta dtype {meta.dtype}")
+    b, hkv, pages, _, d = meta.shape
+    check(q.shape[0] == b and q.shape[2] == d, f"q {tuple(q.shape)} does not match meta {tuple(meta.shape)}")
+    check(q.shape[1] % hkv == 0, f"q_heads {q.shape[1]} is not a multiple of kv_heads {hkv}")
+    check_head_dim(d)
+    check_page_size(page_size)
+    check_rows(seq_start, seq_end, b)
+    check(gqa_reduction in ("max", "sum"), f"gqa_reduction={gqa_reduction!r}: allowed 'max' or 'sum'")
+    g = q.shape[1] // hkv
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if meta.stride(-1) != 1:
+        meta = meta.contiguous()
+    consts = dict(
+        G=g,
+        G_PAD=max(16, triton.next_power_of_2(g)),
+        BLOCK_D=max(16, triton.next_power_of_2(d)),
+        GQA_SUM=gqa_reduction == "sum",
+        F32=f32_dot(meta.dtype),
+    )
+    return q, meta, consts
+
+
+def _block_p(programs_per_page_block: int, pages: int, block_d: int) -> int:
+    """Pages per program: 64 (128 for small heads), fewer when that leaves the GPU short of programs."""
+    block = 128 if block_d <= 64 else 64
+    while block > 16 and programs_per_page_block * triton.cdiv(pages, block) < 1024:
+        block //= 2
+    return block
+
+
+def page_scores_triton(
+    q: torch.Tensor,
+    meta: torch.Tensor,
+    seq_start: torch.Tensor,
+    seq_end: torch.Tensor,
+    page_size: int,
+    gqa_reduction: str,
+) -> torch.Tensor:
+    """float32 ``[B, Hkv, P]`` Quest upper bounds (see module docstring)."""
+    q, meta, consts = score_meta(q, meta, seq_start, seq_end, page_size, gqa_reduction)
+    b, hkv, pages, _, d = meta.shape
+    out = torch.empty((b, hkv, pages), dtype=torch.float32, device=meta.device)
+    if b * hkv * pages == 0:
+        return out
+    block_p = _block_p(b * hkv, pages, consts["BLOCK_D"])
+    grid = (b * hkv, triton.cdiv(pages, block_p))
+    _score_kernel[grid](
+        q, meta, seq_start, seq_end, out, pages, hkv, d,
+        q.stride(0), q.stride(1), meta.stride(0), meta.stride(1), meta.stride(2), meta.stride(3), page_size,
+        BLOCK_P=block_p, num_warps=4, **consts,
+    )
+    return out

@@ -1,0 +1,74 @@
+"""Triton top-k page selection: ``scores`` float32 ``[B, Hkv, P]`` -> int32 ``[B, Hkv, num_select]``.
+
+One program per (row, KV head) holds all ``P`` scores (``BLOCK = next_pow2(P)``, ``P <= 16384``) and runs
+the exact selection of :func:`_triton_common.select_from_scores` (forced sink/recent pages first, ties to
+the lower page, ascending output, ``-1`` padding): equal to :func:`reference.select_pages` bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_common import check, check_page_size, check_rows, check_select_pages, select_from_scores, select_num_warps
+
+
+@triton.jit
+def _select_kernel(
+    scores_ptr,
+    start_ptr,
+    end_ptr,
+    out_ptr,
+    num_pages,
+    num_select,
+    kv_heads,
+    stride_sb,
+    stride_sh,
+    stride_sp,
+    page_size,
+    sink,
+    recent,
+    BLOCK: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    b = bh // kv_heads
+    h = bh % kv_heads
+    start = tl.load(start_ptr + b).to(tl.int32)
+    end = tl.load(end_ptr + b).to(tl.int32)
+    offs = tl.arange(0, BLOCK)
+    base = scores_ptr + b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh
+    scores = tl.load(base + offs * stride_sp, mask=offs < num_pages, other=float("-inf"))
+    select_from_scores(
+        scores, offs, num_pages, start, end, out_ptr + bh.to(tl.int64) * num_select, num_select,
+        page_size, sink, recent, BLOCK,
+    )
+
+
+def select_pages_triton(
+    scores: torch.Tensor,
+    seq_start: torch.Tensor,
+    seq_end: torch.Tensor,
+    page_size: int,
+    num_select: int,
+    sink_pages: int,
+    recent_pages: int,
+) -> torch.Tensor:
+    """``scores`` float32 ``[B, Hkv, P]`` -> int32 ``[B, Hkv, num_select]`` (see module docstring)."""
+    check(scores.dim() == 3 and scores.dtype == torch.float32, f"scores must be float32 [B, Hkv, P], got {scores.dtype} {tuple(scores.shape)}")
+    check(num_select >= 1, f"num_select={num_select} must be >= 1")
+    check(sink_pages >= 0 and recent_pages >= 0, "sink_pages / recent_pages must be >= 0")
+    check_page_size(page_size)
+    b, hkv, pages = scores.shape
+    check_rows(seq_start, seq_end, b)
+    block = check_select_pages(pages)
+    out = torch.empty((b, hkv, num_select), dtype=torch.int32, device=scores.device)
+    if b * hkv == 0:
+        return out
+    _select_kernel[(b * hkv,)](
+        scores, seq_start, seq_end, out, pages, num_select, hkv,
+        scores.stride(0), scores.stride(1), scores.stride(2), page_size, sink_pages, recent_pages,
+        BLOCK=block,
+        num_warps=select_num_warps(block),
+    )
+    return out
