@@ -139,7 +139,7 @@ def correctness_check() -> None:
     idx = select_pages_triton(s, start, end, PAGE, n, 1, 1)
     assert torch.equal(idx, ref.select_pages(s, start, end, PAGE, n, 1, 1)), "select differs"
     qi = torch.randint(-3, 4, q.shape, device="cuda", generator=g).to(DTYPE)
-    mi = torch.randint(-3, 4, meta.shape, device="cuda", generator=g).to(DTYPE)
+    mi = torch.randint(-3, 4, meta.shape, device="cuda", generator=g).to(DTYPE).sort(dim=3).values  # min <= max
     fused = score_and_select_triton(qi, mi, start, end, PAGE, n, 1, 1, "max")
     exp = ref.select_pages(ref.page_scores(qi, mi, start, end, PAGE, "max"), start, end, PAGE, n, 1, 1)
     assert torch.equal(fused, exp), "fused score+select differs"

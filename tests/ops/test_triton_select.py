@@ -86,3 +86,20 @@ def test_select_hypothesis(b, h, ps, pages, num_select, sink, recent, levels, se
         scores = torch.randn(b, h, pages, generator=g)
     start, end = rows(b, pages * ps, g, empty_row=seed % 4 == 0)
     _check(scores.to(DEVICE), start, end, ps, num_select, sink, recent)
+
+
+@pytest.mark.parametrize("ways", [1, 2, 4, 8, 16])
+def test_select_search_ways_agree(ways):
+    """The (ways+1)-ary threshold search finds the same k-th key for every number of thresholds."""
+    from tinyserve_patch.ops._triton_common import search_passes
+
+    assert search_passes(1) == 32 and search_passes(16) == 8
+    g = gen(ways)
+    for levels in (0, 3):
+        scores = torch.randint(0, levels, (2, 2, 50), generator=g).float() if levels else torch.randn(2, 2, 50, generator=g) * 1e3
+        scores[0, 0, 7] = float("inf")
+        scores[1, 1, 3] = float("-inf")
+        start, end = rows(2, 50 * 8, g)
+        for n in (1, 5, 17, 60):
+            out = select_pages_triton(scores.to(DEVICE), start, end, 8, n, 1, 1, ways=ways)
+            assert torch.equal(out, ref.select_pages(scores.to(DEVICE), start, end, 8, n, 1, 1))

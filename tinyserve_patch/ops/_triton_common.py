@@ -88,7 +88,25 @@ def check_select_pages(pages: int) -> int:
 
 
 def select_num_warps(block: int) -> int:
-    return 4 if block <= 1024 else (8 if block <= 4096 else 16)
+    """Warps of a selection program (H100: 4 best up to ~2K pages, 8 above; 16 is slower)."""
+    return 4 if block <= 2048 else 8
+
+
+# order-preserving int32 keys of +-inf (see sortable_key); finite scores lie strictly between
+KEY_POS_INF = tl.constexpr(0x7F800000)
+KEY_NEG_INF = tl.constexpr(-2139095041)  # 0xFF800000 ^ 0x7FFFFFFF
+# thresholds per search pass: the plain binary search (1) measured fastest on an H100 (P = 1K..16K pages,
+# 4..16 warps; 2/4/8/16-way passes trade fewer reductions for more compares and lost); kept selectable
+SELECT_WAYS = int(os.environ.get("TINYSERVE_SELECT_WAYS", "1"))
+
+
+def search_passes(ways: int) -> int:
+    """Passes of :func:`kth_largest_key` that narrow ``[KEY_NEG_INF, KEY_POS_INF]`` to one key."""
+    r, n = 0x7F800000 + 2139095041 + 1, 0
+    while r > 1:
+        r = -(-r // (ways + 1))
+        n += 1
+    return n
 
 
 # ---------------------------------------------------------------------------------------------- device
@@ -121,6 +139,32 @@ def sortable_key(x):
 
 
 @triton.jit
+def kth_largest_key(key, k, WAYS: tl.constexpr, PASSES: tl.constexpr):
+    """The largest ``t`` with ``count(key >= t) >= k`` (the ``k``-th largest key; ``k >= 1``, every key in
+    ``[KEY_NEG_INF, KEY_POS_INF]`` or ``INT32_MIN`` for ignored lanes). A ``(WAYS + 1)``-ary search:
+    each pass counts the keys above ``WAYS`` thresholds at once (one reduction) and keeps the bracket
+    ``[lo, hi]`` that holds the answer; :func:`search_passes` passes narrow it to one value."""
+    lo = tl.zeros([], dtype=tl.int64) + KEY_NEG_INF
+    hi = tl.zeros([], dtype=tl.int64) + KEY_POS_INF
+    if WAYS == 1:  # binary search
+        for _ in range(PASSES):
+            mid = lo + (hi - lo + 1) // 2
+            ok = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), axis=0) >= k
+            lo = tl.where(ok, mid, lo)
+            hi = tl.where(ok, hi, mid - 1)
+    else:
+        j = tl.arange(0, WAYS).to(tl.int64) + 1
+        for _ in range(PASSES):
+            step = tl.maximum((hi - lo + 1 + WAYS) // (WAYS + 1), 1)  # ceil((hi - lo + 1) / (WAYS + 1))
+            c = lo + j * step  # thresholds; counts fall as they rise
+            cnt = tl.sum((key[None, :] >= c.to(tl.int32)[:, None]).to(tl.int32), axis=1)
+            ng = tl.sum(((cnt >= k) & (c <= hi)).to(tl.int32), axis=0)  # thresholds still >= k
+            hi = tl.minimum(hi, lo + (ng + 1) * step - 1)
+            lo = lo + ng * step
+    return lo.to(tl.int32)
+
+
+@triton.jit
 def select_from_scores(
     scores,
     offs,
@@ -133,6 +177,8 @@ def select_from_scores(
     sink,
     recent,
     BLOCK: tl.constexpr,
+    WAYS: tl.constexpr,
+    PASSES: tl.constexpr,
 ):
     """Select from one row's float32 ``scores`` ``[BLOCK]`` (page ``offs``; lanes ``>= num_pages`` ignored)
     and write ``num_select`` int32 page numbers at ``out_ptr`` (ascending, ``-1`` padded)."""
@@ -147,24 +193,15 @@ def select_from_scores(
     scores = tl.where(scores < -3.4028234663852886e38, -3.4028234663852886e38, scores)
     scores = tl.where(scores > 3.4028234663852886e38, 3.4028234663852886e38, scores)
     key = sortable_key(scores)
-    key = tl.where(forced, 0x7F800000, key)  # +inf
-    key = tl.where(valid, key, -2139095041)  # -inf (0xFF800000 mapped)
+    key = tl.where(forced, KEY_POS_INF, key)
+    key = tl.where(valid, key, KEY_NEG_INF)
+    key = tl.where(in_range, key, -2147483648)  # below every threshold tried: never counted
     n_valid = tl.sum(valid.to(tl.int32), axis=0)
     k = tl.minimum(n_valid, num_select)
+    t = kth_largest_key(key, k, WAYS, PASSES)
 
-    # largest t with count(key >= t) >= k: the k-th largest key (k >= 1); lo stays valid throughout
-    lo = tl.zeros([], dtype=tl.int64) - 2147483648
-    hi = tl.zeros([], dtype=tl.int64) + 2147483647
-    for _ in range(32):
-        mid = lo + (hi - lo + 1) // 2
-        cnt = tl.sum((in_range & (key >= mid.to(tl.int32))).to(tl.int32), axis=0)
-        ok = cnt >= k
-        lo = tl.where(ok, mid, lo)
-        hi = tl.where(ok, hi, mid - 1)
-    t = lo.to(tl.int32)
-
-    gt = in_range & (key > t)
-    eq = in_range & (key == t)
+    gt = key > t
+    eq = key == t
     need = k - tl.sum(gt.to(tl.int32), axis=0)
     eq_rank = tl.cumsum(eq.to(tl.int32), axis=0)  # inclusive: ties go to the lower page
     sel = gt | (eq & (eq_rank <= need))

@@ -202,9 +202,12 @@ def sparse_decode_attention_triton(
     scale: float,
     softcap: float = 0.0,
     num_splits: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int = 2,
 ) -> torch.Tensor:
-    """``[B, Hq, D]`` attention over the selected pages (see module docstring). ``num_splits`` overrides
-    the split heuristic (tests)."""
+    """``[B, Hq, D]`` attention over the selected pages (see module docstring). ``num_splits``,
+    ``block_n``, ``num_warps`` and ``num_stages`` override the tuned defaults (tests, tuning)."""
     check(k_cache.dim() == 4 and v_cache.shape == k_cache.shape, "k_cache / v_cache must be [B, Hkv, cap, D] alike")
     check_float_dtype(k_cache, "k_cache")
     check(v_cache.dtype == k_cache.dtype and q.dtype == k_cache.dtype, f"q / k_cache / v_cache dtypes differ: {q.dtype} {k_cache.dtype} {v_cache.dtype}")
@@ -233,7 +236,7 @@ def sparse_decode_attention_triton(
         return out.zero_()
 
     block_d = max(16, triton.next_power_of_2(d))
-    block_n = 64 if block_d <= 128 else 32
+    block_n = block_n or (128 if block_d <= 128 else 32)  # H100: 128 tokens, 4 warps, 2 stages were best
     if num_splits is None:
         splits, per = plan_splits(b * hkv, n_sel, page_size, block_n, sm_count(q.device))
     else:
@@ -253,7 +256,7 @@ def sparse_decode_attention_triton(
         indices.stride(0), indices.stride(1), out.stride(0), out.stride(1),
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=block_n,
         PAGE_SIZE=page_size, SOFTCAP=bool(softcap), SINGLE=single, F32=f32_dot(q.dtype),
-        num_warps=4 if block_d <= 128 else 8, num_stages=2,
+        num_warps=num_warps or (4 if block_d <= 128 else 8), num_stages=num_stages,
     )
     if not single:
         _decode_merge_kernel[(b * hq,)](

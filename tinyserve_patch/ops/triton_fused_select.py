@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import check, check_select_pages, select_from_scores, select_num_warps, sm_count
+from ._triton_common import SELECT_WAYS, check, check_select_pages, search_passes, select_from_scores, select_num_warps, sm_count
 from .triton_score import load_group_query, score_block, score_meta
 
 _COUNTERS: dict[tuple, torch.Tensor] = {}
@@ -67,6 +67,8 @@ def _fused_kernel(
     GQA_SUM: tl.constexpr,
     F32: tl.constexpr,
     BLOCK: tl.constexpr,
+    WAYS: tl.constexpr,
+    PASSES: tl.constexpr,
     NPROG: tl.constexpr,
 ):
     bh = tl.program_id(0)
@@ -93,13 +95,13 @@ def _fused_kernel(
     out_bh = out_ptr + bh.to(tl.int64) * num_select
     if NPROG == 1:
         scores = tl.load(ws + offs, mask=offs < num_pages, other=float("-inf"))
-        select_from_scores(scores, offs, num_pages, start, end, out_bh, num_select, page_size, sink, recent, BLOCK)
+        select_from_scores(scores, offs, num_pages, start, end, out_bh, num_select, page_size, sink, recent, BLOCK, WAYS, PASSES)
     else:
         ticket = tl.atomic_add(counter_ptr + bh, 1)  # default: acq_rel, gpu scope
         if ticket == NPROG - 1:  # every other program of this (row, head) has stored its scores
             tl.store(counter_ptr + bh, 0)
             scores = tl.load(ws + offs, mask=offs < num_pages, other=float("-inf"), cache_modifier=".cg")
-            select_from_scores(scores, offs, num_pages, start, end, out_bh, num_select, page_size, sink, recent, BLOCK)
+            select_from_scores(scores, offs, num_pages, start, end, out_bh, num_select, page_size, sink, recent, BLOCK, WAYS, PASSES)
 
 
 def plan_programs(batch_heads: int, pages: int, block_p: int, sm_count: int) -> tuple[int, int]:
@@ -120,9 +122,12 @@ def score_and_select_triton(
     recent_pages: int,
     gqa_reduction: str,
     num_programs: int | None = None,
+    ways: int | None = None,
+    num_warps: int | None = None,
+    block_p: int | None = None,
 ) -> torch.Tensor:
-    """int32 ``[B, Hkv, num_select]`` (see module docstring). ``num_programs`` overrides ``NPROG``
-    (tests)."""
+    """int32 ``[B, Hkv, num_select]`` (see module docstring). ``num_programs``, ``ways``, ``num_warps``
+    and ``block_p`` override the tuned defaults (tests, tuning)."""
     q, meta, consts = score_meta(q, meta, seq_start, seq_end, page_size, gqa_reduction)
     check(num_select >= 1, f"num_select={num_select} must be >= 1")
     check(sink_pages >= 0 and recent_pages >= 0, "sink_pages / recent_pages must be >= 0")
@@ -131,7 +136,7 @@ def score_and_select_triton(
     out = torch.empty((b, hkv, num_select), dtype=torch.int32, device=meta.device)
     if b * hkv == 0:
         return out
-    block_p = 64 if consts["BLOCK_D"] <= 64 else 32
+    block_p = block_p or (128 if consts["BLOCK_D"] <= 64 else 64)  # H100-tuned
     if num_programs is None:
         nprog, per = plan_programs(b * hkv, pages, block_p, sm_count(meta.device))
     else:
@@ -143,7 +148,8 @@ def score_and_select_triton(
         q, meta, seq_start, seq_end, ws, counters, out,
         pages, num_select, hkv, d, per,
         q.stride(0), q.stride(1), meta.stride(0), meta.stride(1), meta.stride(2), meta.stride(3),
-        page_size, sink_pages, recent_pages, BLOCK_P=block_p, BLOCK=block, NPROG=nprog,
-        num_warps=select_num_warps(block), **consts,
+        page_size, sink_pages, recent_pages, BLOCK_P=block_p, BLOCK=block,
+        WAYS=ways or SELECT_WAYS, PASSES=search_passes(ways or SELECT_WAYS), NPROG=nprog,
+        num_warps=num_warps or select_num_warps(block), **consts,
     )
     return out

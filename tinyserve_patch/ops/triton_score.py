@@ -134,12 +134,9 @@ def score_meta(q: torch.Tensor, meta: torch.Tensor, seq_start, seq_end, page_siz
     return q, meta, consts
 
 
-def _block_p(programs_per_page_block: int, pages: int, block_d: int) -> int:
-    """Pages per program: 64 (128 for small heads), fewer when that leaves the GPU short of programs."""
-    block = 128 if block_d <= 64 else 64
-    while block > 16 and programs_per_page_block * triton.cdiv(pages, block) < 1024:
-        block //= 2
-    return block
+def _block_p(block_d: int) -> int:
+    """Pages per program: 64 (H100: 64 beat 16/32/128 for d 64 and 128, at batch 1 and 8, 16K-128K tokens)."""
+    return 64 if block_d <= 128 else 32
 
 
 def page_scores_triton(
@@ -149,18 +146,21 @@ def page_scores_triton(
     seq_end: torch.Tensor,
     page_size: int,
     gqa_reduction: str,
+    block_p: int | None = None,
+    num_warps: int = 4,
 ) -> torch.Tensor:
-    """float32 ``[B, Hkv, P]`` Quest upper bounds (see module docstring)."""
+    """float32 ``[B, Hkv, P]`` Quest upper bounds (see module docstring). ``block_p`` / ``num_warps``
+    override the tuned defaults."""
     q, meta, consts = score_meta(q, meta, seq_start, seq_end, page_size, gqa_reduction)
     b, hkv, pages, _, d = meta.shape
     out = torch.empty((b, hkv, pages), dtype=torch.float32, device=meta.device)
     if b * hkv * pages == 0:
         return out
-    block_p = _block_p(b * hkv, pages, consts["BLOCK_D"])
+    block_p = block_p or _block_p(consts["BLOCK_D"])
     grid = (b * hkv, triton.cdiv(pages, block_p))
     _score_kernel[grid](
         q, meta, seq_start, seq_end, out, pages, hkv, d,
         q.stride(0), q.stride(1), meta.stride(0), meta.stride(1), meta.stride(2), meta.stride(3), page_size,
-        BLOCK_P=block_p, num_warps=4, **consts,
+        BLOCK_P=block_p, num_warps=num_warps, **consts,
     )
     return out

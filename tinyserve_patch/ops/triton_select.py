@@ -11,7 +11,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import check, check_page_size, check_rows, check_select_pages, select_from_scores, select_num_warps
+from ._triton_common import (
+    SELECT_WAYS,
+    check,
+    check_page_size,
+    check_rows,
+    check_select_pages,
+    search_passes,
+    select_from_scores,
+    select_num_warps,
+)
 
 
 @triton.jit
@@ -30,6 +39,8 @@ def _select_kernel(
     sink,
     recent,
     BLOCK: tl.constexpr,
+    WAYS: tl.constexpr,
+    PASSES: tl.constexpr,
 ):
     bh = tl.program_id(0)
     b = bh // kv_heads
@@ -41,7 +52,7 @@ def _select_kernel(
     scores = tl.load(base + offs * stride_sp, mask=offs < num_pages, other=float("-inf"))
     select_from_scores(
         scores, offs, num_pages, start, end, out_ptr + bh.to(tl.int64) * num_select, num_select,
-        page_size, sink, recent, BLOCK,
+        page_size, sink, recent, BLOCK, WAYS, PASSES,
     )
 
 
@@ -53,8 +64,11 @@ def select_pages_triton(
     num_select: int,
     sink_pages: int,
     recent_pages: int,
+    ways: int | None = None,
+    num_warps: int | None = None,
 ) -> torch.Tensor:
-    """``scores`` float32 ``[B, Hkv, P]`` -> int32 ``[B, Hkv, num_select]`` (see module docstring)."""
+    """``scores`` float32 ``[B, Hkv, P]`` -> int32 ``[B, Hkv, num_select]`` (see module docstring).
+    ``ways`` (thresholds per search pass) and ``num_warps`` override the tuned defaults."""
     check(scores.dim() == 3 and scores.dtype == torch.float32, f"scores must be float32 [B, Hkv, P], got {scores.dtype} {tuple(scores.shape)}")
     check(num_select >= 1, f"num_select={num_select} must be >= 1")
     check(sink_pages >= 0 and recent_pages >= 0, "sink_pages / recent_pages must be >= 0")
@@ -68,7 +82,7 @@ def select_pages_triton(
     _select_kernel[(b * hkv,)](
         scores, seq_start, seq_end, out, pages, num_select, hkv,
         scores.stride(0), scores.stride(1), scores.stride(2), page_size, sink_pages, recent_pages,
-        BLOCK=block,
-        num_warps=select_num_warps(block),
+        BLOCK=block, WAYS=ways or SELECT_WAYS, PASSES=search_passes(ways or SELECT_WAYS),
+        num_warps=num_warps or select_num_warps(block),
     )
     return out
