@@ -23,18 +23,13 @@ import triton.language as tl
 from ._triton_common import SELECT_WAYS, check, check_select_pages, search_passes, select_from_scores, select_num_warps, sm_count
 from .triton_score import load_group_query, score_block, score_meta
 
-_COUNTERS: dict[tuple, torch.Tensor] = {}
-
-
 def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """A zeroed int32 buffer of >= n counters for this device and stream (kernels leave it zeroed)."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-        _COUNTERS[key] = buf
-    return buf
+    """A zeroed int32 buffer of n ticket counters, allocated per call.
+
+    Per call rather than cached: a cached buffer first allocated while a CUDA graph is being captured
+    lives in the graph's memory pool and outlives it, which CUDA-graph trees reject ("tensor(s) in the
+    cudagraph pool not tracked as outputs"). The memset is a few bytes."""
+    return torch.zeros(max(n, 1), dtype=torch.int32, device=device)
 
 
 @triton.jit
