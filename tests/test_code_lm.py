@@ -4,6 +4,8 @@ texts, and examples/train_code_lm.py end to end (a tiny CPU run). CPU only, a fe
 from __future__ import annotations
 
 import json
+import sysconfig
+from pathlib import Path
 import math
 
 import pytest
@@ -126,3 +128,32 @@ def test_train_script_runs_end_to_end(tmp_path):
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "tokenizer.json", "tokenizer_config.json", "training_report.json"} <= names
     assert any(n.endswith(".safetensors") for n in names) and len(names) <= 8
+
+
+@needs_model
+@torch.no_grad()
+def test_shipped_model_patched_full_budget_equals_dense_and_sparse_runs():
+    import tinyserve_patch as tp
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+    text = (Path(sysconfig.get_paths()["stdlib"]) / "argparse.py").read_text()[:6000]
+    ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :600]
+    gen = dict(max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    dense = model.generate(ids, **gen)
+    tp.patch_model(model, token_budget=1024, page_size=16)  # cache (616 tokens) within the budget
+    assert torch.equal(model.generate(ids, **gen), dense)
+    from tinyserve_patch.decode import decode_logits
+
+    continuation = dense[:, ids.shape[1] :]
+    tp.unpatch_model(model)
+    dense_logits = decode_logits(model, ids, continuation)
+    tp.patch_model(model, token_budget=256, page_size=16)  # 4 of 6 layers sparse, 256 of ~600 tokens
+    model.generate(ids, **gen)
+    stats = tp.stats(model)
+    assert stats["sparse_layers"] == 4 and stats["fraction_read"] < 0.75
+    sparse_logits = decode_logits(model, ids, continuation)  # same prefixes, teacher-forced
+    agree = (sparse_logits.argmax(-1) == dense_logits.argmax(-1)).float().mean()
+    assert agree >= 0.75  # a trained model's top pages carry most of the attention
+    tp.unpatch_model(model)
