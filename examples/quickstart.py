@@ -54,6 +54,7 @@ def prompt_ids(tokenizer, vocab: int, context: int, batch: int, device: str) -> 
         g = torch.Generator().manual_seed(0)
         return torch.randint(1, vocab, (batch, context), generator=g).to(device)
     stdlib = Path(sysconfig.get_paths()["stdlib"])
+    tokenizer.model_max_length = 1 << 30  # whole files are tokenized, then cut to `context`
     ids: list[int] = []
     for name in ("argparse.py", "typing.py", "inspect.py", "dataclasses.py", "pathlib.py", "enum.py"):
         path = stdlib / name
