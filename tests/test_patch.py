@@ -233,3 +233,22 @@ def test_compiled_decode_step_fullgraph():
         torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-4)
         token = eager[:, -1].argmax(-1, keepdim=True)
     assert isinstance(cache, TinyServeCache)
+
+
+@torch.no_grad()
+def test_chunked_prefill_with_padding_longer_than_a_chunk():
+    """HF's prefill_chunk_size feeds the prompt in chunks; a row's left padding may span whole chunks."""
+    model = tiny_model("llama")
+    ids, mask = batch(pad=20)
+    kwargs = dict(GEN, output_logits=True, return_dict_in_generate=True)
+    dense = model.generate(ids, attention_mask=mask, **kwargs)
+    tp.patch_model(model, token_budget=2048, page_size=8, dense_layers=0)
+    chunked = model.generate(ids, attention_mask=mask, prefill_chunk_size=16, **kwargs)
+    assert torch.equal(chunked.sequences, dense.sequences)
+    for d, c in zip(dense.logits, chunked.logits):
+        torch.testing.assert_close(c, d, atol=1e-5, rtol=1e-4)
+    tp.patch_model(model, token_budget=32)
+    whole = model.generate(ids, attention_mask=mask, **kwargs)
+    chunked = model.generate(ids, attention_mask=mask, prefill_chunk_size=16, **kwargs)
+    for w, c in zip(whole.logits, chunked.logits):
+        torch.testing.assert_close(c, w, atol=1e-4, rtol=1e-4)

@@ -83,23 +83,28 @@ class TinyServeLayer(CacheLayerMixin):
 
     # -------------------------------------------------------------------------------- writes
     def observe_padding(self, attention_mask: torch.Tensor | None, batch: int, q_len: int, device) -> None:
-        """Read each row's left padding off the first forward's mask, before its keys are written.
+        """Read the rows' left padding off a prefill (chunk)'s mask, before its keys are written.
 
-        ``attention_mask``: HF's 4D mask ``[batch, 1, q, kv]`` (bool, or additive float) of this first
-        forward, or a 2D ``[batch, q]`` padding mask; ``None`` means no padding. Token ``i`` is real iff it
-        attends to itself (the diagonal)."""
+        ``attention_mask``: HF's 4D mask ``[batch, 1, q, kv]`` (bool, or additive float) of this forward,
+        whose queries sit at HF positions ``cumulative_length + i``; ``None`` means no padding. Token ``i``
+        is real iff it attends to itself (the diagonal). A row keeps its ``row_start`` once it has a real
+        token; a row that so far held only padding (left padding longer than a prefill chunk) takes the
+        first real position of this chunk, or the chunk's end if it has none yet."""
+        offset = self.cumulative_length.to(device)
+        pos = torch.arange(q_len, device=device) + offset
         if attention_mask is None:
-            self.row_start = torch.zeros(batch, dtype=torch.int32, device=device)
+            first = offset.expand(batch)
         else:
             mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-            if mask.dim() == 4:
-                rows = torch.arange(q_len, device=mask.device)
-                real = mask[:, 0, rows, rows]
-            else:
-                real = mask[:, -q_len:].bool()
-            pos = torch.arange(q_len, device=real.device)
-            first = torch.where(real, pos, torch.full_like(pos, q_len)).amin(dim=-1)
-            self.row_start = first.to(device=device, dtype=torch.int32)
+            mask = mask[:, 0] if mask.dim() == 4 else mask[:, None, :]
+            rows = torch.arange(q_len, device=device)
+            real = mask[:, rows, pos.clamp(max=mask.shape[-1] - 1)] if mask.shape[1] == q_len else mask[:, 0, -q_len:]
+            first = torch.where(real.to(device), pos, pos.new_full((), 1 << 30)).amin(dim=-1)
+            first = torch.where(first == (1 << 30), offset + q_len, first)
+        if self.row_start is None:
+            self.row_start = torch.zeros(batch, dtype=torch.int32, device=device)
+        pending = self.row_start.to(device) >= offset  # no real token so far
+        self.row_start = torch.where(pending, first.to(torch.int32), self.row_start.to(device))
         self.observed = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -148,6 +153,9 @@ class TinyServeLayer(CacheLayerMixin):
         mask = k_pos <= q_pos
         if sliding_window:
             mask &= k_pos > q_pos - int(sliding_window)
+        # a padding query of a chunk (negative position) attends to position 0 rather than to nothing
+        # (an all-masked row is NaN in SDPA); its output is never used
+        mask |= (q_pos < 0) & (k_pos == 0)
         return mask[:, None]
 
     # -------------------------------------------------------------------------------- HF Cache API

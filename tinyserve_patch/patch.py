@@ -71,15 +71,16 @@ def _attention_modules(model) -> list:
 
 def _inject_cache_layer(module, args, kwargs):
     """Forward pre-hook: pass the module its TinyServeLayer as the ``tinyserve_layer`` keyword; at the
-    layer's first forward, read the rows' left padding off the mask before the keys are written."""
+    layer's first forward and every prefill chunk, read the rows' left padding off the mask before the
+    keys are written."""
     from .cache import TinyServeCache
 
     cache = kwargs.get("past_key_values")
     if not isinstance(cache, TinyServeCache):
         return None
     layer = cache.layers[module.layer_idx]
-    if not layer.observed:
-        hidden = args[0] if args else kwargs["hidden_states"]
+    hidden = args[0] if args else kwargs["hidden_states"]
+    if not layer.observed or hidden.shape[1] > 1:  # the first forward and every prefill chunk
         layer.observe_padding(kwargs.get("attention_mask"), hidden.shape[0], hidden.shape[1], hidden.device)
     kwargs["tinyserve_layer"] = layer
     return args, kwargs
