@@ -52,11 +52,10 @@ def _softcapped_attention(module, query, key, value, attention_mask, scaling, so
         q_len, kv_len = logits.shape[-2:]
         q_pos = torch.arange(q_len, device=logits.device)[:, None] + (kv_len - q_len)
         attention_mask = torch.arange(kv_len, device=logits.device)[None, :] <= q_pos
-    if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:
-            logits = logits.masked_fill(~attention_mask, torch.finfo(logits.dtype).min)
-        else:
-            logits = logits + attention_mask[..., : key.shape[-2]]
+    if attention_mask.dtype == torch.bool:
+        logits = logits.masked_fill(~attention_mask, torch.finfo(logits.dtype).min)
+    else:
+        logits = logits + attention_mask[..., : key.shape[-2]]
     probs = torch.softmax(logits.float(), dim=-1).to(query.dtype)
     return torch.matmul(probs, value).transpose(1, 2).contiguous()
 

@@ -96,15 +96,18 @@ class TinyServeLayer(CacheLayerMixin):
             first = offset.expand(batch)
         else:
             mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-            mask = mask[:, 0] if mask.dim() == 4 else mask[:, None, :]
-            rows = torch.arange(q_len, device=device)
-            real = mask[:, rows, pos.clamp(max=mask.shape[-1] - 1)] if mask.shape[1] == q_len else mask[:, 0, -q_len:]
-            first = torch.where(real.to(device), pos, pos.new_full((), 1 << 30)).amin(dim=-1)
-            first = torch.where(first == (1 << 30), offset + q_len, first)
+            if mask.dim() == 4:  # [batch, 1, q, kv]: the diagonal at each query's own position
+                real = mask[:, 0, torch.arange(q_len, device=device), pos.clamp(max=mask.shape[-1] - 1)]
+            else:  # a 2D padding mask [batch, positions]
+                real = mask[:, -q_len:].bool()
+            none = pos.new_full((), 1 << 30)
+            first = torch.where(real.to(device), pos, none).amin(dim=-1)
+            first = torch.where(first == none, offset + q_len, first)
         if self.row_start is None:
             self.row_start = torch.zeros(batch, dtype=torch.int32, device=device)
-        pending = self.row_start.to(device) >= offset  # no real token so far
-        self.row_start = torch.where(pending, first.to(torch.int32), self.row_start.to(device))
+        pending = self.row_start >= offset  # rows with no real token so far
+        # in place: the buffer keeps its static address (CUDA graphs) across prefill chunks
+        self.row_start.copy_(torch.where(pending, first.to(torch.int32), self.row_start))
         self.observed = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
