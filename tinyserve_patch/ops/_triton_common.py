@@ -9,9 +9,11 @@ the first ``k = min(num_select, valid pages)`` pages of a *stable* descending so
 the lower page number) and written in ascending page order, ``-1`` padded.
 
 On the device this is an exact top-k without sorting: the float32 ranks are mapped to order-preserving
-int32 keys, the ``k``-th largest key ``t`` is found by a 32-step binary search on ``count(key >= t)``,
-then every page with ``key > t`` and the first ``k - count(key > t)`` pages with ``key == t`` (in index
-order, by a prefix sum) are kept and compacted by a second prefix sum.
+int32 keys, a threshold ``t`` at the ``k``-th largest key is found by a binary search on
+``count(key >= t)`` within the scored pages' key range that stops once the count is exactly ``k``
+(~log2(P) + a few passes rather than 32), then every page with ``key > t`` and the first
+``k - count(key > t)`` pages with ``key == t`` (in index order, by a prefix sum) are kept and compacted
+by a second prefix sum.
 """
 
 from __future__ import annotations
@@ -139,19 +141,25 @@ def sortable_key(x):
 
 
 @triton.jit
-def kth_largest_key(key, k, WAYS: tl.constexpr, PASSES: tl.constexpr):
-    """The largest ``t`` with ``count(key >= t) >= k`` (the ``k``-th largest key; ``k >= 1``, every key in
-    ``[KEY_NEG_INF, KEY_POS_INF]`` or ``INT32_MIN`` for ignored lanes). A ``(WAYS + 1)``-ary search:
-    each pass counts the keys above ``WAYS`` thresholds at once (one reduction) and keeps the bracket
-    ``[lo, hi]`` that holds the answer; :func:`search_passes` passes narrow it to one value."""
-    lo = tl.zeros([], dtype=tl.int64) + KEY_NEG_INF
-    hi = tl.zeros([], dtype=tl.int64) + KEY_POS_INF
-    if WAYS == 1:  # binary search
-        for _ in range(PASSES):
+def kth_largest_key(key, k, lo, hi, WAYS: tl.constexpr, PASSES: tl.constexpr):
+    """A threshold ``t`` with ``count(key > t) < k <= count(key >= t)``, so that the keys above ``t``
+    plus the first ties at ``t`` are exactly the ``k`` largest (``k >= 1``; the ``k``-th largest key lies
+    in ``[lo, hi]``, int32 scalars; keys outside that bracket are fine).
+
+    ``WAYS == 1``: a binary search on ``count(key >= mid)`` that stops as soon as the count equals ``k``
+    (then ``mid`` itself is such a threshold); with ``lo``/``hi`` the score range this takes ~log2(pages)
+    + a few passes instead of 32. ``WAYS > 1``: a fixed ``(WAYS + 1)``-ary search of :func:`search_passes`
+    passes, each counting the keys above ``WAYS`` thresholds in one reduction (ends on the largest
+    ``t`` with ``count(key >= t) >= k``)."""
+    lo = lo.to(tl.int64)
+    hi = hi.to(tl.int64)
+    if WAYS == 1:
+        while lo < hi:
             mid = lo + (hi - lo + 1) // 2
-            ok = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), axis=0) >= k
+            cnt = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), axis=0)
+            ok = cnt >= k
+            hi = tl.where(cnt == k, mid, tl.where(ok, hi, mid - 1))
             lo = tl.where(ok, mid, lo)
-            hi = tl.where(ok, hi, mid - 1)
     else:
         j = tl.arange(0, WAYS).to(tl.int64) + 1
         for _ in range(PASSES):
@@ -197,8 +205,15 @@ def select_from_scores(
     key = tl.where(valid, key, KEY_NEG_INF)
     key = tl.where(in_range, key, -2147483648)  # below every threshold tried: never counted
     n_valid = tl.sum(valid.to(tl.int32), axis=0)
+    n_forced = tl.sum(forced.to(tl.int32), axis=0)
     k = tl.minimum(n_valid, num_select)
-    t = kth_largest_key(key, k, WAYS, PASSES)
+    # bracket of the k-th largest key: +inf when the forced pages fill k, else the scored pages' range
+    scored = valid & (forced == 0)
+    lo = tl.min(tl.where(scored, key, KEY_POS_INF), axis=0)
+    hi = tl.max(tl.where(scored, key, KEY_NEG_INF), axis=0)
+    lo = tl.where(k <= n_forced, KEY_POS_INF, lo)
+    hi = tl.where(k <= n_forced, KEY_POS_INF, hi)
+    t = kth_largest_key(key, tl.maximum(k, 1), lo, hi, WAYS, PASSES)
 
     gt = key > t
     eq = key == t
