@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import tinyserve_patch as tp
+from tinyserve_patch.decode import decode_logits
 from tests.test_patch import FAMILIES, GEN, PROMPT, batch, tiny_model
 
 pytestmark = pytest.mark.gpu
@@ -32,18 +33,28 @@ def test_gpu_family_bf16(family):
     full = model.generate(ids, attention_mask=mask, output_logits=True, return_dict_in_generate=True, **kwargs)
     for d, f in zip(dense.logits, full.logits):
         torch.testing.assert_close(f.float(), d.float(), atol=2e-2, rtol=2e-2)
-    # the sparse kernels with every page selected (a row within the budget) stay close to dense
-    tp.patch_model(model, token_budget=96, page_size=8, dense_layers=0)
-    sparse = model.generate(ids, attention_mask=mask, output_logits=True, return_dict_in_generate=True, **kwargs)
-    assert tp.stats(model)["sparse_layers"] >= 1
-    for d, s in zip(dense.logits, sparse.logits):
-        torch.testing.assert_close(s.float(), d.float(), atol=5e-2, rtol=5e-2)
     tp.patch_model(model, token_budget=32, page_size=8, dense_layers=0)
     out = model.generate(ids, attention_mask=mask, **kwargs)
     assert out.shape == (2, PROMPT + GEN["max_new_tokens"])
-    assert tp.stats(model)["budget_respected"]
+    st = tp.stats(model)
+    assert st["sparse_layers"] >= 1 and st["budget_respected"]
     tp.unpatch_model(model)
     assert torch.equal(model.generate(ids, attention_mask=mask, **kwargs), dense.sequences)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@torch.no_grad()
+def test_gpu_sparse_decode_equals_cpu_reference(family):
+    """The same fp32 model patched with a small budget: the Triton kernels on the GPU give the CPU
+    reference ops' teacher-forced decode logits (same pages selected, same attention)."""
+    cpu = tp.patch_model(tiny_model(family, torch.float32), token_budget=32, page_size=8, dense_layers=0)
+    gpu = tp.patch_model(tiny_model(family, torch.float32).cuda(), token_budget=32, page_size=8, dense_layers=0)
+    ids, mask = batch(pad=9)
+    cont = torch.randint(1, 100, (2, GEN["max_new_tokens"]), generator=torch.Generator().manual_seed(3))
+    want = decode_logits(cpu, ids, cont, mask)
+    got = decode_logits(gpu, ids.cuda(), cont.cuda(), mask.cuda())
+    assert tp.stats(gpu)["sparse_layers"] >= 1
+    torch.testing.assert_close(got.cpu(), want, atol=1e-3, rtol=1e-3)
 
 
 @torch.no_grad()
@@ -85,13 +96,16 @@ def test_gpu_compiled_forward_reduce_overhead_no_recompile():
     token = torch.full((2, 1), 5, device="cuda")
     from torch._dynamo.utils import counters
 
+    graphs = []
     for i in range(steps):
         am = full_mask[:, : PROMPT + i + 1]
         compiled = step(input_ids=token, attention_mask=am, past_key_values=cache).logits.clone()
         eager = model(input_ids=token, attention_mask=am, past_key_values=eager_cache).logits
         torch.testing.assert_close(compiled.float(), eager.float(), atol=3e-2, rtol=3e-2)
         token = eager[:, -1].argmax(-1, keepdim=True)
-    assert counters["stats"]["unique_graphs"] <= 3  # the mask length becomes dynamic once, then no recompiles
+        graphs.append(counters["stats"]["unique_graphs"])
+    # the mask length turns dynamic on the second step (one recompile); no compile after that
+    assert graphs[2:] == [graphs[1]] * (steps - 2), graphs
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
