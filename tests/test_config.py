@@ -91,6 +91,9 @@ INVALID = [
     ("fused", "true", "True or False", {}),
     ("collect_stats", 0, "True or False", {}),
     ("track_recall", None, "True or False", {}),
+    ("prefill_chunk_size", 0, "a positive integer", {}),
+    ("prefill_chunk_size", 1.5, "a positive integer", {}),
+    ("prefill_chunk_size", True, "a positive integer", {}),
 ]
 
 
@@ -188,6 +191,12 @@ def test_from_kwargs_parses_strings():
 def test_from_kwargs_bools(text, expected):
     assert SparseConfig.from_kwargs(fused=text).fused is expected
     assert SparseConfig.from_kwargs(track_recall=text).track_recall is expected
+
+
+def test_prefill_chunk_size_parsing():
+    assert SparseConfig().prefill_chunk_size is None
+    assert SparseConfig.from_kwargs(prefill_chunk_size="4096").prefill_chunk_size == 4096
+    assert SparseConfig.from_kwargs(prefill_chunk_size="none").prefill_chunk_size is None
 
 
 def test_from_kwargs_bad_strings():

@@ -252,3 +252,29 @@ def test_chunked_prefill_with_padding_longer_than_a_chunk():
     chunked = model.generate(ids, attention_mask=mask, prefill_chunk_size=16, **kwargs)
     for w, c in zip(whole.logits, chunked.logits):
         torch.testing.assert_close(c, w, atol=1e-4, rtol=1e-4)
+    # the same chunking as the config's default for generate(); a call's own prefill_chunk_size wins
+    tp.patch_model(model, token_budget=32, prefill_chunk_size=16)
+    by_config = model.generate(ids, attention_mask=mask, **kwargs)
+    for c, b in zip(chunked.logits, by_config.logits):
+        torch.testing.assert_close(b, c, atol=0, rtol=0)
+    calls = []
+    model.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    model.generate(ids, attention_mask=mask, prefill_chunk_size=32, **GEN)
+    assert calls[:3] == [32, 32, PROMPT - 64], calls
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_prefill_chunk_attends_in_query_blocks(family, monkeypatch):
+    """A later prefill chunk attends over the cache QUERY_BLOCK queries at a time (bounded mask memory):
+    the same logits as one block (SDPA and Gemma 2's soft-capped path)."""
+    from tinyserve_patch import attention
+
+    model = tp.patch_model(tiny_model(family), token_budget=32, page_size=8, dense_layers=0)
+    ids, mask = batch(pad=9)
+    kwargs = dict(GEN, output_logits=True, return_dict_in_generate=True, prefill_chunk_size=24)
+    whole = model.generate(ids, attention_mask=mask, **kwargs)
+    monkeypatch.setattr(attention, "QUERY_BLOCK", 5)
+    blocked = model.generate(ids, attention_mask=mask, **kwargs)
+    assert torch.equal(blocked.sequences, whole.sequences)
+    for w, b in zip(whole.logits, blocked.logits):
+        torch.testing.assert_close(b, w, atol=1e-5, rtol=1e-5)

@@ -60,12 +60,27 @@ def _softcapped_attention(module, query, key, value, attention_mask, scaling, so
     return torch.matmul(probs, value).transpose(1, 2).contiguous()
 
 
+#: Queries per dense attention call over the whole cache (a later prefill chunk): its ``[batch, 1, q,
+#: capacity]`` mask (and SDPA's additive copy of it) then stays small whatever the chunk size.
+QUERY_BLOCK = 256
+
+
 def _dense(module, query, key, value, attention_mask, dropout, scaling, softcap, sliding_window, layer, kwargs):
-    if layer is not None and not layer.first_forward:
-        attention_mask = layer.attention_mask(query.shape[2], sliding_window)
-    if softcap:
-        return _softcapped_attention(module, query, key, value, attention_mask, scaling, softcap), None
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    """Dense attention: ``[batch, q_len, q_heads, head_dim]``. Over the left-aligned cache (any forward but
+    the first) the mask is the layer's own, built and applied ``QUERY_BLOCK`` queries at a time."""
+    def attend(q, mask):
+        if softcap:
+            return _softcapped_attention(module, q, key, value, mask, scaling, softcap)
+        return sdpa_attention_forward(module, q, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)[0]
+
+    if layer is None or layer.first_forward:
+        return attend(query, attention_mask), None
+    q_len = query.shape[2]
+    blocks = [
+        attend(query[:, :, s : s + QUERY_BLOCK], layer.attention_mask(q_len, sliding_window, (s, min(q_len, s + QUERY_BLOCK))))
+        for s in range(0, q_len, QUERY_BLOCK)
+    ]
+    return (blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)), None
 
 
 def _use_sparse(state, layer, module, q_len: int, sliding_window) -> bool:

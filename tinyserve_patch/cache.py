@@ -147,11 +147,12 @@ class TinyServeLayer(CacheLayerMixin):
             start = (end - int(sliding_window)).clamp(min=0)
         return start, end
 
-    def attention_mask(self, q_len: int, sliding_window: int | None = None) -> torch.Tensor:
+    def attention_mask(self, q_len: int, sliding_window: int | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """``[batch, 1, q_len, capacity]`` bool over the left-aligned buffers for the last ``q_len`` tokens
-        (causal; sliding window if given)."""
+        (causal; sliding window if given); ``rows=(s, e)``: only queries ``s:e`` of them."""
+        s, e = rows or (0, q_len)
         end = self.row_lengths()[:, None, None]  # [b, 1, 1]
-        q_pos = end - q_len + torch.arange(q_len, device=end.device)[None, :, None]  # [b, q, 1]
+        q_pos = end - q_len + torch.arange(s, e, device=end.device)[None, :, None]  # [b, e - s, 1]
         k_pos = torch.arange(self.capacity, device=end.device)[None, None, :]
         mask = k_pos <= q_pos
         if sliding_window:

@@ -47,6 +47,11 @@ class SparseConfig:
             device for :func:`tinyserve_patch.stats`; a few tiny kernels per layer and step.
         track_recall: also score every decode step with the oracle and count how many of the oracle's
             top pages were selected (reads every key: for measurement only).
+        prefill_chunk_size: ``generate()`` prefills long prompts in chunks of this many tokens (HF's
+            ``prefill_chunk_size``; a call that sets its own wins): the prefill's activations then scale
+            with the chunk, not the prompt, so long-context peak memory is little more than weights +
+            KV cache. ``None``: one prefill forward (HF's default). Outputs equal the unchunked prefill's
+            up to floating-point summation order.
     """
 
     token_budget: int | None = 2048
@@ -60,6 +65,7 @@ class SparseConfig:
     seed: int = 0
     collect_stats: bool = True
     track_recall: bool = False
+    prefill_chunk_size: int | None = None
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -91,6 +97,9 @@ class SparseConfig:
         for name in ("fused", "collect_stats", "track_recall"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "True or False")
+        pc = self.prefill_chunk_size
+        if pc is not None and (not isinstance(pc, int) or isinstance(pc, bool) or pc < 1):
+            _fail("prefill_chunk_size", pc, "a positive integer (tokens per prefill chunk) or None")
 
     @property
     def is_dense(self) -> bool:
@@ -131,6 +140,8 @@ def _parse(name: str, value: Any) -> Any:
         return value
     text = value.strip()
     if name == "token_budget" and text.lower() in ("dense", "none", "full"):
+        return None
+    if name == "prefill_chunk_size" and text.lower() in ("none", "off", "0"):
         return None
     if name in ("policy", "gqa_reduction"):
         return text

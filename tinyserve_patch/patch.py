@@ -182,15 +182,19 @@ def install_generate_hook() -> None:
     original = GenerationMixin._prepare_cache_for_generation
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length, *args, **kwargs):
-        if getattr(self.config, "_attn_implementation", None) != ATTN_IMPLEMENTATION or model_kwargs.get("past_key_values") is not None:
+        if getattr(self.config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
+            return original(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length, *args, **kwargs)
+        if not is_patched(self):
+            patch_model(self)
+        if generation_config.prefill_chunk_size is None:  # the config's chunking, unless the call sets its own
+            generation_config.prefill_chunk_size = self._tinyserve_state.config.prefill_chunk_size
+        if model_kwargs.get("past_key_values") is not None:
             return original(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length, *args, **kwargs)
         if generation_config.cache_implementation is not None:
             raise ValueError(
                 f"cache_implementation={generation_config.cache_implementation!r} cannot be combined with tinyserve, "
                 "which brings its own static, page-aligned cache"
             )
-        if not is_patched(self):
-            patch_model(self)
         model_kwargs["past_key_values"] = make_cache(self, batch_size, int(max_cache_length) + 1)
         return None
 
