@@ -190,6 +190,7 @@ class Row:
     context: int
     mode: str
     budget: int | None = None  # tinyserve sparse only
+    prefill_chunk: int | None = None  # generate(prefill_chunk_size=...); tinyserve: SparseConfig.prefill_chunk_size
     # results
     status: str = "pending"  # ok | error | skipped
     reason: str | None = None
@@ -222,11 +223,12 @@ class Row:
     step_ms: list = field(default_factory=list)
 
     def key(self):
-        return (self.model, self.batch, self.context, self.mode, self.budget)
+        return (self.model, self.batch, self.context, self.mode, self.budget, self.prefill_chunk)
 
     def describe(self) -> str:
         b = f" budget={self.budget}" if self.budget else ""
-        return f"{self.model} B={self.batch} L={self.context} {MODE_LABELS[self.mode]}{b}"
+        c = f" prefill_chunk={self.prefill_chunk}" if self.prefill_chunk else ""
+        return f"{self.model} B={self.batch} L={self.context} {MODE_LABELS[self.mode]}{b}{c}"
 
 
 def is_tinyserve(mode: str) -> bool:
@@ -241,13 +243,13 @@ def is_sparse(mode: str) -> bool:
     return mode.startswith("ts_sparse") or mode.startswith("ts_fused")
 
 
-def rows_for(model, batch, context, modes, budgets) -> list[Row]:
+def rows_for(model, batch, context, modes, budgets, chunk: int | None = None) -> list[Row]:
     out = []
     for mode in modes:
         if is_sparse(mode):
-            out += [Row(model, batch, context, mode, budget=b) for b in budgets]
+            out += [Row(model, batch, context, mode, budget=b, prefill_chunk=chunk) for b in budgets]
         else:
-            out.append(Row(model, batch, context, mode))
+            out.append(Row(model, batch, context, mode, prefill_chunk=chunk))
     return out
 
 
@@ -259,9 +261,9 @@ def default_grid(new_tokens: int) -> list[Row]:
     within = 2048 - new_tokens  # every decode step of a row at this context is within budget 2048
     T = "tinyllama"
     g: list[Row] = []
-    # 1. targets: B=8 32K (speed), B=4 32K (memory), B=8 within the budget (no slowdown)
+    # 1. targets: B=8 32K (speed), B=4 32K (memory, chunked prefill), B=8 within the budget (no slowdown)
     g += rows_for(T, 8, 32768, ["ts_sparse", "ts_dense", "hf_static", "hf_dynamic"], [2048])
-    g += rows_for(T, 4, 32768, ["hf_dynamic", "ts_sparse_eager", "ts_dense_eager"], [2048])
+    g += memory_rows(T)
     g += rows_for(T, 8, within, ["ts_sparse", "ts_dense"], [2048])
     # 2. at the target shape: eager sparse, fused selection, the budget sweep
     g += rows_for(T, 8, 32768, ["ts_sparse_eager", "ts_fused"], [2048])
@@ -271,6 +273,16 @@ def default_grid(new_tokens: int) -> list[Row]:
         for context in (16384, 8192, 4096) + ((32768,) if batch == 1 else ()):
             g += rows_for(T, batch, context, ["hf_dynamic", "ts_sparse_eager"], [2048])
     return dedupe(g)
+
+
+def memory_rows(model: str) -> list[Row]:
+    """B=4 at 32K: HF default, then tinyserve (compiled as generate() runs it on a GPU, and eager) with the
+    prefill in chunks of 1024 tokens (SparseConfig.prefill_chunk_size), HF dynamic with the same chunking
+    for reference, and tinyserve with one prefill forward."""
+    g = rows_for(model, 4, 32768, ["hf_dynamic"], [2048])
+    g += rows_for(model, 4, 32768, ["ts_sparse", "ts_sparse_eager", "hf_dynamic"], [2048], chunk=1024)
+    g += rows_for(model, 4, 32768, ["ts_sparse_eager"], [2048])
+    return g
 
 
 def models_grid(new_tokens: int) -> list[Row]:
@@ -299,7 +311,7 @@ GRIDS = {"default": default_grid, "models": models_grid, "sweep": sweep_grid}
 def quick_grid(new_tokens: int) -> list[Row]:
     within = 2048 - new_tokens
     g = rows_for("tinyllama", 8, 32768, ["ts_sparse", "ts_dense", "hf_static", "hf_dynamic"], [2048])
-    g += rows_for("tinyllama", 4, 32768, ["hf_dynamic", "ts_sparse_eager"], [2048])
+    g += memory_rows("tinyllama")
     g += rows_for("tinyllama", 8, within, ["ts_sparse", "ts_dense"], [2048])
     return dedupe(g)
 
@@ -425,9 +437,11 @@ def estimate_gib(name: str, row: Row, new_tokens: int, elem: int) -> float:
     d = model_dims(name)
     tokens = row.batch * (row.context + new_tokens + 1)
     kv = d["layers"] * tokens * d["kv_heads"] * d["head_dim"] * 2 * elem * (1.13 if is_tinyserve(row.mode) else 1.0)
-    prefill_tokens = row.batch * row.context
-    act = prefill_tokens * (3 * d["intermediate"] + 6 * d["hidden"]) * elem
+    chunk = min(row.context, row.prefill_chunk or row.context)
+    act = row.batch * chunk * (3 * d["intermediate"] + 6 * d["hidden"]) * elem
     mask = row.batch * row.context * (row.context + new_tokens) if row.mode == "hf_static" else 0
+    if row.prefill_chunk:  # [q, capacity] masks of a chunk: HF's bool, the layer's bool and SDPA's additive one
+        mask = row.batch * chunk * (row.context + new_tokens) * (2 + elem)
     if row.mode == "hf_dynamic":  # DynamicCache grows by torch.cat: one layer's KV twice for a moment
         kv += kv / d["layers"]
     return (param_count(name) * elem + kv + act + mask) / GiB
@@ -443,7 +457,7 @@ def configure(model, row: Row, args):
         budget = row.budget if is_sparse(row.mode) else "dense"
         tp.patch_model(
             model, token_budget=budget, page_size=args.page_size, dense_layers=args.dense_layers,
-            fused=row.mode.startswith("ts_fused"), collect_stats=not args.no_stats,
+            fused=row.mode.startswith("ts_fused"), collect_stats=not args.no_stats, prefill_chunk_size=row.prefill_chunk,
         )
     else:
         tp.unpatch_model(model)
@@ -453,6 +467,8 @@ def generate_kwargs(row: Row, new_tokens: int) -> dict:
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     if row.mode == "hf_static":
         kw["cache_implementation"] = "static"
+    if row.prefill_chunk and not is_tinyserve(row.mode):  # tinyserve rows chunk through their SparseConfig
+        kw["prefill_chunk_size"] = row.prefill_chunk
     if not is_compiled(row.mode):
         kw["disable_compile"] = True
     return kw
@@ -465,7 +481,8 @@ def run_row(model, row: Row, args, device: torch.device, bandwidth: float) -> No
 
     cuda = device.type == "cuda"
     n = args.new_tokens
-    row.label = MODE_LABELS[row.mode] + (f" {row.budget}" if row.budget else "")
+    row.label = MODE_LABELS[row.mode] + (f" {row.budget}" if row.budget else "") + (
+        f", prefill chunks of {row.prefill_chunk}" if row.prefill_chunk else "")
     row.compiled = is_compiled(row.mode)
     row.fused = row.mode.startswith("ts_fused")
     row.new_tokens = n
@@ -597,9 +614,9 @@ def evaluate_targets(rows: list[Row], tgt: dict) -> list[dict]:
     m, b, L, bud = tgt["model"], tgt["batch"], tgt["context"], tgt["budget"]
     shape = f"{m} B={b} L={L} budget={bud}"
     for sparse_mode in ("ts_sparse", "ts_fused"):
-        sp = find(rows, model=m, batch=b, context=L, mode=sparse_mode, budget=bud)
+        sp = find(rows, model=m, batch=b, context=L, mode=sparse_mode, budget=bud, prefill_chunk=None)
         for base_mode, factor in (("hf_static", 4.0), ("ts_dense", 2.0)):
-            base = find(rows, model=m, batch=b, context=L, mode=base_mode)
+            base = find(rows, model=m, batch=b, context=L, mode=base_mode, prefill_chunk=None)
             name = f"{shape}: {MODE_LABELS[sparse_mode]} tokens/s >= {factor:g}x {MODE_LABELS[base_mode]}"
             if sp is None or base is None:
                 verdict(name, None, "missing row(s)")
@@ -626,16 +643,22 @@ def evaluate_targets(rows: list[Row], tgt: dict) -> list[dict]:
         verdict("contexts within the budget: sparse no slower than dense (3%)", None, "no within-budget sparse + dense row pair")
     mb, mL = tgt["mem_batch"], tgt["mem_context"]
     hf = find(rows, model=m, batch=mb, context=mL, mode="hf_dynamic")
-    sp = find(rows, model=m, batch=mb, context=mL, mode="ts_sparse", budget=bud) or find(
-        rows, model=m, batch=mb, context=mL, mode="ts_sparse_eager", budget=bud
-    )
+    hf = find(rows, model=m, batch=mb, context=mL, mode="hf_dynamic", prefill_chunk=None)  # HF's default
     name = f"{m} B={mb} L={mL} budget={bud}: tinyserve sparse peak memory <= 0.5x HF dynamic"
-    if sp is None or hf is None or sp.peak_gib is None or hf.peak_gib is None:
+    found = False
+    for sparse_mode in ("ts_sparse", "ts_sparse_eager"):  # every chunking measured, each its own verdict
+        for sp in rows:
+            if sp.status != "ok" or (sp.model, sp.batch, sp.context, sp.mode, sp.budget) != (m, mb, mL, sparse_mode, bud):
+                continue
+            if hf is None or sp.peak_gib is None or hf.peak_gib is None:
+                continue
+            found = True
+            ratio = sp.peak_gib / hf.peak_gib
+            chunk = f"prefill chunks of {sp.prefill_chunk}" if sp.prefill_chunk else "one prefill forward"
+            verdict(f"{name} ({MODE_LABELS[sp.mode]}, {chunk})", ratio <= 0.5,
+                    f"{ratio:.2f}x ({sp.peak_gib:.2f} vs {hf.peak_gib:.2f} GiB; peak of the whole generate(), prefill included)")
+    if not found:
         verdict(name, None, "missing row(s) or no GPU memory figures")
-    else:
-        ratio = sp.peak_gib / hf.peak_gib
-        verdict(name, ratio <= 0.5, f"{ratio:.2f}x ({MODE_LABELS[sp.mode]}: {sp.peak_gib:.2f} vs {hf.peak_gib:.2f} GiB; "
-                "peak of the whole generate(), prefill included)")
     return out
 
 
@@ -725,6 +748,7 @@ def parse_args(argv=None):
     p.add_argument("--smoke", action="store_true", help="tiny model on CPU (or GPU), context 128, 4 new tokens")
     p.add_argument("--new-tokens", type=int, default=None, help="tokens generated per timed run (default 32; smoke 4)")
     p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--prefill-chunk", type=int, default=None, help="custom grid: prefill in chunks of N tokens (every row)")
     p.add_argument("--dense-layers", type=int, default=None, help="tinyserve dense_layers (default 2; smoke 1)")
     p.add_argument("--no-stats", action="store_true", help="patch with collect_stats=False (fraction_read then n/a)")
     p.add_argument("--repeats", type=int, default=0,
@@ -750,7 +774,7 @@ def build_rows(args) -> tuple[list[Row], dict]:
         for model in args.models or ["tinyllama"]:
             for b in args.batches or [1]:
                 for L in args.contexts or [8192]:
-                    rows += rows_for(model, b, L, modes, args.budgets or [2048])
+                    rows += rows_for(model, b, L, modes, args.budgets or [2048], chunk=args.prefill_chunk)
         budgets = args.budgets or [2048]
         tgt["budget"] = 2048 if 2048 in budgets else budgets[0]
         return dedupe(rows), tgt

@@ -47,17 +47,17 @@ STYLE = {
 }
 
 
-def method_key(row: dict) -> tuple[str, int | None]:
-    return row["mode"], row.get("budget")
+def method_key(row: dict) -> tuple[str, int | None, int | None]:
+    return row["mode"], row.get("budget"), row.get("prefill_chunk")
 
 
 def method_name(key) -> str:
-    mode, budget = key
-    return SHORT.get(mode, mode) + (f" {budget}" if budget else "")
+    mode, budget, chunk = key
+    return SHORT.get(mode, mode) + (f" {budget}" if budget else "") + (f" (chunks {chunk})" if chunk else "")
 
 
 def sort_methods(keys):
-    return sorted(keys, key=lambda k: (ORDER.index(k[0]) if k[0] in ORDER else 99, k[1] or 0))
+    return sorted(keys, key=lambda k: (ORDER.index(k[0]) if k[0] in ORDER else 99, k[1] or 0, k[2] or 0))
 
 
 def fmt(x, nd):
@@ -93,6 +93,8 @@ def plot(data: dict, outdir: Path) -> list[Path]:
                     style = dict(STYLE.get(key[0], {}))
                     if key[1] and key[1] != 2048:  # other budgets: lighter
                         style["alpha"] = 0.55
+                    if key[2]:  # chunked prefill: dashed
+                        style["linestyle"] = "--"
                     ax.plot(xs, ys, label=method_name(key), **style)
                 ax.set_xscale("log", base=2)
                 if metric == "decode_ms":
@@ -135,7 +137,7 @@ def table_markdown(data: dict) -> str:
         ] + [""]
     methods = sort_methods({method_key(r) for r in rows})
     shapes = sorted({(r["model"], r["batch"], r["context"]) for r in rows}, key=lambda s: (s[0], s[1], s[2]))
-    by = {(r["model"], r["batch"], r["context"], r["mode"], r.get("budget")): r for r in rows}
+    by = {(r["model"], r["batch"], r["context"], *method_key(r)): r for r in rows}
     for title, cell in (
         ("Decode ms/step (tokens/s)", lambda r: f"{r['decode_ms']:.2f} ({r['tokens_per_s']:.0f})"),
         ("Peak GPU memory, GiB", lambda r: fmt(r.get("peak_gib"), 2)),
@@ -175,7 +177,7 @@ def merge(runs: list[dict]) -> dict:
     rows: dict[tuple, dict] = {}
     for run in runs:
         for r in run["rows"]:
-            key = (r["model"], r["batch"], r["context"], r["mode"], r.get("budget"))
+            key = (r["model"], r["batch"], r["context"], *method_key(r))
             if r["status"] == "ok" or key not in rows or rows[key]["status"] != "ok":
                 rows[key] = r
     merged = dict(runs[-1])
