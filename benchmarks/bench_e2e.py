@@ -305,7 +305,7 @@ def sweep_grid(new_tokens: int) -> list[Row]:
     return dedupe(g)
 
 
-GRIDS = {"default": default_grid, "models": models_grid, "sweep": sweep_grid}
+GRIDS = {"default": default_grid, "models": models_grid, "sweep": sweep_grid, "memory": lambda n: memory_rows("tinyllama")}
 
 
 def quick_grid(new_tokens: int) -> list[Row]:
