@@ -12,6 +12,9 @@ per batch of ``(context, continuation)`` token lists:
    padding mask, as ``generate()`` computes them); the step fed token ``i`` gives the distribution of
    token ``i + 1``. Rows with shorter continuations are fed padding afterwards, and those steps ignored.
 
+Steps 2-3 are :func:`tinyserve_patch.decode.decode_steps`; each step's ``[batch, vocab]`` logits are reduced
+to log-probabilities as they come, so no ``[batch, n, vocab]`` tensor is held.
+
 No dependency on lm-eval (the lm-eval model :class:`~tinyserve_patch.eval.TinyServeLM` wraps it).
 """
 
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-import tinyserve_patch as tp
+from ..decode import decode_steps
 
 
 @dataclass
@@ -81,33 +84,26 @@ def decode_score(
     ids, mask, step_ids, target_ids = (t.to(device) for t in (ids, mask, step_ids, target_ids))
     last_step = torch.tensor([len(s) - 1 for s in steps], device=device)
 
-    cache = tp.make_cache(model, batch, p_max + c_max) if tp.is_patched(model) else None
     target_lp = torch.zeros((batch, c_max), dtype=torch.float32, device=device)
     greedy = torch.zeros((batch, c_max), dtype=torch.bool, device=device)
     last_logp = None
-    autocast = torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
-    with autocast:
-        if p_max > 0:  # dense prefill of everything but the last context token
-            position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-            out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
-                        use_cache=True, logits_to_keep=1)
-            cache = out.past_key_values
-        seen = mask.sum(-1)  # real tokens so far per row: the position of the next one
-        ones = torch.ones((batch, 1), dtype=mask.dtype, device=device)
-        for j in range(c_max):
-            mask = torch.cat([mask, ones], dim=1)
-            out = model(input_ids=step_ids[:, j : j + 1], attention_mask=mask, position_ids=seen[:, None],
-                        past_key_values=cache, use_cache=True, logits_to_keep=1)
-            cache = out.past_key_values
-            logp = F.log_softmax(out.logits[:, -1], dim=-1, dtype=softmax_dtype)
-            target_lp[:, j] = logp.gather(1, target_ids[:, j : j + 1]).squeeze(1).float()
-            greedy[:, j] = logp.argmax(-1) == target_ids[:, j]
-            if last_logp is None:
-                last_logp = torch.zeros_like(logp)
-            done = last_step == j
-            if bool(done.any()):
-                last_logp[done] = logp[done]
-            seen = seen + 1
+
+    def on_logits(i: int, logits: torch.Tensor) -> None:  # logits [batch, vocab] after i fed tokens
+        nonlocal last_logp
+        if i == 0:
+            return  # the prefill's: the last context token is fed as the first step
+        j = i - 1
+        logp = F.log_softmax(logits, dim=-1, dtype=softmax_dtype)
+        target_lp[:, j] = logp.gather(1, target_ids[:, j : j + 1]).squeeze(1).float()
+        greedy[:, j] = logp.argmax(-1) == target_ids[:, j]
+        if last_logp is None:
+            last_logp = torch.zeros_like(logp)
+        done = last_step == j
+        if bool(done.any()):
+            last_logp[done] = logp[done]
+
+    with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        decode_steps(model, ids, mask, step_ids, on_logits)
     target_lp, greedy, last_logp = target_lp.cpu(), greedy.cpu(), last_logp.float().cpu()
     return [
         ScoredRow(target_lp[b, : len(targets[b])], greedy[b, : len(targets[b])], last_logp[b],
