@@ -167,7 +167,8 @@ _GENERATE_HOOK_INSTALLED = False
 
 def install_generate_hook() -> None:
     """Make ``generate()`` of any model whose attention implementation is ``"tinyserve"`` allocate a
-    :class:`TinyServeCache` sized for the prompt plus ``max_new_tokens`` (unless the caller passed a cache).
+    :class:`TinyServeCache` sized for the prompt plus ``max_new_tokens`` (unless the caller passed a cache),
+    apply ``SparseConfig.prefill_chunk_size``, and run chunked prefills eagerly.
 
     A model loaded with ``attn_implementation="tinyserve"`` is patched here, with the config saved in
     ``model.config.tinyserve`` or the defaults."""
@@ -199,4 +200,22 @@ def install_generate_hook() -> None:
         return None
 
     GenerationMixin._prepare_cache_for_generation = _prepare_cache_for_generation
+
+    original_prefill = GenerationMixin._prefill
+
+    def _prefill(self, input_ids, generation_config, *args, **kwargs):
+        # HF compiles the forward of each prefill chunk when it auto-compiles decoding; its unchunked
+        # prefill runs eagerly. Chunks of a tinyserve model run eagerly too (a compute-bound step that
+        # compiling does not speed up, and whose graphs would not fit the decode step's CUDA graphs);
+        # the decode steps after it still compile.
+        chunked = generation_config.prefill_chunk_size is not None and not generation_config.disable_compile
+        if not chunked or getattr(self.config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
+            return original_prefill(self, input_ids, generation_config, *args, **kwargs)
+        generation_config.disable_compile = True
+        try:
+            return original_prefill(self, input_ids, generation_config, *args, **kwargs)
+        finally:
+            generation_config.disable_compile = False
+
+    GenerationMixin._prefill = _prefill
     _GENERATE_HOOK_INSTALLED = True

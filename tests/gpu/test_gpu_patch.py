@@ -82,12 +82,27 @@ def test_gpu_generate_auto_compile_cuda_graphs_matches_eager():
 
 
 @torch.no_grad()
+def test_gpu_chunked_prefill_then_compiled_decode():
+    """prefill_chunk_size with generate()'s auto-compiled (CUDA-graph) decode: chunks run eagerly, the
+    decode compiles, and the logits match an eager unchunked run."""
+    model = tp.patch_model(_cuda_model("llama"), token_budget=32, page_size=8, dense_layers=1, prefill_chunk_size=16)
+    ids, mask = _cuda_batch(pad=20)
+    kwargs = dict(GEN, output_logits=True, return_dict_in_generate=True)
+    eager = model.generate(ids, attention_mask=mask, disable_compile=True, prefill_chunk_size=4096, **kwargs)
+    for _ in range(2):  # the second call replays the captured graphs
+        compiled = model.generate(ids, attention_mask=mask, **kwargs)
+        for e, c in zip(eager.logits, compiled.logits):
+            torch.testing.assert_close(c.float(), e.float(), atol=3e-2, rtol=3e-2)
+
+
+@torch.no_grad()
 def test_gpu_compiled_forward_reduce_overhead_no_recompile():
     model = tp.patch_model(_cuda_model("llama"), token_budget=32, page_size=8, dense_layers=1)
     ids, mask = _cuda_batch()
     steps = 8
-    cache = tp.make_cache(model, 2, PROMPT + steps)
-    eager_cache = tp.make_cache(model, 2, PROMPT + steps)
+    # room beyond the last step, as generate() sizes it: a mask as long as the cache would be a new shape
+    cache = tp.make_cache(model, 2, PROMPT + steps + 8)
+    eager_cache = tp.make_cache(model, 2, PROMPT + steps + 8)
     model(ids, attention_mask=mask, past_key_values=cache)
     model(ids, attention_mask=mask, past_key_values=eager_cache)
     torch._dynamo.reset()
