@@ -137,3 +137,27 @@ def test_two_gpu_device_map(tmp_path):
     cache = model._tinyserve_state.last_cache
     devices = {layer.keys.device for layer in cache.layers}
     assert len(devices) == 2
+
+
+@torch.no_grad()
+def test_gpu_cpu_layer_split_keeps_each_cache_on_its_layer():
+    """A model split over two devices on one GPU machine: layer 1 runs on the CPU (accelerate hook), the
+    rest on the GPU. Each layer's cache and metadata live on that layer's device (Triton on the GPU, the
+    reference ops on the CPU), and the teacher-forced sparse logits equal the all-CPU reference model's."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    cfg = dict(token_budget=32, page_size=8, dense_layers=0)
+    cpu = tp.patch_model(tiny_model("llama", torch.float32), **cfg)
+    split = tiny_model("llama", torch.float32).cuda()
+    layer = split.model.layers[1].cpu()
+    add_hook_to_module(layer, AlignDevicesHook(execution_device="cpu", io_same_device=True, skip_keys="past_key_values"))
+    tp.patch_model(split, **cfg)
+    ids, mask = batch(pad=9)
+    cont = torch.randint(1, 100, (2, GEN["max_new_tokens"]), generator=torch.Generator().manual_seed(4))
+    want = decode_logits(cpu, ids, cont, mask)
+    got = decode_logits(split, ids.cuda(), cont.cuda(), mask.cuda())
+    layers = split._tinyserve_state.last_cache.layers
+    assert [lay.keys.device.type for lay in layers] == ["cuda", "cpu", "cuda"]
+    assert [lay.meta.device.type for lay in layers] == ["cuda", "cpu", "cuda"]
+    assert tp.stats(split)["sparse_layers"] == 3
+    torch.testing.assert_close(got.cpu(), want, atol=1e-3, rtol=1e-3)

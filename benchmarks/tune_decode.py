@@ -1,0 +1,132 @@
+"""Launch-parameter sweep of the sparse decode attention kernel and the selection kernel (GPU only).
+
+    python benchmarks/tune_decode.py [--out tune.json]
+
+For each shape (model, batch, tokens, budget) it times ``sparse_decode_attention_triton`` under CUDA
+graphs (``do_bench_cudagraph``, median, caches rotated beyond the L2 as in ``bench_kernels.py``) over
+``num_splits`` x ``block_n`` x ``num_warps`` x ``num_stages``, and ``select_pages_triton`` over
+``num_warps``; every configuration's output is first checked against the default launch (attention:
+allclose in fp32; selection: identical indices). Prints the best configurations per shape beside the
+default and the byte floor, and writes JSON (device, versions, commit, rows). The defaults in
+``ops/triton_decode.py`` / ``ops/_triton_common.py`` are chosen from this sweep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import itertools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.bench_kernels import MODELS, PAGE, Copies, _bench, _commit, _n_copies, _versions, copy_bandwidth  # noqa: E402
+
+SHAPES = [("llama3-8b", 8, 64 * 1024, 2048), ("llama3-8b", 1, 16 * 1024, 2048), ("tinyllama", 1, 16 * 1024, 2048),
+          ("tinyllama", 8, 32 * 1024, 2048)]
+
+
+def sweep(shape, bw: float, l2: int, rep: int) -> list[dict]:
+    from tinyserve_patch.ops.triton_decode import sparse_decode_attention_triton
+    from tinyserve_patch.ops.triton_score import page_scores_triton
+    from tinyserve_patch.ops.triton_select import select_pages_triton
+
+    model, batch, length, budget = shape
+    hq, hkv, d = MODELS[model]
+    nsel = budget // PAGE
+    kv_bytes = 2 * batch * hkv * length * d * 2
+    sel_bytes = 2 * batch * hkv * budget * d * 2 + 2 * batch * hq * d * 2 + batch * hkv * nsel * 4
+    copies = Copies(batch, hq, hkv, d, length, _n_copies(sel_bytes, kv_bytes, l2))
+    start = torch.zeros(batch, dtype=torch.int32, device="cuda")
+    end = torch.full((batch,), length, dtype=torch.int32, device="cuda")
+    for c in copies.items:
+        c["scores"] = page_scores_triton(c["q"], c["meta"], start, end, PAGE, "max")
+        c["idx"] = select_pages_triton(c["scores"], start, end, PAGE, nsel, 1, 1)
+    base = {"model": model, "batch": batch, "tokens": length, "budget": budget}
+    rows = []
+    c0 = copies.items[0]
+    want = sparse_decode_attention_triton(c0["q"], c0["k"], c0["v"], c0["idx"], start, end, PAGE, d**-0.5).float()
+    splits_grid = [None, 2, 4, 8, 16, 32] if batch * hkv >= 32 else [None, 4, 8, 16, 32, 64]
+    for splits, block_n, warps, stages in itertools.product(splits_grid, (64, 128), (2, 4, 8), (2, 3, 4)):
+        kw = dict(num_splits=splits, block_n=block_n, num_warps=warps, num_stages=stages)
+        try:
+            got = sparse_decode_attention_triton(c0["q"], c0["k"], c0["v"], c0["idx"], start, end, PAGE, d**-0.5, **kw)
+        except Exception as e:  # out of shared memory / registers: not a candidate
+            rows.append(dict(base, kernel="attention", **kw, error=type(e).__name__))
+            continue
+        ok = torch.allclose(got.float(), want, atol=2e-2, rtol=2e-2)
+
+        def fn(kw=kw):
+            c = copies.next()
+            return sparse_decode_attention_triton(c["q"], c["k"], c["v"], c["idx"], start, end, PAGE, d**-0.5, **kw)
+
+        ms = _bench(fn, graph=True, rep=rep)
+        rows.append(dict(base, kernel="attention", **kw, ok=ok, graph_ms=ms, floor_ms=sel_bytes / bw * 1e3))
+    want_idx = c0["idx"]
+    for warps in (None, 1, 2, 4, 8, 16):
+        got = select_pages_triton(c0["scores"], start, end, PAGE, nsel, 1, 1, num_warps=warps)
+
+        def fs(warps=warps):
+            c = copies.next()
+            return select_pages_triton(c["scores"], start, end, PAGE, nsel, 1, 1, num_warps=warps)
+
+        rows.append(dict(base, kernel="select", num_warps=warps, ok=bool(torch.equal(got, want_idx)),
+                         graph_ms=_bench(fs, graph=True, rep=rep)))
+    return rows
+
+
+def summary(rows: list[dict]) -> str:
+    lines = []
+    for key, group in itertools.groupby(rows, key=lambda r: (r["model"], r["batch"], r["tokens"], r["budget"], r["kernel"])):
+        group = [r for r in group if "graph_ms" in r]
+        default = next(r for r in group if (r.get("num_splits") is None and r["num_warps"] is None) or
+                       (r["kernel"] == "attention" and r["num_splits"] is None and r["block_n"] == 128 and r["num_warps"] == 4 and r["num_stages"] == 2))
+        good = sorted((r for r in group if r["ok"]), key=lambda r: r["graph_ms"])
+        bad = [r for r in group if not r["ok"]]
+        lines.append(f"{key}: default {default['graph_ms'] * 1e3:.1f} us; {len(bad)} configs mismatched")
+        for r in good[:6]:
+            cfg = {k: r.get(k) for k in ("num_splits", "block_n", "num_warps", "num_stages") if k in r}
+            floor = f" ({100 * r['floor_ms'] / r['graph_ms']:.0f}% floor)" if "floor_ms" in r else ""
+            lines.append(f"   {r['graph_ms'] * 1e3:7.1f} us{floor} {cfg}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=None)
+    p.add_argument("--rep", type=int, default=20)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("tune_decode.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else Path(os.environ.get("OUT", ROOT / "benchmarks/results")) / "tune_decode.json"
+    props = torch.cuda.get_device_properties(0)
+    l2 = int(getattr(props, "L2_cache_size", 50 * 2**20) or 50 * 2**20)
+    bw = copy_bandwidth(args.rep)
+    t0 = time.time()
+    rows = []
+    for shape in SHAPES:
+        rows += sweep(shape, bw, l2, args.rep)
+        torch.cuda.empty_cache()
+        print(f"{shape} done ({time.time() - t0:.0f} s)", flush=True)
+    text = summary(rows)
+    print(text)
+    doc = {"device": torch.cuda.get_device_name(0), "versions": _versions(), "commit": _commit(),
+           "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "copy_bandwidth_Bps": bw,
+           "seconds": round(time.time() - t0, 1), "rows": rows, "summary": text}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
