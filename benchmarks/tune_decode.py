@@ -34,7 +34,7 @@ SHAPES = [("llama3-8b", 8, 64 * 1024, 2048), ("llama3-8b", 1, 16 * 1024, 2048), 
           ("tinyllama", 8, 32 * 1024, 2048)]
 
 
-def sweep(shape, bw: float, l2: int, rep: int) -> list[dict]:
+def sweep(shape, bw: float, l2: int, rep: int, kernels) -> list[dict]:
     from tinyserve_patch.ops.triton_decode import sparse_decode_attention_triton
     from tinyserve_patch.ops.triton_score import page_scores_triton
     from tinyserve_patch.ops.triton_select import select_pages_triton
@@ -55,12 +55,13 @@ def sweep(shape, bw: float, l2: int, rep: int) -> list[dict]:
     c0 = copies.items[0]
     want = sparse_decode_attention_triton(c0["q"], c0["k"], c0["v"], c0["idx"], start, end, PAGE, d**-0.5).float()
     splits_grid = [None, 2, 4, 8, 16, 32] if batch * hkv >= 32 else [None, 4, 8, 16, 32, 64]
-    for splits, block_n, warps, stages in itertools.product(splits_grid, (64, 128), (2, 4, 8), (2, 3, 4)):
-        kw = dict(num_splits=splits, block_n=block_n, num_warps=warps, num_stages=stages)
+    attention_grid = [{}] + [dict(num_splits=s, block_n=n, num_warps=w, num_stages=st) for s, n, w, st in
+                             itertools.product(splits_grid, (64, 128), (2, 4, 8), (2, 3, 4))]
+    for kw in attention_grid if "attention" in kernels else ():
         try:
             got = sparse_decode_attention_triton(c0["q"], c0["k"], c0["v"], c0["idx"], start, end, PAGE, d**-0.5, **kw)
         except Exception as e:  # out of shared memory / registers: not a candidate
-            rows.append(dict(base, kernel="attention", **kw, error=type(e).__name__))
+            rows.append(dict(base, kernel="attention", **kw, default=not kw, error=type(e).__name__))
             continue
         ok = torch.allclose(got.float(), want, atol=2e-2, rtol=2e-2)
 
@@ -69,16 +70,33 @@ def sweep(shape, bw: float, l2: int, rep: int) -> list[dict]:
             return sparse_decode_attention_triton(c["q"], c["k"], c["v"], c["idx"], start, end, PAGE, d**-0.5, **kw)
 
         ms = _bench(fn, graph=True, rep=rep)
-        rows.append(dict(base, kernel="attention", **kw, ok=ok, graph_ms=ms, floor_ms=sel_bytes / bw * 1e3))
+        rows.append(dict(base, kernel="attention", **kw, default=not kw, ok=ok, graph_ms=ms, floor_ms=sel_bytes / bw * 1e3))
+    meta_bytes = batch * hkv * (length // PAGE) * 2 * d * 2
+    score_grid = [{}] + [dict(blocks_per_program=p, block_p=n, num_warps=w, num_stages=st) for p, n, w, st in
+                         itertools.product((None, 1, 2, 4, 8, 16), (64, 128), (4, 8), (2, 3, 4))]
+    for kw in score_grid if "score" in kernels else ():
+        try:
+            got = page_scores_triton(c0["q"], c0["meta"], start, end, PAGE, "max", **kw)
+        except Exception as e:  # out of shared memory: not a candidate
+            rows.append(dict(base, kernel="score", **kw, default=not kw, error=type(e).__name__))
+            continue
+        ok = bool(torch.equal(torch.isinf(got), torch.isinf(c0["scores"]))) and torch.allclose(got, c0["scores"], rtol=1e-5, atol=1e-3)
+
+        def fsc(kw=kw):
+            c = copies.next()
+            return page_scores_triton(c["q"], c["meta"], start, end, PAGE, "max", **kw)
+
+        rows.append(dict(base, kernel="score", **kw, default=not kw, ok=ok, graph_ms=_bench(fsc, graph=True, rep=rep),
+                         floor_ms=meta_bytes / bw * 1e3))
     want_idx = c0["idx"]
-    for warps in (None, 1, 2, 4, 8, 16):
+    for warps in (None, 1, 2, 4, 8, 16) if "select" in kernels else ():
         got = select_pages_triton(c0["scores"], start, end, PAGE, nsel, 1, 1, num_warps=warps)
 
         def fs(warps=warps):
             c = copies.next()
             return select_pages_triton(c["scores"], start, end, PAGE, nsel, 1, 1, num_warps=warps)
 
-        rows.append(dict(base, kernel="select", num_warps=warps, ok=bool(torch.equal(got, want_idx)),
+        rows.append(dict(base, kernel="select", num_warps=warps, default=warps is None, ok=bool(torch.equal(got, want_idx)),
                          graph_ms=_bench(fs, graph=True, rep=rep)))
     return rows
 
@@ -87,13 +105,12 @@ def summary(rows: list[dict]) -> str:
     lines = []
     for key, group in itertools.groupby(rows, key=lambda r: (r["model"], r["batch"], r["tokens"], r["budget"], r["kernel"])):
         group = [r for r in group if "graph_ms" in r]
-        default = next(r for r in group if (r.get("num_splits") is None and r["num_warps"] is None) or
-                       (r["kernel"] == "attention" and r["num_splits"] is None and r["block_n"] == 128 and r["num_warps"] == 4 and r["num_stages"] == 2))
+        default = next(r for r in group if r["default"])
         good = sorted((r for r in group if r["ok"]), key=lambda r: r["graph_ms"])
         bad = [r for r in group if not r["ok"]]
         lines.append(f"{key}: default {default['graph_ms'] * 1e3:.1f} us; {len(bad)} configs mismatched")
         for r in good[:6]:
-            cfg = {k: r.get(k) for k in ("num_splits", "block_n", "num_warps", "num_stages") if k in r}
+            cfg = {k: r.get(k) for k in ("num_splits", "block_n", "blocks_per_program", "block_p", "num_warps", "num_stages") if k in r}
             floor = f" ({100 * r['floor_ms'] / r['graph_ms']:.0f}% floor)" if "floor_ms" in r else ""
             lines.append(f"   {r['graph_ms'] * 1e3:7.1f} us{floor} {cfg}")
     return "\n".join(lines)
@@ -103,6 +120,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=None)
     p.add_argument("--rep", type=int, default=20)
+    p.add_argument("--kernels", nargs="+", default=["attention", "score", "select"], choices=["attention", "score", "select"])
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("tune_decode.py needs a CUDA GPU", file=sys.stderr)
@@ -114,7 +132,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     rows = []
     for shape in SHAPES:
-        rows += sweep(shape, bw, l2, args.rep)
+        rows += sweep(shape, bw, l2, args.rep, args.kernels)
         torch.cuda.empty_cache()
         print(f"{shape} done ({time.time() - t0:.0f} s)", flush=True)
     text = summary(rows)

@@ -265,7 +265,7 @@ def test_chunked_prefill_with_padding_longer_than_a_chunk():
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 def test_prefill_chunk_attends_in_query_blocks(family, monkeypatch):
-    """A later prefill chunk attends over the cache QUERY_BLOCK queries at a time (bounded mask memory):
+    """A later prefill chunk attends over the cache QUERY_ROWS packed rows at a time (bounded mask memory):
     the same logits as one block (SDPA and Gemma 2's soft-capped path)."""
     from tinyserve_patch import attention
 
@@ -273,8 +273,34 @@ def test_prefill_chunk_attends_in_query_blocks(family, monkeypatch):
     ids, mask = batch(pad=9)
     kwargs = dict(GEN, output_logits=True, return_dict_in_generate=True, prefill_chunk_size=24)
     whole = model.generate(ids, attention_mask=mask, **kwargs)
-    monkeypatch.setattr(attention, "QUERY_BLOCK", 5)
+    monkeypatch.setattr(attention, "QUERY_ROWS", 5)
     blocked = model.generate(ids, attention_mask=mask, **kwargs)
     assert torch.equal(blocked.sequences, whole.sequences)
     for w, b in zip(whole.logits, blocked.logits):
         torch.testing.assert_close(b, w, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+@pytest.mark.parametrize("softcap", [0.0, 5.0])
+@pytest.mark.parametrize("mask_kind", ["bool", "additive", "causal"])
+def test_grouped_attention_equals_repeated_kv(groups, softcap, mask_kind):
+    """Query heads packed as rows of their KV head == attention with K/V repeated per query head."""
+    from tinyserve_patch.attention import _grouped_attention
+
+    g = torch.Generator().manual_seed(groups)
+    b, hkv, q_len, kv_len, d = 2, 2, 5, 13, 8
+    q = torch.randn(b, hkv * groups, q_len, d, generator=g)
+    k = torch.randn(b, hkv, kv_len, d, generator=g)
+    v = torch.randn(b, hkv, kv_len, d, generator=g)
+    causal = torch.arange(kv_len)[None, :] <= torch.arange(q_len)[:, None] + (kv_len - q_len)
+    keep = causal[None, None] & (torch.rand(b, 1, q_len, kv_len, generator=g) > 0.3) | (torch.arange(kv_len) == 0)
+    mask = {"bool": keep, "additive": torch.zeros(keep.shape).masked_fill(~keep, float("-inf")), "causal": None}[mask_kind]
+    want_keep = causal[None, None] if mask is None else keep
+    kr, vr = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    logits = q @ kr.transpose(2, 3) * 0.3
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    want = (torch.softmax(logits.masked_fill(~want_keep, float("-inf")), dim=-1) @ vr).transpose(1, 2)
+    got = _grouped_attention(q, k, v, mask, 0.0, 0.3, softcap)
+    assert got.shape == (b, q_len, hkv * groups, d)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

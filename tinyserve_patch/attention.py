@@ -5,10 +5,11 @@ head_dim]`` and what :class:`~tinyserve_patch.cache.TinyServeLayer` returned. A 
 attention module (installed by :func:`~tinyserve_patch.patch.patch_model`) adds that layer's cache as the
 ``tinyserve_layer`` keyword.
 
-* Dense, through HF's SDPA attention (an eager soft-capped attention for Gemma 2): the first forward
-  (prefill: its own keys, HF's mask), later chunks (``q_len > 1``), the first ``dense_layers`` layers,
-  dense configs, caches whose capacity is within the budget (no row can exceed it), and caches that are
-  not a TinyServeCache. Over the left-aligned cache the mask is the layer's own.
+* Dense: the first forward (prefill: its own keys, HF's mask, HF's SDPA attention), later chunks
+  (``q_len > 1``), the first ``dense_layers`` layers, dense configs, caches whose capacity is within the
+  budget (no row can exceed it), and caches that are not a TinyServeCache. Over the left-aligned cache
+  the mask is the layer's own and the query heads of a KV head attend as packed rows (no K/V copy per
+  query head); Gemma 2's soft-capped logits go through the same function, eagerly.
 * Decode (``q_len == 1``): policy scores -> page selection -> sparse flash-decoding, all through
   ``torch.ops.tinyserve``. A sliding-window layer selects within its window.
 """
@@ -41,44 +42,62 @@ def _warn_foreign_cache() -> None:
 ATTN_IMPLEMENTATION = "tinyserve"
 
 
-def _softcapped_attention(module, query, key, value, attention_mask, scaling, softcap):
-    """Dense attention with logit soft-capping (Gemma 2): ``[batch, q_len, q_heads, head_dim]``."""
-    groups = query.shape[1] // key.shape[1]
-    key = key.repeat_interleave(groups, dim=1)
-    value = value.repeat_interleave(groups, dim=1)
-    logits = torch.matmul(query, key.transpose(2, 3)) * scaling
-    logits = softcap * torch.tanh(logits / softcap)
-    if attention_mask is None:  # HF dropped a plain causal mask (SDPA would use is_causal)
-        q_len, kv_len = logits.shape[-2:]
-        q_pos = torch.arange(q_len, device=logits.device)[:, None] + (kv_len - q_len)
-        attention_mask = torch.arange(kv_len, device=logits.device)[None, :] <= q_pos
-    if attention_mask.dtype == torch.bool:
-        logits = logits.masked_fill(~attention_mask, torch.finfo(logits.dtype).min)
+def _grouped_attention(query, key, value, mask, dropout, scaling, softcap):
+    """Dense attention without a copy of K/V per query head: ``[batch, q_len, q_heads, head_dim]``.
+
+    The ``G`` query heads of each KV head are packed as rows, ``query`` ``[batch, kv_heads, G * q_len,
+    head_dim]`` (row ``j * q_len + i``: head ``j`` of the group, query ``i``) against ``key`` / ``value``
+    ``[batch, kv_heads, kv_len, head_dim]``, and ``mask`` (bool or additive ``[batch | 1, 1, q_len, kv_len]``;
+    ``None``: causal, bottom-right aligned) is repeated ``G`` times along the rows. HF's SDPA path would
+    instead repeat K/V to every query head whenever there is a mask: ``G x`` the cache, per layer, per call.
+    ``softcap``: logits ``softcap * tanh(s / softcap)`` (Gemma 2), computed eagerly in fp32."""
+    b, hq, q_len, d = query.shape
+    hkv, kv_len = key.shape[1], key.shape[2]
+    g = hq // hkv
+    if mask is None:
+        q_pos = torch.arange(q_len, device=query.device)[:, None] + (kv_len - q_len)
+        mask = (torch.arange(kv_len, device=query.device)[None, :] <= q_pos)[None, None]
+    mask = mask[..., :kv_len]
+    rows = query.reshape(b, hkv, g * q_len, d)
+    mb = mask.shape[0]
+    row_mask = mask[:, :, None].expand(mb, 1, g, q_len, kv_len).reshape(mb, 1, g * q_len, kv_len)
+    if softcap:
+        logits = torch.matmul(rows, key.transpose(2, 3)).float() * scaling
+        logits = softcap * torch.tanh(logits / softcap)
+        if row_mask.dtype == torch.bool:
+            logits = logits.masked_fill(~row_mask, torch.finfo(logits.dtype).min)
+        else:
+            logits = logits + row_mask.float()
+        out = torch.matmul(torch.softmax(logits, dim=-1).to(value.dtype), value)
     else:
-        logits = logits + attention_mask[..., : key.shape[-2]]
-    probs = torch.softmax(logits.float(), dim=-1).to(query.dtype)
-    return torch.matmul(probs, value).transpose(1, 2).contiguous()
+        out = torch.nn.functional.scaled_dot_product_attention(
+            rows, key, value, attn_mask=row_mask, dropout_p=dropout, scale=scaling
+        )
+    return out.reshape(b, hq, q_len, value.shape[-1]).transpose(1, 2).contiguous()
 
 
-#: Queries per dense attention call over the whole cache (a later prefill chunk): its ``[batch, 1, q,
-#: capacity]`` mask (and SDPA's additive copy of it) then stays small whatever the chunk size.
-QUERY_BLOCK = 256
+#: Packed query rows (``G * queries``) per attention call over the whole cache (a later prefill chunk):
+#: the ``[batch, 1, rows, capacity]`` mask (and SDPA's additive copy of it) stays small whatever the chunk.
+QUERY_ROWS = 512
 
 
 def _dense(module, query, key, value, attention_mask, dropout, scaling, softcap, sliding_window, layer, kwargs):
-    """Dense attention: ``[batch, q_len, q_heads, head_dim]``. Over the left-aligned cache (any forward but
-    the first) the mask is the layer's own, built and applied ``QUERY_BLOCK`` queries at a time."""
-    def attend(q, mask):
-        if softcap:
-            return _softcapped_attention(module, q, key, value, mask, scaling, softcap)
-        return sdpa_attention_forward(module, q, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)[0]
-
+    """Dense attention: ``[batch, q_len, q_heads, head_dim]``. The first forward (its own keys, HF's mask)
+    goes through HF's SDPA attention (flash with ``is_causal`` when there is no padding); over the
+    left-aligned cache (any later forward) the mask is the layer's own and :func:`_grouped_attention`
+    runs ``QUERY_ROWS // G`` queries at a time."""
     if layer is None or layer.first_forward:
-        return attend(query, attention_mask), None
+        if softcap:
+            return _grouped_attention(query, key, value, attention_mask, dropout, scaling, softcap), None
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     q_len = query.shape[2]
+    step = max(1, QUERY_ROWS // (query.shape[1] // key.shape[1]))
     blocks = [
-        attend(query[:, :, s : s + QUERY_BLOCK], layer.attention_mask(q_len, sliding_window, (s, min(q_len, s + QUERY_BLOCK))))
-        for s in range(0, q_len, QUERY_BLOCK)
+        _grouped_attention(
+            query[:, :, s : s + step], key, value, layer.attention_mask(q_len, sliding_window, (s, min(q_len, s + step))),
+            dropout, scaling, softcap,
+        )
+        for s in range(0, q_len, step)
     ]
     return (blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)), None
 

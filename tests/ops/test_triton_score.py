@@ -12,8 +12,8 @@ from tinyserve_patch.ops.triton_score import page_scores_triton
 from tests.ops.kernel_cases import DEVICE, cache, gen, randint, randn, rows
 
 
-def _check(q, meta, start, end, ps, red, exact=False):
-    out = page_scores_triton(q, meta, start, end, ps, red)
+def _check(q, meta, start, end, ps, red, exact=False, **launch):
+    out = page_scores_triton(q, meta, start, end, ps, red, **launch)
     expect = ref.page_scores(q, meta, start, end, ps, red)
     assert out.dtype == torch.float32 and out.shape == expect.shape
     assert torch.equal(torch.isneginf(out), torch.isneginf(expect))
@@ -52,6 +52,16 @@ def test_scores_many_pages_multiple_programs():
     start = torch.tensor([100], dtype=torch.int32, device=DEVICE)
     end = torch.tensor([1000], dtype=torch.int32, device=DEVICE)
     _check(q, meta, start, end, 8, "max")
+
+
+@pytest.mark.parametrize("per", [1, 2, 3, 5, 100])
+def test_scores_blocks_per_program(per):
+    """A program walking ``per`` page blocks (a ragged last program too) gives every page's score once."""
+    gn = gen(7)
+    _, _, meta = cache(2, 2, 1024, 16, 8, torch.bfloat16, gn)  # 128 pages: 8 blocks of 16 per (row, head)
+    q = randn((2, 4, 16), torch.bfloat16, gn)
+    start, end = rows(2, 1000, gn)
+    _check(q, meta, start, end, 8, "max", block_p=16, blocks_per_program=per)
 
 
 def test_scores_reject_bad_input():

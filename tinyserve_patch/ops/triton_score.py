@@ -3,8 +3,10 @@
 Per query head the upper bound ``sum_d max(q_d * min_d, q_d * max_d) = relu(q) . max + min(q, 0) . min``,
 computed as two tensor-core products ``[G_PAD, D] x [D, BLOCK_P]`` (G query heads of the KV head, padded
 to 16 rows; fp32 accumulation; exact products for fp16/bf16, IEEE fp32 for fp32), reduced over the group
-by ``max`` or ``sum``; ``-inf`` for pages without a valid token. Grid ``(B * Hkv, cdiv(P, BLOCK_P))``: many
-small programs, each reading ``BLOCK_P * 2 * D`` contiguous metadata elements, to saturate bandwidth.
+by ``max`` or ``sum``; ``-inf`` for pages without a valid token. Grid ``(B * Hkv, cdiv(blocks, per))``:
+a program walks ``per`` consecutive blocks of ``BLOCK_P`` pages (``BLOCK_P * 2 * D`` contiguous metadata
+elements each) in a software-pipelined loop (``STAGES`` loads in flight), ``per`` chosen so that there
+are a few programs per SM: enough bytes in flight to saturate the bandwidth without a program per block.
 
 The summation order differs from the reference's, so a score may differ from it in the last ulp.
 """
@@ -15,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import check, check_float_dtype, check_head_dim, check_page_size, check_rows, f32_dot, mm, page_valid
+from ._triton_common import check, check_float_dtype, check_head_dim, check_page_size, check_rows, f32_dot, mm, page_valid, sm_count
 
 
 @triton.jit
@@ -84,12 +86,14 @@ def _score_kernel(
     stride_mp,
     stride_mm,
     page_size,
+    blocks_per_program,
     G: tl.constexpr,
     G_PAD: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_P: tl.constexpr,
     GQA_SUM: tl.constexpr,
     F32: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     bh = tl.program_id(0)
     pb = tl.program_id(1)
@@ -99,12 +103,16 @@ def _score_kernel(
     end = tl.load(end_ptr + b).to(tl.int32)
     q_pos, q_neg = load_group_query(q_ptr, b, h, stride_qb, stride_qh, G, G_PAD, D, BLOCK_D)
     meta_bh = meta_ptr + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
-    pages = pb * BLOCK_P + tl.arange(0, BLOCK_P)
-    s = score_block(
-        q_pos, q_neg, meta_bh, pages, num_pages, start, end, stride_mp, stride_mm, D, page_size,
-        G, G_PAD, BLOCK_D, GQA_SUM, F32,
-    )
-    tl.store(out_ptr + bh.to(tl.int64) * num_pages + pages, s, mask=pages < num_pages)
+    out_bh = out_ptr + bh.to(tl.int64) * num_pages
+    first = pb * blocks_per_program
+    last = tl.minimum(first + blocks_per_program, tl.cdiv(num_pages, BLOCK_P))
+    for blk in tl.range(first, last, num_stages=STAGES):
+        pages = blk * BLOCK_P + tl.arange(0, BLOCK_P)
+        s = score_block(
+            q_pos, q_neg, meta_bh, pages, num_pages, start, end, stride_mp, stride_mm, D, page_size,
+            G, G_PAD, BLOCK_D, GQA_SUM, F32,
+        )
+        tl.store(out_bh + pages, s, mask=pages < num_pages)
 
 
 def score_meta(q: torch.Tensor, meta: torch.Tensor, seq_start, seq_end, page_size: int, gqa_reduction: str):
@@ -135,8 +143,12 @@ def score_meta(q: torch.Tensor, meta: torch.Tensor, seq_start, seq_end, page_siz
 
 
 def _block_p(block_d: int) -> int:
-    """Pages per program: 64 (H100: 64 beat 16/32/128 for d 64 and 128, at batch 1 and 8, 16K-128K tokens)."""
+    """Pages per block: 64 (H100: 64 beat 16/32/128 for d 64 and 128, at batch 1 and 8, 16K-128K tokens)."""
     return 64 if block_d <= 128 else 32
+
+
+#: Score programs per SM the launch aims at (blocks per program = blocks / (this * SMs), at least 1).
+SCORE_PROGRAMS_PER_SM = 4
 
 
 def page_scores_triton(
@@ -148,19 +160,25 @@ def page_scores_triton(
     gqa_reduction: str,
     block_p: int | None = None,
     num_warps: int = 4,
+    blocks_per_program: int | None = None,
+    num_stages: int = 3,
 ) -> torch.Tensor:
-    """float32 ``[B, Hkv, P]`` Quest upper bounds (see module docstring). ``block_p`` / ``num_warps``
-    override the tuned defaults."""
+    """float32 ``[B, Hkv, P]`` Quest upper bounds (see module docstring). ``block_p``, ``num_warps``,
+    ``blocks_per_program`` and ``num_stages`` override the tuned defaults."""
     q, meta, consts = score_meta(q, meta, seq_start, seq_end, page_size, gqa_reduction)
     b, hkv, pages, _, d = meta.shape
     out = torch.empty((b, hkv, pages), dtype=torch.float32, device=meta.device)
     if b * hkv * pages == 0:
         return out
     block_p = block_p or _block_p(consts["BLOCK_D"])
-    grid = (b * hkv, triton.cdiv(pages, block_p))
+    blocks = triton.cdiv(pages, block_p)
+    if blocks_per_program is None:
+        blocks_per_program = max(1, (b * hkv * blocks) // (SCORE_PROGRAMS_PER_SM * sm_count(meta.device)))
+    check(blocks_per_program >= 1, f"blocks_per_program={blocks_per_program} must be >= 1")
+    grid = (b * hkv, triton.cdiv(blocks, blocks_per_program))
     _score_kernel[grid](
         q, meta, seq_start, seq_end, out, pages, hkv, d,
         q.stride(0), q.stride(1), meta.stride(0), meta.stride(1), meta.stride(2), meta.stride(3), page_size,
-        BLOCK_P=block_p, num_warps=num_warps, **consts,
+        blocks_per_program, BLOCK_P=block_p, STAGES=num_stages, num_warps=num_warps, **consts,
     )
     return out
