@@ -62,12 +62,13 @@ def _versions() -> dict:
 
 
 def _commit() -> str | None:
-    for cmd in (["git", "rev-parse", "HEAD"],):
-        try:
-            return subprocess.check_output(cmd, cwd=ROOT, stderr=subprocess.DEVNULL, text=True).strip()
-        except Exception:
-            pass
-    return os.environ.get("GIT_COMMIT")
+    """``$GIT_COMMIT`` when set (a copied tree's git HEAD can be stale, as on the device machine), else git's HEAD."""
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, stderr=subprocess.DEVNULL, text=True).strip()
+    except Exception:
+        return None
 
 
 def _bench(fn, graph: bool, rep: int) -> float:

@@ -220,19 +220,27 @@ def test_cache_overflow_and_foreign_cache():
 def test_compiled_decode_step_fullgraph():
     model = tp.patch_model(tiny_model("llama"), token_budget=32, page_size=8, dense_layers=1)
     ids, mask = batch()
-    cache = tp.make_cache(model, 2, PROMPT + 4)
-    eager_cache = tp.make_cache(model, 2, PROMPT + 4)
+    steps = 5
+    cache = tp.make_cache(model, 2, PROMPT + steps + 8)
+    eager_cache = tp.make_cache(model, 2, PROMPT + steps + 8)
     model(ids, attention_mask=mask, past_key_values=cache)
     model(ids, attention_mask=mask, past_key_values=eager_cache)
+    torch._dynamo.reset()
     step = torch.compile(model.forward, fullgraph=True)
     token = torch.full((2, 1), 5)
-    for i in range(3):
+    from torch._dynamo.utils import counters
+
+    graphs = []
+    for i in range(steps):
         am = torch.cat([mask, torch.ones(2, i + 1, dtype=mask.dtype)], dim=1)
         compiled = step(input_ids=token, attention_mask=am, past_key_values=cache).logits
         eager = model(input_ids=token, attention_mask=am, past_key_values=eager_cache).logits
         torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-4)
         token = eager[:, -1].argmax(-1, keepdim=True)
+        graphs.append(counters["stats"]["unique_graphs"])
     assert isinstance(cache, TinyServeCache)
+    # the mask length turns dynamic on the second step (one recompile); none after that
+    assert graphs[2:] == [graphs[1]] * (steps - 2), graphs
 
 
 @torch.no_grad()
@@ -304,3 +312,20 @@ def test_grouped_attention_equals_repeated_kv(groups, softcap, mask_kind):
     got = _grouped_attention(q, k, v, mask, 0.0, 0.3, softcap)
     assert got.shape == (b, q_len, hkv * groups, d)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [None, 24])
+def test_dense_cache_path_never_repeats_kv(chunk, monkeypatch):
+    """Dense attention over the cache (later prefill chunks, dense layers' decode, within-budget decode)
+    never copies K/V per query head: HF's repeat_kv is not called once the cache exists."""
+    from transformers.integrations import sdpa_attention
+
+    model = tp.patch_model(tiny_model("llama"), token_budget=2048, page_size=8, dense_layers=1)
+    ids, mask = batch(pad=9)
+    calls = []
+    real = sdpa_attention.repeat_kv
+    monkeypatch.setattr(sdpa_attention, "repeat_kv", lambda h, n: calls.append(h.shape[2]) or real(h, n))
+    out = model.generate(ids, attention_mask=mask, prefill_chunk_size=chunk, **GEN)
+    assert out.shape == (2, PROMPT + GEN["max_new_tokens"])
+    first = chunk or PROMPT  # the first forward attends to its own keys through HF's SDPA path
+    assert all(n <= first for n in calls), calls

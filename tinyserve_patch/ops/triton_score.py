@@ -5,8 +5,8 @@ computed as two tensor-core products ``[G_PAD, D] x [D, BLOCK_P]`` (G query head
 to 16 rows; fp32 accumulation; exact products for fp16/bf16, IEEE fp32 for fp32), reduced over the group
 by ``max`` or ``sum``; ``-inf`` for pages without a valid token. Grid ``(B * Hkv, cdiv(blocks, per))``:
 a program walks ``per`` consecutive blocks of ``BLOCK_P`` pages (``BLOCK_P * 2 * D`` contiguous metadata
-elements each) in a software-pipelined loop (``STAGES`` loads in flight), ``per`` chosen so that there
-are a few programs per SM: enough bytes in flight to saturate the bandwidth without a program per block.
+elements each), software-pipelined over ``STAGES`` when ``per > 1``; the default is one block per program
+(many small programs, the launch measured fastest so far).
 
 The summation order differs from the reference's, so a score may differ from it in the last ulp.
 """
@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import check, check_float_dtype, check_head_dim, check_page_size, check_rows, f32_dot, mm, page_valid, sm_count
+from ._triton_common import check, check_float_dtype, check_head_dim, check_page_size, check_rows, f32_dot, mm, page_valid
 
 
 @triton.jit
@@ -147,8 +147,10 @@ def _block_p(block_d: int) -> int:
     return 64 if block_d <= 128 else 32
 
 
-#: Score programs per SM the launch aims at (blocks per program = blocks / (this * SMs), at least 1).
-SCORE_PROGRAMS_PER_SM = 4
+#: Page blocks a score program walks by default: 1 is the launch measured on the H100 (one program per
+#: block of 64 pages: 93% of the byte floor at B=8 / 64K); walking several blocks per program, software
+#: pipelined, is built and tested but not yet timed on a GPU (``benchmarks/tune_decode.py --kernels score``).
+BLOCKS_PER_PROGRAM = 1
 
 
 def page_scores_triton(
@@ -161,7 +163,7 @@ def page_scores_triton(
     block_p: int | None = None,
     num_warps: int = 4,
     blocks_per_program: int | None = None,
-    num_stages: int = 3,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """float32 ``[B, Hkv, P]`` Quest upper bounds (see module docstring). ``block_p``, ``num_warps``,
     ``blocks_per_program`` and ``num_stages`` override the tuned defaults."""
@@ -173,8 +175,9 @@ def page_scores_triton(
     block_p = block_p or _block_p(consts["BLOCK_D"])
     blocks = triton.cdiv(pages, block_p)
     if blocks_per_program is None:
-        blocks_per_program = max(1, (b * hkv * blocks) // (SCORE_PROGRAMS_PER_SM * sm_count(meta.device)))
+        blocks_per_program = BLOCKS_PER_PROGRAM
     check(blocks_per_program >= 1, f"blocks_per_program={blocks_per_program} must be >= 1")
+    num_stages = num_stages or (1 if blocks_per_program == 1 else 3)
     grid = (b * hkv, triton.cdiv(blocks, blocks_per_program))
     _score_kernel[grid](
         q, meta, seq_start, seq_end, out, pages, hkv, d,
