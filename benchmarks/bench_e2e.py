@@ -191,6 +191,7 @@ class Row:
     mode: str
     budget: int | None = None  # tinyserve sparse only
     prefill_chunk: int | None = None  # generate(prefill_chunk_size=...); tinyserve: SparseConfig.prefill_chunk_size
+    kv_dtype: str = "auto"  # tinyserve: SparseConfig.kv_cache_dtype ("fp8_e4m3": K/V pages in fp8)
     # results
     status: str = "pending"  # ok | error | skipped
     reason: str | None = None
@@ -223,12 +224,13 @@ class Row:
     step_ms: list = field(default_factory=list)
 
     def key(self):
-        return (self.model, self.batch, self.context, self.mode, self.budget, self.prefill_chunk)
+        return (self.model, self.batch, self.context, self.mode, self.budget, self.prefill_chunk, self.kv_dtype)
 
     def describe(self) -> str:
         b = f" budget={self.budget}" if self.budget else ""
         c = f" prefill_chunk={self.prefill_chunk}" if self.prefill_chunk else ""
-        return f"{self.model} B={self.batch} L={self.context} {MODE_LABELS[self.mode]}{b}{c}"
+        k = f" kv={self.kv_dtype}" if self.kv_dtype != "auto" else ""
+        return f"{self.model} B={self.batch} L={self.context} {MODE_LABELS[self.mode]}{b}{c}{k}"
 
 
 def is_tinyserve(mode: str) -> bool:
@@ -243,13 +245,14 @@ def is_sparse(mode: str) -> bool:
     return mode.startswith("ts_sparse") or mode.startswith("ts_fused")
 
 
-def rows_for(model, batch, context, modes, budgets, chunk: int | None = None) -> list[Row]:
+def rows_for(model, batch, context, modes, budgets, chunk: int | None = None, kv_dtype: str = "auto") -> list[Row]:
     out = []
     for mode in modes:
+        kv = kv_dtype if is_tinyserve(mode) else "auto"
         if is_sparse(mode):
-            out += [Row(model, batch, context, mode, budget=b, prefill_chunk=chunk) for b in budgets]
+            out += [Row(model, batch, context, mode, budget=b, prefill_chunk=chunk, kv_dtype=kv) for b in budgets]
         else:
-            out.append(Row(model, batch, context, mode, prefill_chunk=chunk))
+            out.append(Row(model, batch, context, mode, prefill_chunk=chunk, kv_dtype=kv))
     return out
 
 
@@ -278,10 +281,11 @@ def default_grid(new_tokens: int) -> list[Row]:
 def memory_rows(model: str) -> list[Row]:
     """B=4 at 32K: HF default, then tinyserve (compiled as generate() runs it on a GPU, and eager) with the
     prefill in chunks of 1024 tokens (SparseConfig.prefill_chunk_size), HF dynamic with the same chunking
-    for reference, and tinyserve with one prefill forward."""
+    for reference, tinyserve with one prefill forward, and chunked tinyserve with fp8 K/V pages."""
     g = rows_for(model, 4, 32768, ["hf_dynamic"], [2048])
     g += rows_for(model, 4, 32768, ["ts_sparse", "ts_sparse_eager", "hf_dynamic"], [2048], chunk=1024)
     g += rows_for(model, 4, 32768, ["ts_sparse_eager"], [2048])
+    g += rows_for(model, 4, 32768, ["ts_sparse"], [2048], chunk=1024, kv_dtype="fp8_e4m3")
     return g
 
 
@@ -321,6 +325,7 @@ def smoke_grid(new_tokens: int) -> list[Row]:
     g = rows_for("tiny", 2, 128, list(MODES), [64])
     g += rows_for("tiny", 1, 128, ["hf_dynamic", "ts_sparse", "ts_sparse_eager"], [64, 96])
     g += rows_for("tiny", 2, within, ["ts_sparse", "ts_dense"], [64])
+    g += rows_for("tiny", 2, 128, ["ts_sparse_eager"], [64], chunk=32, kv_dtype="fp8_e4m3")
     return dedupe(g)
 
 
@@ -436,7 +441,8 @@ def estimate_gib(name: str, row: Row, new_tokens: int, elem: int) -> float:
     activations (MLP intermediates, residual, q/k/v) + HF static's [q, capacity] prefill mask."""
     d = model_dims(name)
     tokens = row.batch * (row.context + new_tokens + 1)
-    kv = d["layers"] * tokens * d["kv_heads"] * d["head_dim"] * 2 * elem * (1.13 if is_tinyserve(row.mode) else 1.0)
+    kv_elem = 1 if row.kv_dtype == "fp8_e4m3" else elem
+    kv = d["layers"] * tokens * d["kv_heads"] * d["head_dim"] * 2 * kv_elem * (1.13 if is_tinyserve(row.mode) else 1.0)
     chunk = min(row.context, row.prefill_chunk or row.context)
     act = row.batch * chunk * (3 * d["intermediate"] + 6 * d["hidden"]) * elem
     mask = row.batch * row.context * (row.context + new_tokens) if row.mode == "hf_static" else 0
@@ -458,6 +464,7 @@ def configure(model, row: Row, args):
         tp.patch_model(
             model, token_budget=budget, page_size=args.page_size, dense_layers=args.dense_layers,
             fused=row.mode.startswith("ts_fused"), collect_stats=not args.no_stats, prefill_chunk_size=row.prefill_chunk,
+            kv_cache_dtype=row.kv_dtype,
         )
     else:
         tp.unpatch_model(model)
@@ -482,7 +489,8 @@ def run_row(model, row: Row, args, device: torch.device, bandwidth: float) -> No
     cuda = device.type == "cuda"
     n = args.new_tokens
     row.label = MODE_LABELS[row.mode] + (f" {row.budget}" if row.budget else "") + (
-        f", prefill chunks of {row.prefill_chunk}" if row.prefill_chunk else "")
+        f", prefill chunks of {row.prefill_chunk}" if row.prefill_chunk else "") + (
+        f", {row.kv_dtype} KV" if row.kv_dtype != "auto" else "")
     row.compiled = is_compiled(row.mode)
     row.fused = row.mode.startswith("ts_fused")
     row.new_tokens = n
@@ -614,9 +622,9 @@ def evaluate_targets(rows: list[Row], tgt: dict) -> list[dict]:
     m, b, L, bud = tgt["model"], tgt["batch"], tgt["context"], tgt["budget"]
     shape = f"{m} B={b} L={L} budget={bud}"
     for sparse_mode in ("ts_sparse", "ts_fused"):
-        sp = find(rows, model=m, batch=b, context=L, mode=sparse_mode, budget=bud, prefill_chunk=None)
+        sp = find(rows, model=m, batch=b, context=L, mode=sparse_mode, budget=bud, prefill_chunk=None, kv_dtype="auto")
         for base_mode, factor in (("hf_static", 4.0), ("ts_dense", 2.0)):
-            base = find(rows, model=m, batch=b, context=L, mode=base_mode, prefill_chunk=None)
+            base = find(rows, model=m, batch=b, context=L, mode=base_mode, prefill_chunk=None, kv_dtype="auto")
             name = f"{shape}: {MODE_LABELS[sparse_mode]} tokens/s >= {factor:g}x {MODE_LABELS[base_mode]}"
             if sp is None or base is None:
                 verdict(name, None, "missing row(s)")
@@ -655,6 +663,8 @@ def evaluate_targets(rows: list[Row], tgt: dict) -> list[dict]:
             found = True
             ratio = sp.peak_gib / hf.peak_gib
             chunk = f"prefill chunks of {sp.prefill_chunk}" if sp.prefill_chunk else "one prefill forward"
+            if sp.kv_dtype != "auto":
+                chunk += f", {sp.kv_dtype} KV"
             verdict(f"{name} ({MODE_LABELS[sp.mode]}, {chunk})", ratio <= 0.5,
                     f"{ratio:.2f}x ({sp.peak_gib:.2f} vs {hf.peak_gib:.2f} GiB; peak of the whole generate(), prefill included)")
     if not found:

@@ -94,6 +94,8 @@ INVALID = [
     ("prefill_chunk_size", 0, "a positive integer", {}),
     ("prefill_chunk_size", 1.5, "a positive integer", {}),
     ("prefill_chunk_size", True, "a positive integer", {}),
+    ("kv_cache_dtype", "fp8", "one of", {}),
+    ("kv_cache_dtype", "int8", "one of", {}),
 ]
 
 
@@ -253,3 +255,11 @@ def test_from_kwargs_string_round_trip(cfg):
     assert cfg.is_dense == (cfg.token_budget is None)
     if not cfg.is_dense:
         assert cfg.budget_pages >= cfg.sink_pages + cfg.recent_pages + 1
+
+
+def test_kv_cache_dtype_parsing():
+    import torch
+
+    assert SparseConfig().kv_cache_dtype == "auto" and SparseConfig().kv_storage_dtype is None
+    cfg = SparseConfig.from_kwargs(kv_cache_dtype=" fp8_e4m3 ")
+    assert cfg.kv_cache_dtype == "fp8_e4m3" and cfg.kv_storage_dtype == torch.float8_e4m3fn

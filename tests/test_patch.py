@@ -329,3 +329,30 @@ def test_dense_cache_path_never_repeats_kv(chunk, monkeypatch):
     assert out.shape == (2, PROMPT + GEN["max_new_tokens"])
     first = chunk or PROMPT  # the first forward attends to its own keys through HF's SDPA path
     assert all(n <= first for n in calls), calls
+
+
+@torch.no_grad()
+def test_fp8_kv_cache_stores_fp8_bounds_the_stored_keys_and_stays_close():
+    """kv_cache_dtype="fp8_e4m3": K/V stored as float8_e4m3fn, metadata in the model's dtype bounding the
+    stored keys; a budget covering the context equals the dense fp8 run; logits stay near the exact cache's."""
+    from tinyserve_patch.decode import decode_logits
+
+    ids, mask = batch(pad=9)
+    cont = torch.randint(1, 100, (2, GEN["max_new_tokens"]), generator=torch.Generator().manual_seed(3))
+    model = tp.patch_model(tiny_model("llama"), token_budget=32, page_size=8, dense_layers=0)
+    exact = decode_logits(model, ids, cont, mask)
+    tp.patch_model(model, token_budget=32, page_size=8, dense_layers=0, kv_cache_dtype="fp8_e4m3")
+    fp8 = decode_logits(model, ids, cont, mask)
+    assert tp.stats(model)["sparse_layers"] == 3
+    for layer in model._tinyserve_state.last_cache.layers:
+        assert layer.keys.dtype == layer.values.dtype == torch.float8_e4m3fn and layer.meta.dtype == torch.float32
+        n = int(layer.row_lengths().min()) // 8 * 8  # whole pages every row holds
+        keys = layer.keys[:, :, :n].float().view(2, layer.num_heads, n // 8, 8, -1)
+        assert torch.equal(layer.meta[:, :, : n // 8, 0], keys.amin(3)) and torch.equal(layer.meta[:, :, : n // 8, 1], keys.amax(3))
+    assert ((fp8 - exact).norm() / exact.norm()).item() < 0.2
+    tp.patch_model(model, token_budget=None, kv_cache_dtype="fp8_e4m3", dense_layers=0)
+    dense_fp8 = decode_logits(model, ids, cont, mask)
+    tp.patch_model(model, token_budget=4096, page_size=8, kv_cache_dtype="fp8_e4m3", dense_layers=0)
+    torch.testing.assert_close(decode_logits(model, ids, cont, mask), dense_fp8, atol=1e-5, rtol=1e-5)
+    out = model.generate(ids, attention_mask=mask, **GEN)
+    assert out.shape == (2, PROMPT + GEN["max_new_tokens"])

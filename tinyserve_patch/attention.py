@@ -136,6 +136,8 @@ def tinyserve_attention_forward(
     if layer is None and state is not None and q_len == 1:
         _warn_foreign_cache()
     if not _use_sparse(state, layer, module, q_len, sliding_window):
+        if key.dtype != query.dtype:  # an fp8 cache: attend in the model's dtype
+            key, value = key.to(query.dtype), value.to(query.dtype)
         out = _dense(module, query, key, value, attention_mask, dropout, scaling, softcap, sliding_window, layer, kwargs)
         if layer is not None and q_len == 1 and state is not None and state.config.collect_stats:
             start, end = layer.row_ranges(sliding_window)

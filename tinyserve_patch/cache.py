@@ -4,7 +4,8 @@ Per decoder layer (one :class:`TinyServeLayer`), allocated lazily on the layer's
 update (so ``device_map="auto"`` places each layer's cache beside its weights):
 
 * ``keys``, ``values``: ``[batch, kv_heads, capacity, head_dim]``, ``capacity`` a multiple of ``page_size``
-  (the paged view ``[batch, kv_heads, pages, page_size, head_dim]`` is free);
+  (the paged view ``[batch, kv_heads, pages, page_size, head_dim]`` is free), in the model's dtype or,
+  with ``SparseConfig.kv_cache_dtype="fp8_e4m3"``, in ``float8_e4m3fn`` (``dtype`` stays the model's);
 * ``meta``: ``[batch, kv_heads, pages, 2, head_dim]`` element-wise min / max of each page's keys, updated
   in the same kernel that appends the keys (``torch.ops.tinyserve.append_kv``);
 * ``cumulative_length``: 0-d int64 device tensor, the number of positions the model has fed (padding
@@ -42,8 +43,9 @@ class TinyServeLayer(CacheLayerMixin):
     is_croppable = True
     supports_early_init = True
 
-    def __init__(self, capacity: int, page_size: int, **kwargs):
+    def __init__(self, capacity: int, page_size: int, kv_dtype: torch.dtype | None = None, **kwargs):
         super().__init__()
+        self.kv_dtype = kv_dtype  # storage of keys / values; None: the model's dtype
         if capacity <= 0:
             raise ValueError(f"cache capacity must be positive, got {capacity}")
         self.page_size = page_size
@@ -65,8 +67,9 @@ class TinyServeLayer(CacheLayerMixin):
         self.batch_size, self.num_heads = key_states.shape[:2]
         self.head_dim = key_states.shape[-1]
         shape = (self.batch_size, self.num_heads, self.capacity, self.head_dim)
-        self.keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.values = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        storage = self.kv_dtype or self.dtype
+        self.keys = torch.zeros(shape, dtype=storage, device=self.device)
+        self.values = torch.zeros(shape, dtype=storage, device=self.device)
         pages = self.capacity // self.page_size
         self.meta = torch.zeros(
             (self.batch_size, self.num_heads, pages, 2, self.head_dim), dtype=self.dtype, device=self.device
@@ -226,7 +229,7 @@ class TinyServeLayer(CacheLayerMixin):
         for row, n in enumerate(self.row_lengths().tolist()):
             if n % self.page_size:
                 page = n // self.page_size
-                block = self.keys[row, :, page * self.page_size : n]
+                block = self.keys[row, :, page * self.page_size : n].to(self.dtype)
                 self.meta[row, :, page, 0] = block.amin(dim=1)
                 self.meta[row, :, page, 1] = block.amax(dim=1)
 
@@ -238,10 +241,11 @@ class TinyServeCache(Cache):
         num_layers: decoder layers of the model.
         max_length: the most tokens a row will hold (prompt + new tokens, padding included).
         page_size: tokens per page (from the model's :class:`SparseConfig`).
+        kv_dtype: storage dtype of keys / values (``SparseConfig.kv_storage_dtype``); None: the model's.
     """
 
-    def __init__(self, num_layers: int, max_length: int, page_size: int):
-        super().__init__(layers=[TinyServeLayer(max_length, page_size) for _ in range(num_layers)])
+    def __init__(self, num_layers: int, max_length: int, page_size: int, kv_dtype: torch.dtype | None = None):
+        super().__init__(layers=[TinyServeLayer(max_length, page_size, kv_dtype) for _ in range(num_layers)])
         self.page_size = page_size
         self.capacity = self.layers[0].capacity if self.layers else 0
 
@@ -290,7 +294,8 @@ def make_cache(model, batch_size: int | None = None, max_length: int = 0, page_s
         page_size = config.page_size if config is not None else 16
     if max_length <= 0:
         raise ValueError(f"make_cache needs max_length > 0 (prompt + new tokens), got {max_length}")
-    cache = TinyServeCache(num_decoder_layers(model), max_length, page_size)
+    kv_dtype = config.kv_storage_dtype if config is not None else None
+    cache = TinyServeCache(num_decoder_layers(model), max_length, page_size, kv_dtype)
     state = getattr(model, "_tinyserve_state", None)
     if state is not None:
         state.last_cache = cache

@@ -15,9 +15,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 POLICIES = ("quest", "oracle", "streaming", "random")
 PAGE_SIZES = (8, 16, 32, 64, 128)
 GQA_REDUCTIONS = ("max", "sum")
+#: kv_cache_dtype name -> storage dtype of the cached K/V (None: the model's dtype)
+KV_CACHE_DTYPES = {"auto": None, "fp8_e4m3": torch.float8_e4m3fn}
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
@@ -52,6 +56,12 @@ class SparseConfig:
             with the chunk, not the prompt, so long-context peak memory is little more than weights +
             KV cache. ``None``: one prefill forward (HF's default). Outputs equal the unchunked prefill's
             up to floating-point summation order.
+        kv_cache_dtype: storage of the cached keys and values. ``auto``: the model's dtype (exact).
+            ``fp8_e4m3``: ``float8_e4m3fn`` (half the cache memory of bf16 and half the bytes a decode step
+            reads), values saturated to +-448 and rounded to nearest, no scale factor (as vLLM's
+            uncalibrated fp8 cache); attention computes in the model's dtype; page metadata stays in
+            the model's dtype and bounds the stored (rounded) keys, so the Quest bound still holds.
+            Lossy: its accuracy cost is measured by the eval (README).
     """
 
     token_budget: int | None = 2048
@@ -66,6 +76,7 @@ class SparseConfig:
     collect_stats: bool = True
     track_recall: bool = False
     prefill_chunk_size: int | None = None
+    kv_cache_dtype: str = "auto"
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -100,6 +111,13 @@ class SparseConfig:
         pc = self.prefill_chunk_size
         if pc is not None and (not isinstance(pc, int) or isinstance(pc, bool) or pc < 1):
             _fail("prefill_chunk_size", pc, "a positive integer (tokens per prefill chunk) or None")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            _fail("kv_cache_dtype", self.kv_cache_dtype, f"one of {tuple(KV_CACHE_DTYPES)}")
+
+    @property
+    def kv_storage_dtype(self) -> torch.dtype | None:
+        """The torch dtype of the cached K/V, ``None`` for the model's own."""
+        return KV_CACHE_DTYPES[self.kv_cache_dtype]
 
     @property
     def is_dense(self) -> bool:
@@ -143,7 +161,7 @@ def _parse(name: str, value: Any) -> Any:
         return None
     if name == "prefill_chunk_size" and text.lower() in ("none", "off", "0"):
         return None
-    if name in ("policy", "gqa_reduction"):
+    if name in ("policy", "gqa_reduction", "kv_cache_dtype"):
         return text
     if name in ("fused", "collect_stats", "track_recall"):
         if text.lower() in ("1", "true", "yes"):

@@ -39,7 +39,7 @@ def quest(q, layer, seq_start, seq_end, config: SparseConfig) -> torch.Tensor:
 
 def oracle(q, layer, seq_start, seq_end, config: SparseConfig) -> torch.Tensor:
     """Exact top pages by max q.k (reads every key: a yardstick, not a speed-up)."""
-    scores = reference.oracle_page_scores(q, layer.keys, seq_start, seq_end, config.page_size, config.gqa_reduction)
+    scores = reference.oracle_page_scores(q, layer.keys.to(layer.dtype), seq_start, seq_end, config.page_size, config.gqa_reduction)
     return _select(scores, seq_start, seq_end, config)
 
 

@@ -7,7 +7,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import triton
+import triton.language as tl
+
 from tinyserve_patch.ops import reference as ref
+from tinyserve_patch.ops._triton_common import round_to_fp8_e4m3
 from tinyserve_patch.ops.triton_append import append_kv_triton
 
 from tests.ops.kernel_cases import DEVICE, gen, randn
@@ -106,3 +110,49 @@ def test_append_hypothesis(b, h, d, ps, pages, chunks, pad, seed):
         k_new, v_new = _new(b, h, n, d, torch.bfloat16, g, transposed=bool(seed % 2))
         _run_both(tri, refb, k_new, v_new, cur.to(torch.int32))
         cur = cur + n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_append_fp8_cache_matches_reference(dtype):
+    """An fp8 cache: K/V saturated at +-448 and rounded to nearest, metadata (model dtype) bounds the
+    stored keys; Triton == reference bit for bit, through prefill with padding, decode and page crossings."""
+    g = gen(5)
+    b, h, cap, d, ps = 2, 2, 64, 16, 8
+    tri = (torch.zeros(b, h, cap, d, dtype=torch.float8_e4m3fn, device=DEVICE),
+           torch.zeros(b, h, cap, d, dtype=torch.float8_e4m3fn, device=DEVICE),
+           torch.zeros(b, h, cap // ps, 2, d, dtype=dtype, device=DEVICE))
+    refb = tuple(t.clone() for t in tri)
+    cur = torch.tensor([-3, 0], device=DEVICE)
+    for n in (11, 1, 1, 9, 1):
+        k_new, v_new = _new(b, h, n, d, dtype, g, transposed=False)
+        k_new = k_new * 200  # some beyond +-448: saturated, never NaN
+        _run_both(tri, refb, k_new, v_new, cur.to(torch.int32))
+        cur = cur + n
+    keys = tri[0].float()
+    assert torch.isfinite(keys).all() and keys.abs().max() == 448.0
+    # the metadata is the min / max of the stored keys
+    expect = ref.build_meta(tri[0], int(cur.min()), ps, dtype=dtype)
+    filled = int(cur.min()) // ps
+    assert torch.equal(tri[2][:, :, :filled], expect[:, :, :filled])
+
+
+@triton.jit
+def _fp8_cast_kernel(x_ptr, y_ptr, N: tl.constexpr):
+    o = tl.arange(0, N)
+    tl.store(y_ptr + o, round_to_fp8_e4m3(tl.load(x_ptr + o)).to(y_ptr.dtype.element_ty))
+
+
+def test_round_to_fp8_grid_matches_torch_cast():
+    """The kernel's fp8 rounding (saturate, nearest-even, subnormals, signed zeros) == torch's cast."""
+    g = gen(6)
+    n = 2048
+    x = torch.cat([
+        torch.randn(n + n // 2, generator=g) * torch.logspace(-4, 3, n + n // 2),  # every binade, subnormals to saturation
+        torch.randint(-8000, 8000, (n // 2 - 12,), generator=g) / 16.0,  # exact ties of the fp8 grid
+        torch.tensor([0.0, -0.0, 448.0, -448.0, 460.0, 1e6, -1e6, 2.0**-9, 2.0**-10, -(2.0**-10), 1.96875, 0.01562]),
+    ])
+    x = x.to(DEVICE)  # 2 * n elements: one power-of-two block
+    y = torch.empty(x.numel(), dtype=torch.float8_e4m3fn, device=DEVICE)
+    _fp8_cast_kernel[(1,)](x, y, N=x.numel())
+    want = ref.to_storage(x, torch.float8_e4m3fn)
+    assert torch.equal(y.view(torch.uint8), want.view(torch.uint8))

@@ -105,3 +105,19 @@ def test_decode_hypothesis(b, h, g, d, ps, pages, sel, softcap, seed):
     idx = random_indices(b, h, pages, sel, gn, pad=seed % 2)
     start, end = rows(b, cap, gn, empty_row=seed % 3 == 0)
     _check(q, k, v, idx, start, end, ps, d**-0.5, softcap)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_fp8_cache_matches_reference(dtype):
+    """K/V stored as float8_e4m3fn, queries in the model's dtype: the kernel upcasts what it loads."""
+    gn = gen(12)
+    b, h, g, d, ps, cap = 2, 2, 4, 32, 8, 128
+    k, v, _ = cache(b, h, cap, d, ps, torch.float32, gn)
+    k8, v8 = ref.to_storage(k, torch.float8_e4m3fn), ref.to_storage(v, torch.float8_e4m3fn)
+    q = randn((b, h * g, d), dtype, gn)
+    idx = random_indices(b, h, cap // ps, 6, gn, pad=1)
+    start, end = rows(b, cap, gn)
+    out = sparse_decode_attention_triton(q, k8, v8, idx, start, end, ps, d**-0.5)
+    expect = ref.sparse_decode_attention(q.float(), k8, v8, idx, start, end, ps, d**-0.5)
+    assert out.dtype == q.dtype
+    assert rel_err(out, expect) < TOL[dtype], rel_err(out, expect)

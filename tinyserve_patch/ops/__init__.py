@@ -12,6 +12,8 @@ from . import library as _lib  # registers torch.ops.tinyserve.*
 from . import reference
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: K/V storage besides the model's dtype (page metadata and queries stay in the model's dtype)
+KV_STORAGE_DTYPES = reference.FP8_DTYPES
 MAX_HEAD_DIM = 256
 
 __all__ = [
@@ -31,10 +33,13 @@ def _check(cond: bool, msg: str) -> None:
 
 
 def check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, meta: torch.Tensor | None = None) -> int:
-    """Validate the cache layout; returns ``page_size``."""
+    """Validate the cache layout; returns ``page_size``. K/V are in the model's dtype (``meta``'s) or fp8."""
     _check(k_cache.dim() == 4, f"k_cache must be [batch, kv_heads, capacity, head_dim], got {tuple(k_cache.shape)}")
     _check(v_cache.shape == k_cache.shape, f"v_cache {tuple(v_cache.shape)} != k_cache {tuple(k_cache.shape)}")
-    _check(k_cache.dtype in SUPPORTED_DTYPES, f"cache dtype {k_cache.dtype} unsupported: {SUPPORTED_DTYPES}")
+    _check(
+        k_cache.dtype in SUPPORTED_DTYPES + KV_STORAGE_DTYPES,
+        f"cache dtype {k_cache.dtype} unsupported: {SUPPORTED_DTYPES + KV_STORAGE_DTYPES}",
+    )
     _check(v_cache.dtype == k_cache.dtype, "k_cache and v_cache dtypes differ")
     _check(k_cache.device == v_cache.device, "k_cache and v_cache are on different devices")
     _check(k_cache.shape[-1] <= MAX_HEAD_DIM, f"head_dim {k_cache.shape[-1]} > {MAX_HEAD_DIM} is not supported")
@@ -45,7 +50,12 @@ def check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, meta: torch.Tensor
         meta.dim() == 5 and meta.shape[:2] == (b, h) and meta.shape[3:] == (2, d),
         f"meta must be [batch, kv_heads, pages, 2, head_dim] matching the cache, got {tuple(meta.shape)}",
     )
-    _check(meta.dtype == k_cache.dtype and meta.device == k_cache.device, "meta must match the cache's dtype/device")
+    _check(meta.dtype in SUPPORTED_DTYPES, f"meta dtype {meta.dtype} unsupported: {SUPPORTED_DTYPES}")
+    _check(
+        meta.dtype == k_cache.dtype or k_cache.dtype in KV_STORAGE_DTYPES,
+        f"meta dtype {meta.dtype} != cache dtype {k_cache.dtype} (only an fp8 cache may differ)",
+    )
+    _check(meta.device == k_cache.device, "meta must be on the cache's device")
     pages = meta.shape[2]
     _check(pages > 0 and cap % pages == 0, f"capacity {cap} is not a whole number of pages ({pages})")
     page_size = cap // pages
@@ -60,11 +70,13 @@ def _check_rows(seq_start: torch.Tensor, seq_end: torch.Tensor, batch: int, devi
 
 
 def _check_query(q: torch.Tensor, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
-    _check(dtype in SUPPORTED_DTYPES, f"cache/meta dtype {dtype} unsupported: {SUPPORTED_DTYPES}")
+    """``q`` against the cache / metadata: its dtype must be ``dtype`` (an fp8 cache takes any model dtype)."""
+    _check(dtype in SUPPORTED_DTYPES + KV_STORAGE_DTYPES, f"cache/meta dtype {dtype} unsupported: {SUPPORTED_DTYPES}")
+    _check(q.dtype in SUPPORTED_DTYPES, f"q dtype {q.dtype} unsupported: {SUPPORTED_DTYPES}")
     _check(q.dim() == 3, f"q must be [batch, q_heads, head_dim], got {tuple(q.shape)}")
     _check(q.shape[-1] == head_dim, f"q head_dim {q.shape[-1]} != cache head_dim {head_dim}")
     _check(q.shape[1] % kv_heads == 0, f"q_heads {q.shape[1]} is not a multiple of kv_heads {kv_heads}")
-    _check(q.dtype == dtype, f"q dtype {q.dtype} != cache dtype {dtype}")
+    _check(q.dtype == dtype or dtype in KV_STORAGE_DTYPES, f"q dtype {q.dtype} != cache dtype {dtype}")
     _check(q.device == device, f"q is on {q.device}, the cache on {device}")
 
 
@@ -83,7 +95,8 @@ def append_kv(k_cache, v_cache, meta, k_new, v_new, pos) -> None:
         f"pos must be an integer tensor of 1 or batch={k_cache.shape[0]} elements, got {tuple(pos.shape)}",
     )
     _check(pos.device == k_cache.device and k_new.device == k_cache.device, "pos/k_new must be on the cache's device")
-    torch.ops.tinyserve.append_kv(k_cache, v_cache, meta, k_new.to(k_cache.dtype), v_new.to(v_cache.dtype), pos)
+    # new K/V arrive in the model's (meta's) dtype; the op rounds them into an fp8 cache itself
+    torch.ops.tinyserve.append_kv(k_cache, v_cache, meta, k_new.to(meta.dtype), v_new.to(meta.dtype), pos)
 
 
 def page_scores(q, meta, seq_start, seq_end, page_size: int, gqa_reduction: str = "max") -> torch.Tensor:

@@ -124,6 +124,22 @@ def mm(a, b, acc, F32: tl.constexpr):
 
 
 @triton.jit
+def round_to_fp8_e4m3(x):
+    """float32 ``x`` saturated to +-448 and rounded to nearest-even on the float8_e4m3fn grid, still as
+    float32 (then ``.to(float8)`` is exact): 3 mantissa bits for normals (integer rounding of the bits,
+    the carry into the exponent included), steps of 2^-9 below 2^-6 (subnormals). The same values as
+    ``x.clamp(-448, 448).to(torch.float8_e4m3fn)``; rounding here rather than in the cast keeps the
+    CPU interpreter, whose fp8 cast drops the carry (1.97 -> 1.0), exact too."""
+    x = tl.minimum(tl.maximum(x, -448.0), 448.0)
+    bits = x.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576
+    normal = bits.to(tl.float32, bitcast=True)
+    sub = (x + 24576.0) - 24576.0  # fp32 spacing at 2^14 is 2^-9: the add rounds to that grid
+    sub = tl.where(sub == 0.0, x * 0.0, sub)  # the sign of a zero
+    return tl.where(tl.abs(x) < 0.015625, sub, normal)
+
+
+@triton.jit
 def page_valid(pages, start, end, page_size):
     """Bool mask: page ``pages`` holds a token of ``[start, end)`` (int32 scalars)."""
     first = pages * page_size

@@ -4,8 +4,10 @@ Layouts (shared by the Triton kernels):
 
 * ``k_cache``, ``v_cache``: ``[batch, kv_heads, capacity, head_dim]``; ``capacity`` is a multiple of
   ``page_size``, so the paged view is ``[batch, kv_heads, pages, page_size, head_dim]`` with no copy.
-* ``meta``: ``[batch, kv_heads, pages, 2, head_dim]`` in the keys' dtype; ``meta[..., 0, :]`` is the
+* ``meta``: ``[batch, kv_heads, pages, 2, head_dim]`` in the model's dtype; ``meta[..., 0, :]`` is the
   element-wise minimum and ``meta[..., 1, :]`` the maximum of the keys written to that page so far.
+  The cache holds K/V in the model's dtype or in ``float8_e4m3fn`` (:func:`to_storage`: saturated,
+  rounded to nearest); the metadata then bounds the stored, rounded keys, and attention upcasts.
 * ``q``: the decode query, ``[batch, q_heads, head_dim]``; query head ``h`` reads KV head
   ``h // (q_heads // kv_heads)`` (HF ``repeat_kv`` order).
 * ``seq_start``, ``seq_end``: ``[batch]`` int32; row ``b`` holds valid tokens at positions
@@ -25,6 +27,25 @@ import math
 import torch
 
 NEG_INF = float("-inf")
+
+
+#: Storage dtypes of a quantised K/V cache (keys/values only: page metadata stays in the model's dtype).
+FP8_DTYPES = (torch.float8_e4m3fn,)
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def to_storage(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in the cache's storage ``dtype``; fp8: saturated to +-448 first, then rounded to nearest."""
+    if dtype in FP8_DTYPES:
+        return x.float().clamp(-FP8_MAX, FP8_MAX).to(dtype)
+    return x.to(dtype)
+
+
+def gather_tokens(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``torch.gather(cache, 2, index)``, also for fp8 caches (gathered as bytes: CPU has no fp8 gather)."""
+    if cache.dtype in FP8_DTYPES:
+        return torch.gather(cache.view(torch.uint8), 2, index).view(cache.dtype)
+    return torch.gather(cache, 2, index)
 
 
 def num_pages(capacity: int, page_size: int) -> int:
@@ -64,28 +85,34 @@ def append_kv(
         if first >= n:
             continue
         lo_pos, end = p0 + first, p0 + n
-        k_cache[row, :, lo_pos:end] = k_new[row, :, first:].to(k_cache.dtype)
-        v_cache[row, :, lo_pos:end] = v_new[row, :, first:].to(v_cache.dtype)
+        k_cache[row, :, lo_pos:end] = to_storage(k_new[row, :, first:], k_cache.dtype)
+        v_cache[row, :, lo_pos:end] = to_storage(v_new[row, :, first:], v_cache.dtype)
         for page in range(lo_pos // page_size, (end - 1) // page_size + 1):
             lo = page * page_size
             hi = min(lo + page_size, end)
-            block = k_cache[row, :, lo:hi]
+            block = k_cache[row, :, lo:hi].to(meta.dtype)  # the stored (possibly rounded) keys
             meta[row, :, page, 0] = block.amin(dim=1)
             meta[row, :, page, 1] = block.amax(dim=1)
 
 
-def build_meta(k_cache: torch.Tensor, length: int, page_size: int) -> torch.Tensor:
-    """Bulk metadata of the first ``length`` tokens of ``k_cache``: ``[batch, kv_heads, pages, 2, head_dim]``.
+def build_meta(k_cache: torch.Tensor, length: int, page_size: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Bulk metadata of the first ``length`` tokens of ``k_cache``: ``[batch, kv_heads, pages, 2, head_dim]``
+    in ``dtype`` (default the cache's; required for an fp8 cache: the model's dtype).
 
     Pages past ``length`` are left as zeros (they are never valid)."""
     b, h, capacity, d = k_cache.shape
+    if dtype is None:
+        if k_cache.dtype in FP8_DTYPES:
+            raise ValueError("build_meta of an fp8 cache needs dtype= (the model's dtype)")
+        dtype = k_cache.dtype
     pages = capacity // page_size
-    meta = torch.zeros(b, h, pages, 2, d, dtype=k_cache.dtype, device=k_cache.device)
+    meta = torch.zeros(b, h, pages, 2, d, dtype=dtype, device=k_cache.device)
     for page in range(0, (length + page_size - 1) // page_size):
         lo = page * page_size
         hi = min(lo + page_size, length)
-        meta[:, :, page, 0] = k_cache[:, :, lo:hi].amin(dim=2)
-        meta[:, :, page, 1] = k_cache[:, :, lo:hi].amax(dim=2)
+        block = k_cache[:, :, lo:hi].to(dtype)
+        meta[:, :, page, 0] = block.amin(dim=2)
+        meta[:, :, page, 1] = block.amax(dim=2)
     return meta
 
 
@@ -300,8 +327,8 @@ def sparse_decode_attention(
     valid = (idx >= 0)[..., None].expand(b, hkv, k_sel, page_size).reshape(b, hkv, -1)
     valid = valid & token_valid_mask(seq_start, seq_end, positions)
     gather = positions[..., None].expand(-1, -1, -1, d)
-    keys = torch.gather(k_cache, 2, gather)
-    values = torch.gather(v_cache, 2, gather)
+    keys = gather_tokens(k_cache, gather)
+    values = gather_tokens(v_cache, gather)
     out = _attend(_group(q, hkv), keys, values, valid, scale, softcap)
     return out.reshape(b, -1, d).to(q.dtype)
 

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import check, check_float_dtype, check_head_dim
+from ._triton_common import check, check_float_dtype, check_head_dim, round_to_fp8_e4m3
 
 
 @triton.jit
@@ -53,6 +53,7 @@ def _append_kernel(
     stride_vd,
     PAGE_SIZE: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     bh = tl.program_id(0)
     slot = tl.program_id(1)
@@ -81,6 +82,9 @@ def _append_kernel(
         v_new + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + i[:, None] * stride_vt + offs_d[None, :] * stride_vd,
         mask=new_m,
     )
+    if FP8:  # saturate, then round to nearest (as reference.to_storage); the metadata bounds the rounded keys
+        kn = round_to_fp8_e4m3(kn.to(tl.float32)).to(k_cache.dtype.element_ty)
+        vn = round_to_fp8_e4m3(vn.to(tl.float32)).to(v_cache.dtype.element_ty)
     tl.store(k_cache + cache_off, kn, mask=new_m)
     tl.store(v_cache + cache_off, vn, mask=new_m)
 
@@ -107,8 +111,12 @@ def append_kv_triton(
     """In-place append (see module docstring). ``pos``: int tensor of 1 or B elements on the cache's
     device (never read on the host)."""
     check(k_cache.dim() == 4 and v_cache.shape == k_cache.shape, "k_cache / v_cache must be [B, Hkv, cap, D] alike")
-    check_float_dtype(k_cache, "k_cache")
-    check(v_cache.dtype == k_cache.dtype and meta.dtype == k_cache.dtype, "k_cache, v_cache and meta dtypes differ")
+    check_float_dtype(meta, "meta")
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    check(
+        v_cache.dtype == k_cache.dtype and (meta.dtype == k_cache.dtype or fp8),
+        f"k_cache / v_cache / meta dtypes {k_cache.dtype} / {v_cache.dtype} / {meta.dtype}: K/V in meta's dtype or float8_e4m3fn",
+    )
     b, hkv, cap, d = k_cache.shape
     check_head_dim(d)
     check(meta.dim() == 5 and meta.shape[:2] == (b, hkv) and meta.shape[3:] == (2, d), f"meta {tuple(meta.shape)} does not match the cache")
@@ -121,10 +129,10 @@ def append_kv_triton(
     check(pos.numel() in (1, b) and not pos.is_floating_point(), f"pos must be an integer tensor of 1 or {b} elements")
     check(k_cache.stride(-1) == 1 and v_cache.stride() == k_cache.stride(), "k_cache / v_cache must be alike with a contiguous head_dim")
     check(meta.stride(-1) == 1, "meta must have a contiguous head_dim")
-    if k_new.dtype != k_cache.dtype:
-        k_new = k_new.to(k_cache.dtype)
-    if v_new.dtype != v_cache.dtype:
-        v_new = v_new.to(v_cache.dtype)
+    if k_new.dtype != meta.dtype:  # the kernel rounds to an fp8 cache itself
+        k_new = k_new.to(meta.dtype)
+    if v_new.dtype != meta.dtype:
+        v_new = v_new.to(meta.dtype)
     n = k_new.shape[2]
     if n == 0 or b * hkv == 0:
         return
@@ -136,6 +144,6 @@ def append_kv_triton(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         meta.stride(0), meta.stride(1), meta.stride(2), meta.stride(3),
         *k_new.stride(), *v_new.stride(),
-        PAGE_SIZE=page_size, BLOCK_D=triton.next_power_of_2(d),
+        PAGE_SIZE=page_size, BLOCK_D=triton.next_power_of_2(d), FP8=fp8,
         num_warps=4 if page_size * d <= 4096 else 8,
     )

@@ -99,7 +99,7 @@ def _decode_split_kernel(
             k_base + pos[None, :].to(tl.int64) * stride_ct + offs_d[:, None],
             mask=valid[None, :] & dmask[:, None],
             other=0.0,
-        )  # [BLOCK_D, BLOCK_N]
+        ).to(q.dtype)  # [BLOCK_D, BLOCK_N] (an fp8 cache upcast to q's dtype)
         s = mm(q, k_t, None, F32)  # [G_PAD, BLOCK_N] raw q.k
         if SOFTCAP:
             # cap * tanh(scale * s / cap) in log2 units (qk_scale = scale / cap, softcap = cap * log2(e));
@@ -118,7 +118,7 @@ def _decode_split_kernel(
             v_base + pos[:, None].to(tl.int64) * stride_ct + offs_d[None, :],
             mask=valid[:, None] & dmask[None, :],
             other=0.0,
-        )  # [BLOCK_N, BLOCK_D]
+        ).to(q.dtype)  # [BLOCK_N, BLOCK_D]
         acc = mm(p.to(v.dtype), v, acc * alpha[:, None], F32)
         m_i = m_new
 
@@ -209,8 +209,11 @@ def sparse_decode_attention_triton(
     """``[B, Hq, D]`` attention over the selected pages (see module docstring). ``num_splits``,
     ``block_n``, ``num_warps`` and ``num_stages`` override the tuned defaults (tests, tuning)."""
     check(k_cache.dim() == 4 and v_cache.shape == k_cache.shape, "k_cache / v_cache must be [B, Hkv, cap, D] alike")
-    check_float_dtype(k_cache, "k_cache")
-    check(v_cache.dtype == k_cache.dtype and q.dtype == k_cache.dtype, f"q / k_cache / v_cache dtypes differ: {q.dtype} {k_cache.dtype} {v_cache.dtype}")
+    check_float_dtype(q, "q")
+    check(
+        v_cache.dtype == k_cache.dtype and k_cache.dtype in (q.dtype, torch.float8_e4m3fn),
+        f"q / k_cache / v_cache dtypes {q.dtype} / {k_cache.dtype} / {v_cache.dtype}: K/V in q's dtype or float8_e4m3fn",
+    )
     b, hkv, cap, d = k_cache.shape
     check_head_dim(d)
     check_page_size(page_size)
