@@ -1,12 +1,13 @@
-"""Launch-parameter sweep of the sparse decode attention kernel and the selection kernel (GPU only).
+"""Launch-parameter sweep of the attention, score and selection kernels (GPU only).
 
-    python benchmarks/tune_decode.py [--out tune.json]
+    python benchmarks/tune_decode.py [--kernels attention score select] [--out tune.json]
 
 For each shape (model, batch, tokens, budget) it times ``sparse_decode_attention_triton`` under CUDA
 graphs (``do_bench_cudagraph``, median, caches rotated beyond the L2 as in ``bench_kernels.py``) over
-``num_splits`` x ``block_n`` x ``num_warps`` x ``num_stages``, and ``select_pages_triton`` over
-``num_warps``; every configuration's output is first checked against the default launch (attention:
-allclose in fp32; selection: identical indices). Prints the best configurations per shape beside the
+``num_splits`` x ``block_n`` x ``num_warps`` x ``num_stages`` x ``merge`` (second kernel or inline),
+``page_scores_triton`` over ``blocks_per_program`` x ``block_p`` x ``num_warps`` x ``num_stages``, and
+``select_pages_triton`` over ``num_warps``; every configuration's output is first checked against the default launch (attention:
+allclose in fp32; score: allclose; selection: identical indices). Prints the best configurations per shape beside the
 default and the byte floor, and writes JSON (device, versions, commit, rows). The defaults in
 ``ops/triton_decode.py`` / ``ops/_triton_common.py`` are chosen from this sweep.
 """
@@ -55,8 +56,9 @@ def sweep(shape, bw: float, l2: int, rep: int, kernels) -> list[dict]:
     c0 = copies.items[0]
     want = sparse_decode_attention_triton(c0["q"], c0["k"], c0["v"], c0["idx"], start, end, PAGE, d**-0.5).float()
     splits_grid = [None, 2, 4, 8, 16, 32] if batch * hkv >= 32 else [None, 4, 8, 16, 32, 64]
-    attention_grid = [{}] + [dict(num_splits=s, block_n=n, num_warps=w, num_stages=st) for s, n, w, st in
-                             itertools.product(splits_grid, (64, 128), (2, 4, 8), (2, 3, 4))]
+    # (the 2026-11-23 H100 sweep over warps 2/4/8 and stages 2/3/4 found 4 warps, 2 stages: kept narrow)
+    attention_grid = [{}] + [dict(num_splits=s, block_n=n, num_warps=w, num_stages=st, merge=m) for s, n, w, st, m in
+                             itertools.product(splits_grid, (64, 128), (4, 8), (2, 3), ("kernel", "inline"))]
     for kw in attention_grid if "attention" in kernels else ():
         try:
             got = sparse_decode_attention_triton(c0["q"], c0["k"], c0["v"], c0["idx"], start, end, PAGE, d**-0.5, **kw)
@@ -110,7 +112,7 @@ def summary(rows: list[dict]) -> str:
         bad = [r for r in group if not r["ok"]]
         lines.append(f"{key}: default {default['graph_ms'] * 1e3:.1f} us; {len(bad)} configs mismatched")
         for r in good[:6]:
-            cfg = {k: r.get(k) for k in ("num_splits", "block_n", "blocks_per_program", "block_p", "num_warps", "num_stages") if k in r}
+            cfg = {k: r.get(k) for k in ("num_splits", "block_n", "blocks_per_program", "block_p", "num_warps", "num_stages", "merge") if k in r}
             floor = f" ({100 * r['floor_ms'] / r['graph_ms']:.0f}% floor)" if "floor_ms" in r else ""
             lines.append(f"   {r['graph_ms'] * 1e3:7.1f} us{floor} {cfg}")
     return "\n".join(lines)

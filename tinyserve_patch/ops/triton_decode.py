@@ -11,8 +11,10 @@ and walks it ``BLOCK_N`` tokens at a time, all ``G`` query heads of the KV head 
 16 rows for ``tl.dot``), online softmax in fp32 with ``exp2`` (log2(e) folded into the scale), optional
 soft-capping ``cap * tanh(s / cap)``. With one split it writes the output directly; otherwise it writes
 the normalised partial output and the log2-sum-exp to an fp32 workspace and kernel 2, grid ``(B * Hq,)``,
-merges the splits. ``num_splits`` depends on shapes only (``~2 x`` SM count programs), so the launch is
-static and CUDA-graph safe.
+merges the splits (or, with ``merge="inline"``, the last split of each (row, KV head) to finish merges
+them, found with an atomic counter that it resets). ``num_splits`` depends on shapes only (``~2 x`` SM
+count programs), so the launch is static and CUDA-graph safe. K/V may be stored as float8_e4m3fn: loads
+are upcast to q's dtype.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ def _decode_split_kernel(
     out_ptr,
     o_ws_ptr,
     lse_ws_ptr,
+    counter_ptr,
     num_select,
     kv_heads,
     num_splits,
@@ -63,6 +66,7 @@ def _decode_split_kernel(
     SOFTCAP: tl.constexpr,
     SINGLE: tl.constexpr,
     F32: tl.constexpr,
+    INLINE_MERGE: tl.constexpr,
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -132,6 +136,33 @@ def _decode_split_kernel(
         tl.store(o_ws_ptr + ws_row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=row_mask[:, None] & dmask[None, :])
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
         tl.store(lse_ws_ptr + ws_row, lse, mask=row_mask)
+        if INLINE_MERGE:
+            # the last split of (row, KV head) to finish merges them all (no second kernel); it resets the
+            # counter for the next call, so the launch stays CUDA-graph safe
+            tl.debug_barrier()
+            done = tl.atomic_add(counter_ptr + bh, 1, sem="acq_rel")
+            if done == num_splits - 1:
+                ws0 = bh.to(tl.int64) * num_splits * G + rows  # [G_PAD] workspace rows of split 0
+                m = tl.full([G_PAD], float("-inf"), tl.float32)
+                for s in range(0, num_splits):
+                    ls = tl.load(lse_ws_ptr + ws0 + s * G, mask=row_mask, other=float("-inf"), cache_modifier=".cg")
+                    m = tl.maximum(m, ls)
+                m_use = tl.where(m == float("-inf"), 0.0, m)
+                w_sum = tl.zeros([G_PAD], tl.float32)
+                merged = tl.zeros([G_PAD, BLOCK_D], tl.float32)
+                for s in range(0, num_splits):
+                    ls = tl.load(lse_ws_ptr + ws0 + s * G, mask=row_mask, other=float("-inf"), cache_modifier=".cg")
+                    w = tl.exp2(ls - m_use)
+                    o_s = tl.load(
+                        o_ws_ptr + (ws0 + s * G)[:, None] * HEAD_DIM + offs_d[None, :],
+                        mask=row_mask[:, None] & dmask[None, :], other=0.0, cache_modifier=".cg",
+                    )
+                    merged += w[:, None] * o_s
+                    w_sum += w
+                res = tl.where(w_sum[:, None] > 0.0, merged / tl.where(w_sum > 0.0, w_sum, 1.0)[:, None], 0.0)
+                out_ptrs = out_ptr + b.to(tl.int64) * stride_ob + (h * G + rows)[:, None].to(tl.int64) * stride_oh + offs_d[None, :]
+                tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & dmask[None, :])
+                tl.atomic_xchg(counter_ptr + bh, 0)
 
 
 @triton.jit
@@ -180,6 +211,26 @@ def _decode_merge_kernel(
     tl.store(out_ptr + b.to(tl.int64) * stride_ob + hq.to(tl.int64) * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty), mask=dmask)
 
 
+#: How several splits are merged by default: ``"kernel"`` (a second launch, the measured default) or
+#: ``"inline"`` (the last split of each (row, KV head) merges, found by an atomic counter; saves a launch,
+#: not yet timed on a GPU: ``benchmarks/tune_decode.py``).
+DEFAULT_MERGE = "kernel"
+_MERGE_COUNTERS: dict = {}
+
+
+def merge_counters(device: torch.device, n: int) -> torch.Tensor | None:
+    """A persistent zeroed int32 buffer of at least ``n`` counters on ``device`` (each call leaves it
+    zeroed again), or None when it would have to be allocated during CUDA-graph capture. One decode
+    stream per device at a time: two concurrent launches would share the counters."""
+    buf = _MERGE_COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _MERGE_COUNTERS[device] = buf
+    return buf
+
+
 def plan_splits(batch_heads: int, num_select: int, page_size: int, block_n: int, sm_count: int) -> tuple[int, int]:
     """``(num_splits, tokens_per_split)``: about two programs per SM, at least ``block_n`` tokens each;
     ``tokens_per_split`` is a multiple of ``block_n``. Shapes only (no data), so launches are static."""
@@ -205,9 +256,13 @@ def sparse_decode_attention_triton(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int = 2,
+    merge: str | None = None,
 ) -> torch.Tensor:
     """``[B, Hq, D]`` attention over the selected pages (see module docstring). ``num_splits``,
-    ``block_n``, ``num_warps`` and ``num_stages`` override the tuned defaults (tests, tuning)."""
+    ``block_n``, ``num_warps``, ``num_stages`` and ``merge`` (``"kernel"`` / ``"inline"``, see
+    :data:`DEFAULT_MERGE`) override the tuned defaults (tests, tuning)."""
+    merge = merge or DEFAULT_MERGE
+    check(merge in ("kernel", "inline"), f"merge={merge!r}: allowed 'kernel' or 'inline'")
     check(k_cache.dim() == 4 and v_cache.shape == k_cache.shape, "k_cache / v_cache must be [B, Hkv, cap, D] alike")
     check_float_dtype(q, "q")
     check(
@@ -246,22 +301,24 @@ def sparse_decode_attention_triton(
         per = triton.cdiv(triton.cdiv(n_sel * page_size, num_splits), block_n) * block_n
         splits = triton.cdiv(n_sel * page_size, per)
     single = splits == 1
+    counters = merge_counters(q.device, b * hkv) if merge == "inline" and not single else None
+    inline = counters is not None
     if single:
         o_ws = lse_ws = out  # unused
     else:
         o_ws = torch.empty((b * hkv * splits * g, d), dtype=torch.float32, device=q.device)
         lse_ws = torch.empty((b * hkv * splits * g,), dtype=torch.float32, device=q.device)
     _decode_split_kernel[(b * hkv, splits)](
-        q, k_cache, v_cache, indices, seq_start, seq_end, out, o_ws, lse_ws,
+        q, k_cache, v_cache, indices, seq_start, seq_end, out, o_ws, lse_ws, counters if inline else out,
         n_sel, hkv, splits, per,
         float(scale) / softcap if softcap else float(scale) * LOG2E, float(softcap) * LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         indices.stride(0), indices.stride(1), out.stride(0), out.stride(1),
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=block_n,
-        PAGE_SIZE=page_size, SOFTCAP=bool(softcap), SINGLE=single, F32=f32_dot(q.dtype),
+        PAGE_SIZE=page_size, SOFTCAP=bool(softcap), SINGLE=single, F32=f32_dot(q.dtype), INLINE_MERGE=inline,
         num_warps=num_warps or (4 if block_d <= 128 else 8), num_stages=num_stages,
     )
-    if not single:
+    if not single and not inline:
         _decode_merge_kernel[(b * hq,)](
             o_ws, lse_ws, out, hq, hkv, splits, out.stride(0), out.stride(1),
             G=g, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits),
