@@ -1,32 +1,57 @@
 #!/usr/bin/env bash
-# One device call (<= 10 min on one H100): GPU tests, kernel benchmark, end-to-end benchmark, quick-start.
-# Usage on the device machine, from the repo root:  bash benchmarks/gpu_session.sh
+# One device call (<= 10 min on one H100) running the stages named in $STAGES, in order:
+#   tests   GPU tests (python -m pytest -m gpu tests/gpu)
+#   memory  bench_e2e.py --grid memory (B=4/32K peak memory: HF default vs chunked / fp8 tinyserve)
+#   tune    tune_decode.py (launch sweep: score walk, attention splits / inline merge, selection warps)
+#   kernels bench_kernels.py ($KERNEL_ARGS, default: the full grid)
+#   e2e     bench_e2e.py ($E2E_ARGS, default --quick)
+#   quick   examples/quickstart.py
+# Usage on the device machine, from the repo root:
+#   GIT_COMMIT=<sha> STAGES="tests memory tune" bash benchmarks/gpu_session.sh
+#   GIT_COMMIT=<sha> STAGES="kernels e2e" bash benchmarks/gpu_session.sh
 # Writes at most 8 files under $OUT (the device tool's return folder); commit the JSON under
 # benchmarks/results/. Each stage has its own time limit so one stage cannot eat the others'.
+# GIT_COMMIT: the commit the copied tree is at (its .git HEAD may be stale there); it goes into the JSON.
 set -u -o pipefail
 OUT=${OUT:-/tmp/tinyserve-gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-T_TESTS=${T_TESTS:-150} T_KERNELS=${T_KERNELS:-170} T_E2E=${T_E2E:-200} T_QUICK=${T_QUICK:-60}
+STAGES=${STAGES:-tests memory tune}
+COMMIT=${GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+export GIT_COMMIT=$COMMIT
+T_TESTS=${T_TESTS:-220} T_MEMORY=${T_MEMORY:-190} T_TUNE=${T_TUNE:-170} T_KERNELS=${T_KERNELS:-300}
+T_E2E=${T_E2E:-280} T_QUICK=${T_QUICK:-60}
 
 {
   date -u +%FT%TZ
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-  git rev-parse HEAD 2>/dev/null || echo "commit unknown"
+  echo "commit $COMMIT; stages: $STAGES"
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-echo "== GPU tests"
-timeout "$T_TESTS" python -m pytest -m gpu tests/gpu -q -p no:cacheprovider -x 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
-
-echo "== kernel benchmark"
-timeout "$T_KERNELS" python benchmarks/bench_kernels.py --out "$OUT/kernels.json" ${KERNEL_ARGS:-} > "$OUT/kernels.log" 2>&1
-tail -45 "$OUT/kernels.log"
-
-echo "== end-to-end benchmark"
-timeout "$T_E2E" python benchmarks/bench_e2e.py --out "$OUT/e2e.json" --time-budget $((T_E2E - 30)) ${E2E_ARGS:---quick} > "$OUT/e2e.log" 2>&1
-tail -40 "$OUT/e2e.log"
-
-echo "== quick-start"
-timeout "$T_QUICK" python examples/quickstart.py --json "$OUT/quickstart.json" 2>&1 | tail -12
+for stage in $STAGES; do
+  echo "== $stage"
+  case $stage in
+    tests)
+      timeout "$T_TESTS" python -m pytest -m gpu tests/gpu -q -p no:cacheprovider -rf 2>&1 | grep -v DEBUG > "$OUT/gpu_tests.log"
+      tail -15 "$OUT/gpu_tests.log" ;;
+    memory)
+      timeout "$T_MEMORY" python benchmarks/bench_e2e.py --grid memory --commit "$COMMIT" --time-budget $((T_MEMORY - 20)) \
+        --out "$OUT/e2e_memory.json" > "$OUT/e2e_memory.log" 2>&1
+      grep -E "^\[|PASS|FAIL" "$OUT/e2e_memory.log" | cut -c1-320 ;;
+    tune)
+      timeout "$T_TUNE" python benchmarks/tune_decode.py ${TUNE_ARGS:---kernels score attention} --out "$OUT/tune_decode.json" > "$OUT/tune.log" 2>&1
+      tail -40 "$OUT/tune.log" ;;
+    kernels)
+      timeout "$T_KERNELS" python benchmarks/bench_kernels.py --out "$OUT/kernels.json" ${KERNEL_ARGS:-} > "$OUT/kernels.log" 2>&1
+      tail -45 "$OUT/kernels.log" ;;
+    e2e)
+      timeout "$T_E2E" python benchmarks/bench_e2e.py --commit "$COMMIT" --out "$OUT/e2e.json" --time-budget $((T_E2E - 30)) \
+        ${E2E_ARGS:---quick} > "$OUT/e2e.log" 2>&1
+      tail -40 "$OUT/e2e.log" ;;
+    quick)
+      timeout "$T_QUICK" python examples/quickstart.py --json "$OUT/quickstart.json" 2>&1 | tail -12 ;;
+    *) echo "unknown stage $stage" ;;
+  esac
+done

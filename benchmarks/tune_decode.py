@@ -133,17 +133,17 @@ def main(argv=None) -> int:
     bw = copy_bandwidth(args.rep)
     t0 = time.time()
     rows = []
-    for shape in SHAPES:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for shape in SHAPES:  # most important first; the JSON is rewritten after each shape (a timeout keeps it)
         rows += sweep(shape, bw, l2, args.rep, args.kernels)
         torch.cuda.empty_cache()
         print(f"{shape} done ({time.time() - t0:.0f} s)", flush=True)
-    text = summary(rows)
+        text = summary(rows)
+        doc = {"device": torch.cuda.get_device_name(0), "versions": _versions(), "commit": _commit(),
+               "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "copy_bandwidth_Bps": bw,
+               "seconds": round(time.time() - t0, 1), "rows": rows, "summary": text}
+        out.write_text(json.dumps(doc, indent=1))
     print(text)
-    doc = {"device": torch.cuda.get_device_name(0), "versions": _versions(), "commit": _commit(),
-           "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "copy_bandwidth_Bps": bw,
-           "seconds": round(time.time() - t0, 1), "rows": rows, "summary": text}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1))
     print(f"wrote {out}")
     return 0
 
