@@ -42,13 +42,16 @@ def test_gpu_family_bf16(family):
     assert torch.equal(model.generate(ids, attention_mask=mask, **kwargs), dense.sequences)
 
 
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8_e4m3"])
 @pytest.mark.parametrize("family", list(FAMILIES))
 @torch.no_grad()
-def test_gpu_sparse_decode_equals_cpu_reference(family):
+def test_gpu_sparse_decode_equals_cpu_reference(family, kv_cache_dtype):
     """The same fp32 model patched with a small budget: the Triton kernels on the GPU give the CPU
-    reference ops' teacher-forced decode logits (same pages selected, same attention)."""
-    cpu = tp.patch_model(tiny_model(family, torch.float32), token_budget=32, page_size=8, dense_layers=0)
-    gpu = tp.patch_model(tiny_model(family, torch.float32).cuda(), token_budget=32, page_size=8, dense_layers=0)
+    reference ops' teacher-forced decode logits (same pages selected, same attention); with fp8 K/V the
+    two round the cache identically."""
+    cfg = dict(token_budget=32, page_size=8, dense_layers=0, kv_cache_dtype=kv_cache_dtype)
+    cpu = tp.patch_model(tiny_model(family, torch.float32), **cfg)
+    gpu = tp.patch_model(tiny_model(family, torch.float32).cuda(), **cfg)
     ids, mask = batch(pad=9)
     cont = torch.randint(1, 100, (2, GEN["max_new_tokens"]), generator=torch.Generator().manual_seed(3))
     want = decode_logits(cpu, ids, cont, mask)
