@@ -94,6 +94,7 @@ def _score_kernel(
     GQA_SUM: tl.constexpr,
     F32: tl.constexpr,
     STAGES: tl.constexpr,
+    WALK: tl.constexpr,
 ):
     bh = tl.program_id(0)
     pb = tl.program_id(1)
@@ -104,10 +105,18 @@ def _score_kernel(
     q_pos, q_neg = load_group_query(q_ptr, b, h, stride_qb, stride_qh, G, G_PAD, D, BLOCK_D)
     meta_bh = meta_ptr + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
     out_bh = out_ptr + bh.to(tl.int64) * num_pages
-    first = pb * blocks_per_program
-    last = tl.minimum(first + blocks_per_program, tl.cdiv(num_pages, BLOCK_P))
-    for blk in tl.range(first, last, num_stages=STAGES):
-        pages = blk * BLOCK_P + tl.arange(0, BLOCK_P)
+    if WALK:  # several blocks per program, software-pipelined
+        first = pb * blocks_per_program
+        last = tl.minimum(first + blocks_per_program, tl.cdiv(num_pages, BLOCK_P))
+        for blk in tl.range(first, last, num_stages=STAGES):
+            pages = blk * BLOCK_P + tl.arange(0, BLOCK_P)
+            s = score_block(
+                q_pos, q_neg, meta_bh, pages, num_pages, start, end, stride_mp, stride_mm, D, page_size,
+                G, G_PAD, BLOCK_D, GQA_SUM, F32,
+            )
+            tl.store(out_bh + pages, s, mask=pages < num_pages)
+    else:  # one block per program (the measured default launch)
+        pages = pb * BLOCK_P + tl.arange(0, BLOCK_P)
         s = score_block(
             q_pos, q_neg, meta_bh, pages, num_pages, start, end, stride_mp, stride_mm, D, page_size,
             G, G_PAD, BLOCK_D, GQA_SUM, F32,
@@ -182,6 +191,6 @@ def page_scores_triton(
     _score_kernel[grid](
         q, meta, seq_start, seq_end, out, pages, hkv, d,
         q.stride(0), q.stride(1), meta.stride(0), meta.stride(1), meta.stride(2), meta.stride(3), page_size,
-        blocks_per_program, BLOCK_P=block_p, STAGES=num_stages, num_warps=num_warps, **consts,
+        blocks_per_program, BLOCK_P=block_p, STAGES=num_stages, WALK=blocks_per_program > 1, num_warps=num_warps, **consts,
     )
     return out
