@@ -7,7 +7,8 @@ graphs (``do_bench_cudagraph``, median, caches rotated beyond the L2 as in ``ben
 ``num_splits`` x ``block_n`` x ``num_warps`` x ``num_stages`` x ``merge`` (second kernel or inline),
 ``page_scores_triton`` over ``blocks_per_program`` x ``block_p`` x ``num_warps`` x ``num_stages``, and
 ``select_pages_triton`` over ``num_warps``; every configuration's output is first checked against the default launch (attention:
-allclose in fp32; score: allclose; selection: identical indices). Prints the best configurations per shape beside the
+allclose in fp32; score: allclose; selection: identical indices), and dense SDPA decode on the same
+caches is timed as the run's baseline. Prints the best configurations per shape beside the
 default and the byte floor, and writes JSON (device, versions, commit, rows). The defaults in
 ``ops/triton_decode.py`` / ``ops/_triton_common.py`` are chosen from this sweep.
 """
@@ -52,7 +53,13 @@ def sweep(shape, bw: float, l2: int, rep: int, kernels) -> list[dict]:
         c["scores"] = page_scores_triton(c["q"], c["meta"], start, end, PAGE, "max")
         c["idx"] = select_pages_triton(c["scores"], start, end, PAGE, nsel, 1, 1)
     base = {"model": model, "batch": batch, "tokens": length, "budget": budget}
-    rows = []
+
+    def dense():  # the baseline of this run: dense SDPA decode over the whole cache
+        c = copies.next()
+        return torch.nn.functional.scaled_dot_product_attention(c["q"][:, :, None, :], c["k"], c["v"], scale=d**-0.5, enable_gqa=True)
+
+    rows = [dict(base, kernel="dense_sdpa", default=True, ok=True, graph_ms=_bench(dense, graph=True, rep=rep),
+                 floor_ms=(kv_bytes + 2 * batch * hq * d * 2) / bw * 1e3)]
     c0 = copies.items[0]
     want = sparse_decode_attention_triton(c0["q"], c0["k"], c0["v"], c0["idx"], start, end, PAGE, d**-0.5).float()
     splits_grid = [None, 2, 4, 8, 16, 32] if batch * hkv >= 32 else [None, 4, 8, 16, 32, 64]

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from ._triton_common import check, check_float_dtype, check_head_dim, round_to_fp8_e4m3
+from .reference import FP8_DTYPES
 
 
 @triton.jit
@@ -112,7 +113,7 @@ def append_kv_triton(
     device (never read on the host)."""
     check(k_cache.dim() == 4 and v_cache.shape == k_cache.shape, "k_cache / v_cache must be [B, Hkv, cap, D] alike")
     check_float_dtype(meta, "meta")
-    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    fp8 = k_cache.dtype in FP8_DTYPES
     check(
         v_cache.dtype == k_cache.dtype and (meta.dtype == k_cache.dtype or fp8),
         f"k_cache / v_cache / meta dtypes {k_cache.dtype} / {v_cache.dtype} / {meta.dtype}: K/V in meta's dtype or float8_e4m3fn",

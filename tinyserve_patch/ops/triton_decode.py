@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from ._triton_common import check, check_float_dtype, check_head_dim, check_page_size, check_rows, f32_dot, mm, sm_count
+from .reference import FP8_DTYPES
 
 LOG2E = 1.4426950408889634
 
@@ -266,7 +267,7 @@ def sparse_decode_attention_triton(
     check(k_cache.dim() == 4 and v_cache.shape == k_cache.shape, "k_cache / v_cache must be [B, Hkv, cap, D] alike")
     check_float_dtype(q, "q")
     check(
-        v_cache.dtype == k_cache.dtype and k_cache.dtype in (q.dtype, torch.float8_e4m3fn),
+        v_cache.dtype == k_cache.dtype and (k_cache.dtype == q.dtype or k_cache.dtype in FP8_DTYPES),
         f"q / k_cache / v_cache dtypes {q.dtype} / {k_cache.dtype} / {v_cache.dtype}: K/V in q's dtype or float8_e4m3fn",
     )
     b, hkv, cap, d = k_cache.shape
