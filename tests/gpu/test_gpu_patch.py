@@ -28,11 +28,13 @@ def test_gpu_family_bf16(family):
     model = _cuda_model(family)
     ids, mask = _cuda_batch()
     kwargs = dict(GEN, disable_compile=True)
-    dense = model.generate(ids, attention_mask=mask, output_logits=True, return_dict_in_generate=True, **kwargs)
+    dense = model.generate(ids, attention_mask=mask, return_dict_in_generate=True, **kwargs)
+    # teacher-forced on the dense tokens: a bf16 near-tie that flips one greedy token would otherwise make
+    # every later step's logits differ (seen on the H100 for qwen2 once dense attention changed its order)
+    cont = dense.sequences[:, PROMPT:]
+    want = decode_logits(model, ids, cont, mask)
     tp.patch_model(model, token_budget=2048, page_size=8, dense_layers=0)
-    full = model.generate(ids, attention_mask=mask, output_logits=True, return_dict_in_generate=True, **kwargs)
-    for d, f in zip(dense.logits, full.logits):
-        torch.testing.assert_close(f.float(), d.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(decode_logits(model, ids, cont, mask), want, atol=2e-2, rtol=2e-2)
     tp.patch_model(model, token_budget=32, page_size=8, dense_layers=0)
     out = model.generate(ids, attention_mask=mask, **kwargs)
     assert out.shape == (2, PROMPT + GEN["max_new_tokens"])
