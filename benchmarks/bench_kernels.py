@@ -5,7 +5,9 @@
 Shapes: TinyLlama (32 q / 4 kv heads, d 64) and Llama-3-8B (32 / 8, d 128); batch 1 and 8; 4K, 16K, 64K
 and 128K cached tokens; token budgets 1024 / 2048 / 4096; page 16; bf16. Rows: dense SDPA decode
 (``enable_gqa``), each kernel alone (score, select, fused score+select, sparse attention), and the two
-sparse pipelines (split: score + select + attend; fused: score_select + attend).
+sparse pipelines (split: score + select + attend; fused: score_select + attend); then the score kernel
+and the split pipeline again over fp8 page metadata (``SparseConfig.page_meta_dtype="fp8_e4m3"``: half
+the metadata bytes).
 
 Timing: ``triton.testing.do_bench`` (median, L2 flushed before each call) and, for every row, the same
 calls captured in a CUDA graph (``do_bench_cudagraph``, no launch overhead); each call rotates through
@@ -89,8 +91,15 @@ def copy_bandwidth(rep: int) -> float:
     return 2 * n / (ms * 1e-3)
 
 
+def fp8_meta(meta: torch.Tensor) -> torch.Tensor:
+    """``SparseConfig.page_meta_dtype="fp8_e4m3"`` metadata of the same pages: min rounded down, max up."""
+    from tinyserve_patch.ops.reference import fp8_round_directed
+
+    return torch.stack([fp8_round_directed(meta[:, :, :, 0], up=False), fp8_round_directed(meta[:, :, :, 1], up=True)], dim=3)
+
+
 class Copies:
-    """``n`` independent caches of one configuration (k, v, meta, q), rotated call by call."""
+    """``n`` independent caches of one configuration (k, v, meta, its fp8 form meta8, q), rotated call by call."""
 
     def __init__(self, batch, hq, hkv, d, length, n):
         self.items = []
@@ -100,7 +109,7 @@ class Copies:
             paged = k.view(batch, hkv, length // PAGE, PAGE, d)
             meta = torch.stack([paged.amin(3), paged.amax(3)], dim=3).contiguous()
             q = torch.randn(batch, hq, d, device="cuda", dtype=DTYPE)
-            self.items.append({"k": k, "v": v, "meta": meta, "q": q})
+            self.items.append({"k": k, "v": v, "meta": meta, "meta8": fp8_meta(meta), "q": q})
         self._it = itertools.cycle(range(n))
 
     def next(self) -> dict:
@@ -137,6 +146,11 @@ def correctness_check() -> None:
     fin = torch.isfinite(e)
     assert torch.equal(torch.isinf(s), torch.isinf(e)), "score: -inf pattern differs"
     assert torch.allclose(s[fin], e[fin], rtol=1e-5, atol=1e-3), "score: values differ"
+    meta8 = fp8_meta(meta)
+    s8 = page_scores_triton(q, meta8, start, end, PAGE, "max")
+    e8 = ref.page_scores(q, meta8, start, end, PAGE, "max")
+    assert torch.allclose(s8[fin], e8[fin], rtol=1e-5, atol=1e-3), "score (fp8 metadata): values differ"
+    assert (e8[fin] >= e[fin] - 1e-3).all(), "fp8 metadata must only loosen the bound"
     idx = select_pages_triton(s, start, end, PAGE, n, 1, 1)
     assert torch.equal(idx, ref.select_pages(s, start, end, PAGE, n, 1, 1)), "select differs"
     qi = torch.randint(-3, 4, q.shape, device="cuda", generator=g).to(DTYPE)
@@ -233,6 +247,16 @@ def run(args) -> dict:
                 i = select_pages_triton(s, start, end, PAGE, nsel, 1, 1)
                 return sparse_decode_attention_triton(c["q"], c["k"], c["v"], i, start, end, PAGE, scale, 0.0)
 
+            def score8():
+                c = copies.next()
+                return page_scores_triton(c["q"], c["meta8"], start, end, PAGE, "max")
+
+            def split_total8():
+                c = copies.next()
+                s = page_scores_triton(c["q"], c["meta8"], start, end, PAGE, "max")
+                i = select_pages_triton(s, start, end, PAGE, nsel, 1, 1)
+                return sparse_decode_attention_triton(c["q"], c["k"], c["v"], i, start, end, PAGE, scale, 0.0)
+
             def fused_total():
                 c = copies.next()
                 i = score_and_select_triton(c["q"], c["meta"], start, end, PAGE, nsel, 1, 1, "max")
@@ -245,6 +269,8 @@ def run(args) -> dict:
             add("sparse_attention", budget, sel_kv + qo_bytes + idx_bytes, attend, dense_ms)
             add("total_split", budget, total_bytes, split_total, dense_ms)
             add("total_fused", budget, total_bytes, fused_total, dense_ms)
+            add("score_fp8meta", budget, meta_bytes // 2 + qo_bytes // 2 + score_bytes, score8)
+            add("total_split_fp8meta", budget, total_bytes - meta_bytes // 2, split_total8, dense_ms)
         copies = None  # free this configuration's caches
         torch.cuda.empty_cache()
         print(f"  {model} batch {batch} {length // K}K done ({time.time() - t_start:.0f} s)", flush=True)

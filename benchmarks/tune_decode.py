@@ -5,7 +5,8 @@
 For each shape (model, batch, tokens, budget) it times ``sparse_decode_attention_triton`` under CUDA
 graphs (``do_bench_cudagraph``, median, caches rotated beyond the L2 as in ``bench_kernels.py``) over
 ``num_splits`` x ``block_n`` x ``num_warps`` x ``num_stages`` x ``merge`` (second kernel or inline),
-``page_scores_triton`` over ``blocks_per_program`` x ``block_p`` x ``num_warps`` x ``num_stages``, and
+``page_scores_triton`` over ``blocks_per_program`` x ``block_p`` x ``num_warps`` x ``num_stages`` (``score``; and
+``score_fp8meta`` over fp8 page metadata), and
 ``select_pages_triton`` over ``num_warps``; every configuration's output is first checked against the default launch (attention:
 allclose in fp32; score: allclose; selection: identical indices), and dense SDPA decode on the same
 caches is timed as the run's baseline. Prints the best configurations per shape beside the
@@ -82,21 +83,26 @@ def sweep(shape, bw: float, l2: int, rep: int, kernels) -> list[dict]:
         rows.append(dict(base, kernel="attention", **kw, default=not kw, ok=ok, graph_ms=ms, floor_ms=sel_bytes / bw * 1e3))
     meta_bytes = batch * hkv * (length // PAGE) * 2 * d * 2
     score_grid = [{}] + [dict(blocks_per_program=p, block_p=n, num_warps=w, num_stages=st) for p, n, w, st in
-                         itertools.product((None, 1, 2, 4, 8, 16), (64, 128), (4, 8), (2, 3, 4))]
-    for kw in score_grid if "score" in kernels else ():
-        try:
-            got = page_scores_triton(c0["q"], c0["meta"], start, end, PAGE, "max", **kw)
-        except Exception as e:  # out of shared memory: not a candidate
-            rows.append(dict(base, kernel="score", **kw, default=not kw, error=type(e).__name__))
+                         itertools.product((None, 1, 2, 4, 8, 16), (64, 128, 256), (4, 8), (2, 3, 4))]
+    # score over the model-dtype metadata and over its fp8 form (page_meta_dtype="fp8_e4m3": half the bytes)
+    for kernel, key, nbytes in (("score", "meta", meta_bytes), ("score_fp8meta", "meta8", meta_bytes // 2)):
+        if kernel not in kernels:
             continue
-        ok = bool(torch.equal(torch.isinf(got), torch.isinf(c0["scores"]))) and torch.allclose(got, c0["scores"], rtol=1e-5, atol=1e-3)
+        want_scores = page_scores_triton(c0["q"], c0[key], start, end, PAGE, "max")
+        for kw in score_grid:
+            try:
+                got = page_scores_triton(c0["q"], c0[key], start, end, PAGE, "max", **kw)
+            except Exception as e:  # out of shared memory: not a candidate
+                rows.append(dict(base, kernel=kernel, **kw, default=not kw, error=type(e).__name__))
+                continue
+            ok = bool(torch.equal(torch.isinf(got), torch.isinf(want_scores))) and torch.allclose(got, want_scores, rtol=1e-5, atol=1e-3)
 
-        def fsc(kw=kw):
-            c = copies.next()
-            return page_scores_triton(c["q"], c["meta"], start, end, PAGE, "max", **kw)
+            def fsc(kw=kw, key=key):
+                c = copies.next()
+                return page_scores_triton(c["q"], c[key], start, end, PAGE, "max", **kw)
 
-        rows.append(dict(base, kernel="score", **kw, default=not kw, ok=ok, graph_ms=_bench(fsc, graph=True, rep=rep),
-                         floor_ms=meta_bytes / bw * 1e3))
+            rows.append(dict(base, kernel=kernel, **kw, default=not kw, ok=ok, graph_ms=_bench(fsc, graph=True, rep=rep),
+                             floor_ms=nbytes / bw * 1e3))
     want_idx = c0["idx"]
     for warps in (None, 1, 2, 4, 8, 16) if "select" in kernels else ():
         got = select_pages_triton(c0["scores"], start, end, PAGE, nsel, 1, 1, num_warps=warps)
@@ -129,7 +135,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=None)
     p.add_argument("--rep", type=int, default=20)
-    p.add_argument("--kernels", nargs="+", default=["attention", "score", "select"], choices=["attention", "score", "select"])
+    p.add_argument("--kernels", nargs="+", default=["attention", "score", "select"],
+                   choices=["attention", "score", "score_fp8meta", "select"])
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("tune_decode.py needs a CUDA GPU", file=sys.stderr)

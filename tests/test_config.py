@@ -263,3 +263,13 @@ def test_kv_cache_dtype_parsing():
     assert SparseConfig().kv_cache_dtype == "auto" and SparseConfig().kv_storage_dtype is None
     cfg = SparseConfig.from_kwargs(kv_cache_dtype=" fp8_e4m3 ")
     assert cfg.kv_cache_dtype == "fp8_e4m3" and cfg.kv_storage_dtype == torch.float8_e4m3fn
+
+
+def test_page_meta_dtype_parsing():
+    import torch
+
+    assert SparseConfig().page_meta_dtype == "auto" and SparseConfig().meta_storage_dtype is None
+    cfg = SparseConfig.from_kwargs(page_meta_dtype=" fp8_e4m3 ")
+    assert cfg.page_meta_dtype == "fp8_e4m3" and cfg.meta_storage_dtype == torch.float8_e4m3fn
+    with pytest.raises(ValueError, match="page_meta_dtype"):
+        SparseConfig(page_meta_dtype="int4")

@@ -356,3 +356,35 @@ def test_fp8_kv_cache_stores_fp8_bounds_the_stored_keys_and_stays_close():
     torch.testing.assert_close(decode_logits(model, ids, cont, mask), dense_fp8, atol=1e-5, rtol=1e-5)
     out = model.generate(ids, attention_mask=mask, **GEN)
     assert out.shape == (2, PROMPT + GEN["max_new_tokens"])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8_e4m3"])
+def test_fp8_page_meta_bounds_the_keys_and_full_budget_is_dense(kv_cache_dtype):
+    """page_meta_dtype="fp8_e4m3": the page min / max are stored as float8_e4m3fn rounded outward, so
+    every stored key lies inside its page's box; selection changes, attention over the chosen pages does
+    not: a budget covering the context still equals dense; a small budget stays near the exact metadata's."""
+    from tinyserve_patch.decode import decode_logits
+    from tinyserve_patch.ops import reference
+
+    ids, mask = batch(pad=9)
+    cont = torch.randint(1, 100, (2, GEN["max_new_tokens"]), generator=torch.Generator().manual_seed(4))
+    kw = dict(page_size=8, dense_layers=0, kv_cache_dtype=kv_cache_dtype)
+    model = tp.patch_model(tiny_model("llama"), token_budget=32, **kw)
+    exact_meta = decode_logits(model, ids, cont, mask)
+    tp.patch_model(model, token_budget=32, page_meta_dtype="fp8_e4m3", **kw)
+    fp8_meta = decode_logits(model, ids, cont, mask)
+    fp8 = torch.float8_e4m3fn
+    for layer in model._tinyserve_state.last_cache.layers:
+        assert layer.meta.dtype == fp8 and layer.keys.dtype == (layer.dtype if kv_cache_dtype == "auto" else fp8)
+        n = int(layer.row_lengths().min()) // 8 * 8  # whole pages every row holds
+        keys = layer.keys[:, :, :n].float().view(2, layer.num_heads, n // 8, 8, -1)
+        meta = layer.meta[:, :, : n // 8].float()
+        assert (meta[:, :, :, 0, None] <= keys).all() and (keys <= meta[:, :, :, 1, None]).all()
+        bulk = reference.build_meta(layer.keys, n, 8, dtype=fp8)[:, :, : n // 8]
+        assert torch.equal(layer.meta[:, :, : n // 8].view(torch.uint8), bulk.view(torch.uint8))
+    assert ((fp8_meta - exact_meta).norm() / exact_meta.norm()).item() < 0.2
+    tp.patch_model(model, token_budget=None, **kw)
+    dense = decode_logits(model, ids, cont, mask)
+    tp.patch_model(model, token_budget=4096, page_meta_dtype="fp8_e4m3", **kw)
+    torch.testing.assert_close(decode_logits(model, ids, cont, mask), dense, atol=1e-5, rtol=1e-5)

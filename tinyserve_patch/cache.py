@@ -7,7 +7,8 @@ update (so ``device_map="auto"`` places each layer's cache beside its weights):
   (the paged view ``[batch, kv_heads, pages, page_size, head_dim]`` is free), in the model's dtype or,
   with ``SparseConfig.kv_cache_dtype="fp8_e4m3"``, in ``float8_e4m3fn`` (``dtype`` stays the model's);
 * ``meta``: ``[batch, kv_heads, pages, 2, head_dim]`` element-wise min / max of each page's keys, updated
-  in the same kernel that appends the keys (``torch.ops.tinyserve.append_kv``);
+  in the same kernel that appends the keys (``torch.ops.tinyserve.append_kv``), in the model's dtype or,
+  with ``SparseConfig.page_meta_dtype="fp8_e4m3"``, in ``float8_e4m3fn`` rounded outward;
 * ``cumulative_length``: 0-d int64 device tensor, the number of positions the model has fed (padding
   included: HF's positions);
 * ``row_start``: ``[batch]`` int32, each row's left padding, read off the first forward's attention mask.
@@ -28,6 +29,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import ops
+from .ops import reference
 from .stats import LayerStats
 
 
@@ -43,9 +45,12 @@ class TinyServeLayer(CacheLayerMixin):
     is_croppable = True
     supports_early_init = True
 
-    def __init__(self, capacity: int, page_size: int, kv_dtype: torch.dtype | None = None, **kwargs):
+    def __init__(
+        self, capacity: int, page_size: int, kv_dtype: torch.dtype | None = None, meta_dtype: torch.dtype | None = None, **kwargs
+    ):
         super().__init__()
         self.kv_dtype = kv_dtype  # storage of keys / values; None: the model's dtype
+        self.meta_dtype = meta_dtype  # storage of the page min / max; None: the model's dtype
         if capacity <= 0:
             raise ValueError(f"cache capacity must be positive, got {capacity}")
         self.page_size = page_size
@@ -72,7 +77,7 @@ class TinyServeLayer(CacheLayerMixin):
         self.values = torch.zeros(shape, dtype=storage, device=self.device)
         pages = self.capacity // self.page_size
         self.meta = torch.zeros(
-            (self.batch_size, self.num_heads, pages, 2, self.head_dim), dtype=self.dtype, device=self.device
+            (self.batch_size, self.num_heads, pages, 2, self.head_dim), dtype=self.meta_dtype or self.dtype, device=self.device
         )
         self.cumulative_length = self.cumulative_length.to(self.device)
         if self.row_start is None:  # no mask was observed (the layer was fed directly): no padding
@@ -229,9 +234,8 @@ class TinyServeLayer(CacheLayerMixin):
         for row, n in enumerate(self.row_lengths().tolist()):
             if n % self.page_size:
                 page = n // self.page_size
-                block = self.keys[row, :, page * self.page_size : n].to(self.dtype)
-                self.meta[row, :, page, 0] = block.amin(dim=1)
-                self.meta[row, :, page, 1] = block.amax(dim=1)
+                block = self.keys[row, :, page * self.page_size : n]
+                self.meta[row, :, page, 0], self.meta[row, :, page, 1] = reference.page_bounds(block, 1, self.meta.dtype)
 
 
 class TinyServeCache(Cache):
@@ -242,10 +246,13 @@ class TinyServeCache(Cache):
         max_length: the most tokens a row will hold (prompt + new tokens, padding included).
         page_size: tokens per page (from the model's :class:`SparseConfig`).
         kv_dtype: storage dtype of keys / values (``SparseConfig.kv_storage_dtype``); None: the model's.
+        meta_dtype: storage dtype of the page min / max (``SparseConfig.meta_storage_dtype``); None: the model's.
     """
 
-    def __init__(self, num_layers: int, max_length: int, page_size: int, kv_dtype: torch.dtype | None = None):
-        super().__init__(layers=[TinyServeLayer(max_length, page_size, kv_dtype) for _ in range(num_layers)])
+    def __init__(
+        self, num_layers: int, max_length: int, page_size: int, kv_dtype: torch.dtype | None = None, meta_dtype: torch.dtype | None = None
+    ):
+        super().__init__(layers=[TinyServeLayer(max_length, page_size, kv_dtype, meta_dtype) for _ in range(num_layers)])
         self.page_size = page_size
         self.capacity = self.layers[0].capacity if self.layers else 0
 
@@ -295,7 +302,8 @@ def make_cache(model, batch_size: int | None = None, max_length: int = 0, page_s
     if max_length <= 0:
         raise ValueError(f"make_cache needs max_length > 0 (prompt + new tokens), got {max_length}")
     kv_dtype = config.kv_storage_dtype if config is not None else None
-    cache = TinyServeCache(num_decoder_layers(model), max_length, page_size, kv_dtype)
+    meta_dtype = config.meta_storage_dtype if config is not None else None
+    cache = TinyServeCache(num_decoder_layers(model), max_length, page_size, kv_dtype, meta_dtype)
     state = getattr(model, "_tinyserve_state", None)
     if state is not None:
         state.last_cache = cache

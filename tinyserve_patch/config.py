@@ -20,7 +20,7 @@ import torch
 POLICIES = ("quest", "oracle", "streaming", "random")
 PAGE_SIZES = (8, 16, 32, 64, 128)
 GQA_REDUCTIONS = ("max", "sum")
-#: kv_cache_dtype name -> storage dtype of the cached K/V (None: the model's dtype)
+#: kv_cache_dtype / page_meta_dtype name -> storage dtype of the cached K/V or page metadata (None: the model's dtype)
 KV_CACHE_DTYPES = {"auto": None, "fp8_e4m3": torch.float8_e4m3fn}
 
 
@@ -62,6 +62,13 @@ class SparseConfig:
             uncalibrated fp8 cache); attention computes in the model's dtype; page metadata stays in
             the model's dtype and bounds the stored (rounded) keys, so the Quest bound still holds.
             Lossy: its accuracy cost is measured by the eval (README).
+        page_meta_dtype: storage of the per-page key min / max. ``auto``: the model's dtype (exact
+            bounds). ``fp8_e4m3``: ``float8_e4m3fn`` with the minimum rounded down and the maximum
+            rounded up (saturated at +-448), so every key stays inside its page's box and the score is
+            still an upper bound, only a looser one: half the bytes the scoring pass reads (the largest
+            read of a long-context decode step after the selected pages) and half the metadata memory.
+            Changes which pages are selected, never the attention over them; its accuracy cost is
+            measured by the eval (README).
     """
 
     token_budget: int | None = 2048
@@ -77,6 +84,7 @@ class SparseConfig:
     track_recall: bool = False
     prefill_chunk_size: int | None = None
     kv_cache_dtype: str = "auto"
+    page_meta_dtype: str = "auto"
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -113,11 +121,18 @@ class SparseConfig:
             _fail("prefill_chunk_size", pc, "a positive integer (tokens per prefill chunk) or None")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             _fail("kv_cache_dtype", self.kv_cache_dtype, f"one of {tuple(KV_CACHE_DTYPES)}")
+        if self.page_meta_dtype not in KV_CACHE_DTYPES:
+            _fail("page_meta_dtype", self.page_meta_dtype, f"one of {tuple(KV_CACHE_DTYPES)}")
 
     @property
     def kv_storage_dtype(self) -> torch.dtype | None:
         """The torch dtype of the cached K/V, ``None`` for the model's own."""
         return KV_CACHE_DTYPES[self.kv_cache_dtype]
+
+    @property
+    def meta_storage_dtype(self) -> torch.dtype | None:
+        """The torch dtype of the page metadata, ``None`` for the model's own."""
+        return KV_CACHE_DTYPES[self.page_meta_dtype]
 
     @property
     def is_dense(self) -> bool:
@@ -161,7 +176,7 @@ def _parse(name: str, value: Any) -> Any:
         return None
     if name == "prefill_chunk_size" and text.lower() in ("none", "off", "0"):
         return None
-    if name in ("policy", "gqa_reduction", "kv_cache_dtype"):
+    if name in ("policy", "gqa_reduction", "kv_cache_dtype", "page_meta_dtype"):
         return text
     if name in ("fused", "collect_stats", "track_recall"):
         if text.lower() in ("1", "true", "yes"):

@@ -84,6 +84,32 @@ def test_gpu_append_prefill_then_decode_bit_exact(dtype, page_size, d):
         pos = pos + n
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+@pytest.mark.parametrize("page_size", [8, 16, 64])
+def test_gpu_append_fp8_meta_bit_exact(kv_dtype, page_size):
+    """fp8 page metadata (outward-rounded) over a bf16 or fp8 cache: Triton == reference bit for bit
+    through a padded prefill and decode steps; every key inside its page's box."""
+    g = torch.Generator().manual_seed(page_size)
+    b, h, cap, d = 4, 4, 2048, 128
+    tri = (torch.zeros((b, h, cap, d), dtype=kv_dtype, device=DEV), torch.zeros((b, h, cap, d), dtype=kv_dtype, device=DEV),
+           torch.zeros((b, h, cap // page_size, 2, d), dtype=torch.float8_e4m3fn, device=DEV))
+    rb = tuple(t.clone() for t in tri)
+    pos = -torch.tensor([0, 3, 17, 100])
+    for n in (1000, 1, 1, 37, 1, page_size, 1):
+        kn = (torch.randn(b, n, h, d, generator=g) * torch.logspace(-3, 1.5, d)).to(torch.bfloat16).to(DEV).transpose(1, 2)
+        vn = torch.randn(b, n, h, d, generator=g).to(torch.bfloat16).to(DEV).transpose(1, 2)
+        p = pos.to(torch.int32).to(DEV)
+        append_kv_triton(*tri, kn, vn, p)
+        ref.append_kv(*rb, kn, vn, p)
+        for a, r in zip(tri, rb):
+            assert torch.equal(_bits(a), _bits(r))
+        pos = pos + n
+    filled = (int(pos.min()) // page_size)
+    keys = tri[0][:, :, : filled * page_size].float().unflatten(2, (filled, page_size))
+    meta = tri[2][:, :, :filled].float()
+    assert (meta[:, :, :, 0, None] <= keys).all() and (keys <= meta[:, :, :, 1, None]).all()
+
+
 # ---------------------------------------------------------------------------------------------- scores / select
 
 
@@ -113,6 +139,13 @@ def test_gpu_scores_and_select(name, length, batch, ps):
         assert torch.equal(torch.isneginf(scores), torch.isneginf(expect))
         fin = torch.isfinite(expect)
         torch.testing.assert_close(scores[fin], expect[fin], rtol=1e-5, atol=1e-3)
+    # fp8 metadata (outward-rounded): the same scores as the reference on it, never below the exact ones
+    meta8 = torch.stack([ref.fp8_round_directed(meta[:, :, :, 0], up=False), ref.fp8_round_directed(meta[:, :, :, 1], up=True)], dim=3)
+    s8 = page_scores_triton(q, meta8, start, end, ps, "max")
+    e8 = ref.page_scores(q, meta8, start, end, ps, "max")
+    assert torch.equal(torch.isneginf(s8), torch.isneginf(e8))
+    torch.testing.assert_close(s8[fin], e8[fin], rtol=1e-5, atol=1e-3)
+    assert (e8[fin] >= expect[fin] - 1e-3 * (1 + expect[fin].abs())).all()
     # selection is exact given the same scores
     for budget in (1024, 2048, 4096):
         n = budget // ps

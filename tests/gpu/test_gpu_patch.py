@@ -44,14 +44,14 @@ def test_gpu_family_bf16(family):
     assert torch.equal(model.generate(ids, attention_mask=mask, **kwargs), dense.sequences)
 
 
-@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8_e4m3"])
+@pytest.mark.parametrize("kv_cache_dtype,page_meta_dtype", [("auto", "auto"), ("fp8_e4m3", "auto"), ("auto", "fp8_e4m3")])
 @pytest.mark.parametrize("family", list(FAMILIES))
 @torch.no_grad()
-def test_gpu_sparse_decode_equals_cpu_reference(family, kv_cache_dtype):
+def test_gpu_sparse_decode_equals_cpu_reference(family, kv_cache_dtype, page_meta_dtype):
     """The same fp32 model patched with a small budget: the Triton kernels on the GPU give the CPU
-    reference ops' teacher-forced decode logits (same pages selected, same attention); with fp8 K/V the
-    two round the cache identically."""
-    cfg = dict(token_budget=32, page_size=8, dense_layers=0, kv_cache_dtype=kv_cache_dtype)
+    reference ops' teacher-forced decode logits (same pages selected, same attention); with fp8 K/V or
+    fp8 page metadata the two round identically."""
+    cfg = dict(token_budget=32, page_size=8, dense_layers=0, kv_cache_dtype=kv_cache_dtype, page_meta_dtype=page_meta_dtype)
     cpu = tp.patch_model(tiny_model(family, torch.float32), **cfg)
     gpu = tp.patch_model(tiny_model(family, torch.float32).cuda(), **cfg)
     ids, mask = batch(pad=9)

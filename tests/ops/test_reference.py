@@ -307,6 +307,45 @@ def test_quest_score_is_an_upper_bound(p, integer):
         torch.testing.assert_close(sr, ph.sum(1), atol=1e-4, rtol=1e-5)
 
 
+@SETTINGS
+@given(x=st.lists(st.floats(-500, 500, allow_subnormal=True, width=32), min_size=1, max_size=64))
+def test_fp8_round_directed_is_the_nearest_outward_fp8_value(x):
+    """Down <= x <= up (inside +-448), both on the fp8 grid, and no fp8 value lies strictly between x and
+    either; zeros come out as +0.0."""
+    xs = torch.tensor(x, dtype=torch.float32)
+    grid = torch.arange(256, dtype=torch.int16).to(torch.uint8).view(torch.float8_e4m3fn).float()
+    grid = grid[torch.isfinite(grid)].unique()  # sorted, -0.0 folded into 0.0
+    xc = xs.clamp(-448, 448)
+    down = ref.fp8_round_directed(xs, up=False).float()
+    up = ref.fp8_round_directed(xs, up=True).float()
+    assert (down <= xc).all() and (xc <= up).all()
+    between = (grid[None] > down[:, None]) & (grid[None] < up[:, None])
+    assert not between.any()  # consecutive grid values (or both == x on the grid)
+    assert ((up == down) == torch.isin(xc, grid)).all()
+    zero = xs == 0
+    for r in (ref.fp8_round_directed(xs, up=False), ref.fp8_round_directed(xs, up=True)):
+        assert (r.view(torch.uint8)[zero] == 0).all()
+
+
+@SETTINGS
+@given(p=problems(allow_empty=True))
+def test_fp8_meta_score_bounds_the_exact_score(p):
+    """Outward-rounded fp8 metadata holds every key, so its score is still an upper bound: never below
+    the exact metadata's score (hence the true max q.k) on a valid page; invalid pages stay -inf."""
+    q, k, _, meta = tensors(p)
+    s0, s1, ps = p["seq_start"], p["seq_end"], p["ps"]
+    meta8 = torch.stack(
+        [ref.fp8_round_directed(meta[:, :, :, 0], up=False), ref.fp8_round_directed(meta[:, :, :, 1], up=True)], dim=3
+    )
+    assert ((meta8[:, :, :, 0].float() <= meta[:, :, :, 0]) & (meta8[:, :, :, 1].float() >= meta[:, :, :, 1])).all()
+    for red in ("max", "sum"):
+        exact = ops.page_scores(q, meta, s0, s1, ps, red)
+        loose = ops.page_scores(q, meta8, s0, s1, ps, red)
+        assert torch.equal(torch.isneginf(loose), torch.isneginf(exact))
+        fin = torch.isfinite(exact)
+        assert (loose[fin] >= exact[fin] - 1e-4 * (1 + exact[fin].abs())).all()
+
+
 def test_quest_bound_is_tight_for_single_token_pages():
     """A page holding one written token has min == max == k, so the bound is exactly q.k."""
     g = gen(3)

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from tinyserve_patch.ops import reference as ref
-from tinyserve_patch.ops._triton_common import round_to_fp8_e4m3
+from tinyserve_patch.ops._triton_common import round_to_fp8_e4m3, round_to_fp8_e4m3_directed
 from tinyserve_patch.ops.triton_append import append_kv_triton
 
 from tests.ops.kernel_cases import DEVICE, gen, randn
@@ -156,3 +156,62 @@ def test_round_to_fp8_grid_matches_torch_cast():
     _fp8_cast_kernel[(1,)](x, y, N=x.numel())
     want = ref.to_storage(x, torch.float8_e4m3fn)
     assert torch.equal(y.view(torch.uint8), want.view(torch.uint8))
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+@pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16])
+def test_append_fp8_meta_matches_reference(kv_dtype, model_dtype):
+    """fp8 page metadata (min rounded down, max rounded up on the fp8 grid) over a model-dtype or fp8
+    cache: Triton == reference bit for bit through prefill with padding, decode and page crossings, and
+    every stored key lies inside its page's box."""
+    if kv_dtype == torch.bfloat16:
+        kv_dtype = model_dtype
+    g = gen(7)
+    b, h, cap, d, ps = 2, 2, 64, 16, 8
+    fp8 = torch.float8_e4m3fn
+    tri = (torch.zeros(b, h, cap, d, dtype=kv_dtype, device=DEVICE),
+           torch.zeros(b, h, cap, d, dtype=kv_dtype, device=DEVICE),
+           torch.zeros(b, h, cap // ps, 2, d, dtype=fp8, device=DEVICE))
+    refb = tuple(t.clone() for t in tri)
+    cur = torch.tensor([-3, 0], device=DEVICE)
+    for i, n in enumerate((11, 1, 1, 9, 1)):
+        k_new, v_new = _new(b, h, n, d, model_dtype, g, transposed=bool(i % 2))
+        k_new = k_new * torch.logspace(-3, 1.5, d, device=DEVICE)  # subnormal range to ~30
+        _run_both(tri, refb, k_new.to(model_dtype), v_new, cur.to(torch.int32))
+        cur = cur + n
+    filled = int(cur.min()) // ps
+    expect = ref.build_meta(tri[0], int(cur.min()), ps, dtype=fp8)
+    assert torch.equal(tri[2][:, :, :filled].view(torch.uint8), expect[:, :, :filled].view(torch.uint8))
+    keys = tri[0][:, :, : filled * ps].float().unflatten(2, (filled, ps))  # [b, h, pages, ps, d]
+    meta = tri[2][:, :, :filled].float()
+    assert (meta[:, :, :, 0, None] <= keys).all() and (keys <= meta[:, :, :, 1, None]).all()
+    # outward rounding is loose by less than one fp8 step: never more than 1/8 of a normal value
+    exact = ref.build_meta(tri[0], int(cur.min()), ps, dtype=torch.float32)[:, :, :filled]
+    assert ((meta - exact).abs() <= exact.abs() / 8 + 2.0**-9).all()
+
+
+@triton.jit
+def _fp8_directed_kernel(x_ptr, up_ptr, down_ptr, N: tl.constexpr):
+    o = tl.arange(0, N)
+    x = tl.load(x_ptr + o)
+    tl.store(up_ptr + o, round_to_fp8_e4m3_directed(x, True).to(up_ptr.dtype.element_ty))
+    tl.store(down_ptr + o, round_to_fp8_e4m3_directed(x, False).to(down_ptr.dtype.element_ty))
+
+
+def test_round_to_fp8_directed_matches_reference():
+    """The kernel's outward fp8 rounding == reference.fp8_round_directed bit for bit: every binade,
+    exact grid points and their neighbours, subnormals, signed zeros, saturation."""
+    g = gen(8)
+    grid = torch.arange(256, dtype=torch.int16).to(torch.uint8).view(torch.float8_e4m3fn).float()
+    grid = grid[torch.isfinite(grid)]  # 254 finite values, both zeros
+    n = 2048
+    x = torch.cat([
+        grid, grid * (1 + 2.0**-12), grid * (1 - 2.0**-12), grid + 2.0**-13, grid - 2.0**-13,
+        torch.tensor([1e-30, -1e-30, 460.0, -460.0, 1e6, -1e6, 2.0**-10, -(2.0**-10), 447.99, -447.99]),
+    ])
+    x = torch.cat([x, torch.randn(2 * n - x.numel(), generator=g) * torch.logspace(-4, 3, 2 * n - x.numel())]).to(DEVICE)
+    up = torch.empty(x.numel(), dtype=torch.float8_e4m3fn, device=DEVICE)
+    down = torch.empty_like(up)
+    _fp8_directed_kernel[(1,)](x, up, down, N=x.numel())
+    assert torch.equal(up.view(torch.uint8), ref.fp8_round_directed(x, up=True).view(torch.uint8))
+    assert torch.equal(down.view(torch.uint8), ref.fp8_round_directed(x, up=False).view(torch.uint8))

@@ -53,6 +53,18 @@ def test_fused_exact_on_integer_inputs(dtype, b, h, g, d, ps, cap, red):
         assert torch.equal(out, _expect(q, meta, start, end, ps, n, sink, recent, red))
 
 
+def test_fused_fp8_meta_exact_on_integer_inputs():
+    """fp8 metadata of small-integer keys is exact: the fused kernel selects what the reference does."""
+    gn = gen(17)
+    k, _, _ = cache(2, 2, 128, 32, 8, torch.bfloat16, gn, integer=True)
+    meta = ref.build_meta(k, 123, 8, dtype=torch.float8_e4m3fn)
+    q = randint(-3, 4, (2, 8, 32), torch.bfloat16, gn)
+    start, end = rows(2, 123, gn, empty_row=True)
+    for n, sink, recent in ((3, 1, 1), (7, 2, 2)):
+        out = score_and_select_triton(q, meta, start, end, 8, n, sink, recent, "max")
+        assert torch.equal(out, _expect(q, meta, start, end, 8, n, sink, recent, "max"))
+
+
 @pytest.mark.parametrize("num_programs", [1, 2, 5])
 def test_fused_multi_program_last_block_selects(num_programs):
     """P > BLOCK_P: several scoring programs per (row, head), the last one to finish selects; the

@@ -98,3 +98,16 @@ def test_scores_hypothesis(b, h, g, d, ps, pages, red, seed):
     q = randn((b, h * g, d), torch.bfloat16, gn)
     start, end = rows(b, cap, gn, empty_row=seed % 3 == 0)
     _check(q, meta, start, end, ps, red)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("red", ["max", "sum"])
+def test_scores_fp8_meta_match_reference(dtype, red):
+    """fp8 metadata (outward-rounded) is upcast exactly to q's dtype on load: the same scores as the
+    reference on the same fp8 metadata."""
+    gn = gen(11)
+    k, _, _ = cache(2, 2, 128, 64, 8, dtype, gn)
+    meta = ref.build_meta(k, 120, 8, dtype=torch.float8_e4m3fn)
+    q = randn((2, 8, 64), dtype, gn)
+    start, end = rows(2, 120, gn, empty_row=True)
+    _check(q, meta, start, end, 8, red)

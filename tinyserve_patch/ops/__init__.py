@@ -12,7 +12,7 @@ from . import library as _lib  # registers torch.ops.tinyserve.*
 from . import reference
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-#: K/V storage besides the model's dtype (page metadata and queries stay in the model's dtype)
+#: K/V and page-metadata storage besides the model's dtype (queries stay in the model's dtype)
 KV_STORAGE_DTYPES = reference.FP8_DTYPES
 MAX_HEAD_DIM = 256
 
@@ -33,7 +33,7 @@ def _check(cond: bool, msg: str) -> None:
 
 
 def check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, meta: torch.Tensor | None = None) -> int:
-    """Validate the cache layout; returns ``page_size``. K/V are in the model's dtype (``meta``'s) or fp8."""
+    """Validate the cache layout; returns ``page_size``. K/V and meta are each in the model's dtype or fp8."""
     _check(k_cache.dim() == 4, f"k_cache must be [batch, kv_heads, capacity, head_dim], got {tuple(k_cache.shape)}")
     _check(v_cache.shape == k_cache.shape, f"v_cache {tuple(v_cache.shape)} != k_cache {tuple(k_cache.shape)}")
     _check(
@@ -50,10 +50,10 @@ def check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, meta: torch.Tensor
         meta.dim() == 5 and meta.shape[:2] == (b, h) and meta.shape[3:] == (2, d),
         f"meta must be [batch, kv_heads, pages, 2, head_dim] matching the cache, got {tuple(meta.shape)}",
     )
-    _check(meta.dtype in SUPPORTED_DTYPES, f"meta dtype {meta.dtype} unsupported: {SUPPORTED_DTYPES}")
+    _check(meta.dtype in SUPPORTED_DTYPES + KV_STORAGE_DTYPES, f"meta dtype {meta.dtype} unsupported: {SUPPORTED_DTYPES + KV_STORAGE_DTYPES}")
     _check(
-        meta.dtype == k_cache.dtype or k_cache.dtype in KV_STORAGE_DTYPES,
-        f"meta dtype {meta.dtype} != cache dtype {k_cache.dtype} (only an fp8 cache may differ)",
+        meta.dtype == k_cache.dtype or k_cache.dtype in KV_STORAGE_DTYPES or meta.dtype in KV_STORAGE_DTYPES,
+        f"meta dtype {meta.dtype} != cache dtype {k_cache.dtype} (only an fp8 cache or fp8 meta may differ)",
     )
     _check(meta.device == k_cache.device, "meta must be on the cache's device")
     pages = meta.shape[2]
@@ -95,8 +95,12 @@ def append_kv(k_cache, v_cache, meta, k_new, v_new, pos) -> None:
         f"pos must be an integer tensor of 1 or batch={k_cache.shape[0]} elements, got {tuple(pos.shape)}",
     )
     _check(pos.device == k_cache.device and k_new.device == k_cache.device, "pos/k_new must be on the cache's device")
-    # new K/V arrive in the model's (meta's) dtype; the op rounds them into an fp8 cache itself
-    torch.ops.tinyserve.append_kv(k_cache, v_cache, meta, k_new.to(meta.dtype), v_new.to(meta.dtype), pos)
+    # new K/V arrive in the model's dtype (the cache's or meta's, whichever is not fp8; else k_new's own);
+    # the op rounds them into an fp8 cache / fp8 metadata itself
+    fp8 = KV_STORAGE_DTYPES
+    dtype = k_cache.dtype if k_cache.dtype not in fp8 else (meta.dtype if meta.dtype not in fp8 else k_new.dtype)
+    _check(dtype in SUPPORTED_DTYPES, f"k_new dtype {dtype} unsupported: {SUPPORTED_DTYPES}")
+    torch.ops.tinyserve.append_kv(k_cache, v_cache, meta, k_new.to(dtype), v_new.to(dtype), pos)
 
 
 def page_scores(q, meta, seq_start, seq_end, page_size: int, gqa_reduction: str = "max") -> torch.Tensor:

@@ -4,8 +4,10 @@ Layouts (shared by the Triton kernels):
 
 * ``k_cache``, ``v_cache``: ``[batch, kv_heads, capacity, head_dim]``; ``capacity`` is a multiple of
   ``page_size``, so the paged view is ``[batch, kv_heads, pages, page_size, head_dim]`` with no copy.
-* ``meta``: ``[batch, kv_heads, pages, 2, head_dim]`` in the model's dtype; ``meta[..., 0, :]`` is the
-  element-wise minimum and ``meta[..., 1, :]`` the maximum of the keys written to that page so far.
+* ``meta``: ``[batch, kv_heads, pages, 2, head_dim]``; ``meta[..., 0, :]`` is the element-wise minimum
+  and ``meta[..., 1, :]`` the maximum of the keys written to that page so far, in the model's dtype
+  (exact) or in ``float8_e4m3fn`` (:func:`page_bounds`: the minimum rounded down and the maximum rounded
+  up on the fp8 grid, so the box still contains every key and the Quest score stays an upper bound).
   The cache holds K/V in the model's dtype or in ``float8_e4m3fn`` (:func:`to_storage`: saturated,
   rounded to nearest); the metadata then bounds the stored, rounded keys, and attention upcasts.
 * ``q``: the decode query, ``[batch, q_heads, head_dim]``; query head ``h`` reads KV head
@@ -29,7 +31,7 @@ import torch
 NEG_INF = float("-inf")
 
 
-#: Storage dtypes of a quantised K/V cache (keys/values only: page metadata stays in the model's dtype).
+#: Storage dtypes of a quantised K/V cache or page metadata.
 FP8_DTYPES = (torch.float8_e4m3fn,)
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -39,6 +41,39 @@ def to_storage(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if dtype in FP8_DTYPES:
         return x.float().clamp(-FP8_MAX, FP8_MAX).to(dtype)
     return x.to(dtype)
+
+
+def fp8_round_directed(x: torch.Tensor, up: bool) -> torch.Tensor:
+    """``x`` (any float dtype) as ``float8_e4m3fn``, rounded up (toward +inf) or down (toward -inf) on the
+    fp8 grid after saturation to +-448: the nearest fp8 value ``>= x`` (``up``) or ``<= x``. Values beyond
+    +-448 saturate (the only case where the result does not bound ``x``; keys that large are not seen in
+    practice). A zero becomes +0.0 (so a min or max that is a zero of either sign, whichever a reduction
+    returned, gives the same bits); a value that rounds toward zero from below becomes -0.0."""
+    xf = x.float().clamp(-FP8_MAX, FP8_MAX)
+    xf = torch.where(xf == 0, 0.0, xf)
+    r = xf.to(torch.float8_e4m3fn)  # nearest (even); then one step if it went the wrong way
+    rf = r.float()
+    bits = r.view(torch.uint8).to(torch.int16)
+    sign, mag = bits & 0x80, bits & 0x7F
+    if up:
+        wrong = rf < xf
+        # from a negative value one step toward zero (-2^-9 -> -0.0), from a zero to +2^-9, else one up
+        stepped = torch.where(sign.bool() & (mag > 0), bits - 1, torch.where(mag == 0, torch.ones_like(bits), bits + 1))
+    else:
+        wrong = rf > xf
+        # from a positive value one step toward zero (2^-9 -> +0.0), from a zero to -2^-9, else one down
+        stepped = torch.where(~sign.bool() & (mag > 0), bits - 1, torch.where(mag == 0, torch.full_like(bits, 0x81), bits + 1))
+    out = torch.where(wrong, stepped, bits)
+    return out.to(torch.uint8).view(torch.float8_e4m3fn)
+
+
+def page_bounds(keys: torch.Tensor, dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Element-wise ``(min, max)`` of ``keys`` over ``dim`` as page metadata of ``dtype``: exact in a float
+    dtype holding the keys, outward-rounded (:func:`fp8_round_directed`) in fp8."""
+    mn, mx = keys.float().amin(dim=dim), keys.float().amax(dim=dim)
+    if dtype in FP8_DTYPES:
+        return fp8_round_directed(mn, up=False), fp8_round_directed(mx, up=True)
+    return mn.to(dtype), mx.to(dtype)
 
 
 def gather_tokens(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -90,14 +125,14 @@ def append_kv(
         for page in range(lo_pos // page_size, (end - 1) // page_size + 1):
             lo = page * page_size
             hi = min(lo + page_size, end)
-            block = k_cache[row, :, lo:hi].to(meta.dtype)  # the stored (possibly rounded) keys
-            meta[row, :, page, 0] = block.amin(dim=1)
-            meta[row, :, page, 1] = block.amax(dim=1)
+            # bounds of the stored (possibly rounded) keys
+            meta[row, :, page, 0], meta[row, :, page, 1] = page_bounds(k_cache[row, :, lo:hi], 1, meta.dtype)
 
 
 def build_meta(k_cache: torch.Tensor, length: int, page_size: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Bulk metadata of the first ``length`` tokens of ``k_cache``: ``[batch, kv_heads, pages, 2, head_dim]``
-    in ``dtype`` (default the cache's; required for an fp8 cache: the model's dtype).
+    in ``dtype`` (default the cache's; required for an fp8 cache: the model's dtype or fp8, see
+    :func:`page_bounds`).
 
     Pages past ``length`` are left as zeros (they are never valid)."""
     b, h, capacity, d = k_cache.shape
@@ -110,9 +145,7 @@ def build_meta(k_cache: torch.Tensor, length: int, page_size: int, dtype: torch.
     for page in range(0, (length + page_size - 1) // page_size):
         lo = page * page_size
         hi = min(lo + page_size, length)
-        block = k_cache[:, :, lo:hi].to(dtype)
-        meta[:, :, page, 0] = block.amin(dim=2)
-        meta[:, :, page, 1] = block.amax(dim=2)
+        meta[:, :, page, 0], meta[:, :, page, 1] = page_bounds(k_cache[:, :, lo:hi], 2, dtype)
     return meta
 
 

@@ -9,9 +9,10 @@ slot past the last touched page, or past the capacity, does nothing. ``pos`` (1 
 the device, so the launch is static for a given ``n`` (CUDA-graph and ``torch.compile`` safe). Tokens
 before position 0 are skipped; tokens past the capacity are dropped (never written out of bounds).
 
-Metadata = exact min/max of the page's tokens from its start to the last written one, as in
+Metadata = min/max of the page's tokens from its start to the last written one, as in
 :func:`reference.append_kv`: the page's tokens already in the cache before ``pos`` (at most
-``page_size - 1``, re-read from the cache) combined with the new ones. Bit-exact.
+``page_size - 1``, re-read from the cache) combined with the new ones; exact in the model's dtype,
+rounded outward in fp8 metadata (:func:`reference.page_bounds`). Bit-exact.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import check, check_float_dtype, check_head_dim, round_to_fp8_e4m3
+from ._triton_common import check, check_head_dim, round_to_fp8_e4m3, round_to_fp8_e4m3_directed
 from .reference import FP8_DTYPES
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
@@ -55,6 +58,7 @@ def _append_kernel(
     PAGE_SIZE: tl.constexpr,
     BLOCK_D: tl.constexpr,
     FP8: tl.constexpr,
+    META_FP8: tl.constexpr,
 ):
     bh = tl.program_id(0)
     slot = tl.program_id(1)
@@ -97,6 +101,9 @@ def _append_kernel(
     active = tl.sum(is_new.to(tl.int32), axis=0) > 0
     meta_off = meta + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh + page.to(tl.int64) * stride_mp + offs_d
     dm = tl.where(active, offs_d < D, False)
+    if META_FP8:  # outward, so the box still holds every key
+        mn = round_to_fp8_e4m3_directed(mn, False)
+        mx = round_to_fp8_e4m3_directed(mx, True)
     tl.store(meta_off, mn.to(meta.dtype.element_ty), mask=dm)
     tl.store(meta_off + stride_mm, mx.to(meta.dtype.element_ty), mask=dm)
 
@@ -112,11 +119,12 @@ def append_kv_triton(
     """In-place append (see module docstring). ``pos``: int tensor of 1 or B elements on the cache's
     device (never read on the host)."""
     check(k_cache.dim() == 4 and v_cache.shape == k_cache.shape, "k_cache / v_cache must be [B, Hkv, cap, D] alike")
-    check_float_dtype(meta, "meta")
-    fp8 = k_cache.dtype in FP8_DTYPES
+    fp8, meta_fp8 = k_cache.dtype in FP8_DTYPES, meta.dtype in FP8_DTYPES
+    model_dtype = meta.dtype if fp8 and not meta_fp8 else (k_new.dtype if fp8 else k_cache.dtype)
     check(
-        v_cache.dtype == k_cache.dtype and (meta.dtype == k_cache.dtype or fp8),
-        f"k_cache / v_cache / meta dtypes {k_cache.dtype} / {v_cache.dtype} / {meta.dtype}: K/V in meta's dtype or float8_e4m3fn",
+        model_dtype in FLOAT_DTYPES and v_cache.dtype == k_cache.dtype and (meta.dtype in (k_cache.dtype, *FP8_DTYPES) or fp8),
+        f"k_cache / v_cache / meta / k_new dtypes {k_cache.dtype} / {v_cache.dtype} / {meta.dtype} / {k_new.dtype}: "
+        "K/V and meta each in the model's dtype (fp16 / bf16 / fp32) or float8_e4m3fn",
     )
     b, hkv, cap, d = k_cache.shape
     check_head_dim(d)
@@ -130,10 +138,10 @@ def append_kv_triton(
     check(pos.numel() in (1, b) and not pos.is_floating_point(), f"pos must be an integer tensor of 1 or {b} elements")
     check(k_cache.stride(-1) == 1 and v_cache.stride() == k_cache.stride(), "k_cache / v_cache must be alike with a contiguous head_dim")
     check(meta.stride(-1) == 1, "meta must have a contiguous head_dim")
-    if k_new.dtype != meta.dtype:  # the kernel rounds to an fp8 cache itself
-        k_new = k_new.to(meta.dtype)
-    if v_new.dtype != meta.dtype:
-        v_new = v_new.to(meta.dtype)
+    if k_new.dtype != model_dtype:  # the kernel rounds to an fp8 cache / metadata itself
+        k_new = k_new.to(model_dtype)
+    if v_new.dtype != model_dtype:
+        v_new = v_new.to(model_dtype)
     n = k_new.shape[2]
     if n == 0 or b * hkv == 0:
         return
@@ -145,6 +153,6 @@ def append_kv_triton(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         meta.stride(0), meta.stride(1), meta.stride(2), meta.stride(3),
         *k_new.stride(), *v_new.stride(),
-        PAGE_SIZE=page_size, BLOCK_D=triton.next_power_of_2(d), FP8=fp8,
+        PAGE_SIZE=page_size, BLOCK_D=triton.next_power_of_2(d), FP8=fp8, META_FP8=meta_fp8,
         num_warps=4 if page_size * d <= 4096 else 8,
     )

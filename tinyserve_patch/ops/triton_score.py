@@ -1,4 +1,5 @@
-"""Triton Quest page scores: ``q`` ``[B, Hq, D]`` + ``meta`` ``[B, Hkv, P, 2, D]`` -> float32 ``[B, Hkv, P]``.
+"""Triton Quest page scores: ``q`` ``[B, Hq, D]`` + ``meta`` ``[B, Hkv, P, 2, D]`` (q's dtype or fp8, upcast
+exactly on load) -> float32 ``[B, Hkv, P]``.
 
 Per query head the upper bound ``sum_d max(q_d * min_d, q_d * max_d) = relu(q) . max + min(q, 0) . min``,
 computed as two tensor-core products ``[G_PAD, D] x [D, BLOCK_P]`` (G query heads of the KV head, padded
@@ -18,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ._triton_common import check, check_float_dtype, check_head_dim, check_page_size, check_rows, f32_dot, mm, page_valid
+from .reference import FP8_DTYPES
 
 
 @triton.jit
@@ -56,8 +58,8 @@ def score_block(
     in_range = pages < num_pages
     mask = in_range[None, :] & (offs_d[:, None] < D)
     ptrs = meta_bh + pages[None, :].to(tl.int64) * stride_mp + offs_d[:, None]  # [BLOCK_D, BLOCK_P]
-    mn_t = tl.load(ptrs, mask=mask, other=0.0)
-    mx_t = tl.load(ptrs + stride_mm, mask=mask, other=0.0)
+    mn_t = tl.load(ptrs, mask=mask, other=0.0).to(q_pos.dtype)  # fp8 metadata: exact upcast
+    mx_t = tl.load(ptrs + stride_mm, mask=mask, other=0.0).to(q_pos.dtype)
     s = mm(q_pos, mx_t, None, F32)
     s = mm(q_neg, mn_t, s, F32)
     rows = tl.arange(0, G_PAD)[:, None]
@@ -127,8 +129,8 @@ def _score_kernel(
 def score_meta(q: torch.Tensor, meta: torch.Tensor, seq_start, seq_end, page_size: int, gqa_reduction: str):
     """Checks shared by the score launchers; returns the launch constants and contiguous q / meta."""
     check(q.dim() == 3 and meta.dim() == 5 and meta.shape[3] == 2, "q must be [B, Hq, D] and meta [B, Hkv, P, 2, D]")
-    check_float_dtype(meta, "meta")
-    check(q.dtype == meta.dtype, f"q dtype {q.dtype} != meta dtype {meta.dtype}")
+    check_float_dtype(q, "q")
+    check(q.dtype == meta.dtype or meta.dtype in FP8_DTYPES, f"q dtype {q.dtype} != meta dtype {meta.dtype} (meta: q's dtype or fp8)")
     b, hkv, pages, _, d = meta.shape
     check(q.shape[0] == b and q.shape[2] == d, f"q {tuple(q.shape)} does not match meta {tuple(meta.shape)}")
     check(q.shape[1] % hkv == 0, f"q_heads {q.shape[1]} is not a multiple of kv_heads {hkv}")
@@ -146,7 +148,7 @@ def score_meta(q: torch.Tensor, meta: torch.Tensor, seq_start, seq_end, page_siz
         G_PAD=max(16, triton.next_power_of_2(g)),
         BLOCK_D=max(16, triton.next_power_of_2(d)),
         GQA_SUM=gqa_reduction == "sum",
-        F32=f32_dot(meta.dtype),
+        F32=f32_dot(q.dtype),
     )
     return q, meta, consts
 
