@@ -192,6 +192,7 @@ class Row:
     budget: int | None = None  # tinyserve sparse only
     prefill_chunk: int | None = None  # generate(prefill_chunk_size=...); tinyserve: SparseConfig.prefill_chunk_size
     kv_dtype: str = "auto"  # tinyserve: SparseConfig.kv_cache_dtype ("fp8_e4m3": K/V pages in fp8)
+    meta_dtype: str = "auto"  # tinyserve: SparseConfig.page_meta_dtype ("fp8_e4m3": outward-rounded fp8 min/max)
     # results
     status: str = "pending"  # ok | error | skipped
     reason: str | None = None
@@ -224,12 +225,13 @@ class Row:
     step_ms: list = field(default_factory=list)
 
     def key(self):
-        return (self.model, self.batch, self.context, self.mode, self.budget, self.prefill_chunk, self.kv_dtype)
+        return (self.model, self.batch, self.context, self.mode, self.budget, self.prefill_chunk, self.kv_dtype, self.meta_dtype)
 
     def describe(self) -> str:
         b = f" budget={self.budget}" if self.budget else ""
         c = f" prefill_chunk={self.prefill_chunk}" if self.prefill_chunk else ""
         k = f" kv={self.kv_dtype}" if self.kv_dtype != "auto" else ""
+        k += f" meta={self.meta_dtype}" if self.meta_dtype != "auto" else ""
         return f"{self.model} B={self.batch} L={self.context} {MODE_LABELS[self.mode]}{b}{c}{k}"
 
 
@@ -245,12 +247,13 @@ def is_sparse(mode: str) -> bool:
     return mode.startswith("ts_sparse") or mode.startswith("ts_fused")
 
 
-def rows_for(model, batch, context, modes, budgets, chunk: int | None = None, kv_dtype: str = "auto") -> list[Row]:
+def rows_for(model, batch, context, modes, budgets, chunk: int | None = None, kv_dtype: str = "auto",
+             meta_dtype: str = "auto") -> list[Row]:
     out = []
     for mode in modes:
         kv = kv_dtype if is_tinyserve(mode) else "auto"
         if is_sparse(mode):
-            out += [Row(model, batch, context, mode, budget=b, prefill_chunk=chunk, kv_dtype=kv) for b in budgets]
+            out += [Row(model, batch, context, mode, budget=b, prefill_chunk=chunk, kv_dtype=kv, meta_dtype=meta_dtype) for b in budgets]
         else:
             out.append(Row(model, batch, context, mode, prefill_chunk=chunk, kv_dtype=kv))
     return out
@@ -315,8 +318,9 @@ GRIDS = {"default": default_grid, "models": models_grid, "sweep": sweep_grid, "m
 def quick_grid(new_tokens: int) -> list[Row]:
     within = 2048 - new_tokens
     g = rows_for("tinyllama", 8, 32768, ["ts_sparse", "ts_dense", "hf_static", "hf_dynamic"], [2048])
-    g += memory_rows("tinyllama")
+    g += rows_for("tinyllama", 8, 32768, ["ts_sparse"], [2048], meta_dtype="fp8_e4m3")
     g += rows_for("tinyllama", 8, within, ["ts_sparse", "ts_dense"], [2048])
+    g += memory_rows("tinyllama")
     return dedupe(g)
 
 
@@ -326,6 +330,7 @@ def smoke_grid(new_tokens: int) -> list[Row]:
     g += rows_for("tiny", 1, 128, ["hf_dynamic", "ts_sparse", "ts_sparse_eager"], [64, 96])
     g += rows_for("tiny", 2, within, ["ts_sparse", "ts_dense"], [64])
     g += rows_for("tiny", 2, 128, ["ts_sparse_eager"], [64], chunk=32, kv_dtype="fp8_e4m3")
+    g += rows_for("tiny", 2, 128, ["ts_sparse_eager"], [64], meta_dtype="fp8_e4m3")
     return dedupe(g)
 
 
@@ -432,7 +437,8 @@ def kv_read_bytes(name: str, row: Row, new_tokens: int, dense_layers: int, page_
     if not is_sparse(row.mode):
         return int(dense)
     n_dense = min(dense_layers, d["layers"])
-    sparse_layer = rows_heads * (min(length, row.budget) * per_token + math.ceil(length / page_size) * 2 * d["head_dim"] * elem)
+    meta_elem = 1 if row.meta_dtype == "fp8_e4m3" else elem
+    sparse_layer = rows_heads * (min(length, row.budget) * per_token + math.ceil(length / page_size) * 2 * d["head_dim"] * meta_elem)
     return int(n_dense * rows_heads * length * per_token + (d["layers"] - n_dense) * sparse_layer)
 
 
@@ -464,7 +470,7 @@ def configure(model, row: Row, args):
         tp.patch_model(
             model, token_budget=budget, page_size=args.page_size, dense_layers=args.dense_layers,
             fused=row.mode.startswith("ts_fused"), collect_stats=not args.no_stats, prefill_chunk_size=row.prefill_chunk,
-            kv_cache_dtype=row.kv_dtype,
+            kv_cache_dtype=row.kv_dtype, page_meta_dtype=row.meta_dtype,
         )
     else:
         tp.unpatch_model(model)
@@ -490,7 +496,8 @@ def run_row(model, row: Row, args, device: torch.device, bandwidth: float) -> No
     n = args.new_tokens
     row.label = MODE_LABELS[row.mode] + (f" {row.budget}" if row.budget else "") + (
         f", prefill chunks of {row.prefill_chunk}" if row.prefill_chunk else "") + (
-        f", {row.kv_dtype} KV" if row.kv_dtype != "auto" else "")
+        f", {row.kv_dtype} KV" if row.kv_dtype != "auto" else "") + (
+        f", {row.meta_dtype} page metadata" if row.meta_dtype != "auto" else "")
     row.compiled = is_compiled(row.mode)
     row.fused = row.mode.startswith("ts_fused")
     row.new_tokens = n
@@ -621,11 +628,15 @@ def evaluate_targets(rows: list[Row], tgt: dict) -> list[dict]:
 
     m, b, L, bud = tgt["model"], tgt["batch"], tgt["context"], tgt["budget"]
     shape = f"{m} B={b} L={L} budget={bud}"
-    for sparse_mode in ("ts_sparse", "ts_fused"):
-        sp = find(rows, model=m, batch=b, context=L, mode=sparse_mode, budget=bud, prefill_chunk=None, kv_dtype="auto")
+    for sparse_mode, meta in (("ts_sparse", "auto"), ("ts_fused", "auto"), ("ts_sparse", "fp8_e4m3")):
+        sp = find(rows, model=m, batch=b, context=L, mode=sparse_mode, budget=bud, prefill_chunk=None, kv_dtype="auto",
+                  meta_dtype=meta)
+        if sp is None and meta != "auto":
+            continue  # an optional variant: no verdict without its row
         for base_mode, factor in (("hf_static", 4.0), ("ts_dense", 2.0)):
             base = find(rows, model=m, batch=b, context=L, mode=base_mode, prefill_chunk=None, kv_dtype="auto")
-            name = f"{shape}: {MODE_LABELS[sparse_mode]} tokens/s >= {factor:g}x {MODE_LABELS[base_mode]}"
+            variant = f" ({meta} page metadata)" if meta != "auto" else ""
+            name = f"{shape}: {MODE_LABELS[sparse_mode]}{variant} tokens/s >= {factor:g}x {MODE_LABELS[base_mode]}"
             if sp is None or base is None:
                 verdict(name, None, "missing row(s)")
                 continue

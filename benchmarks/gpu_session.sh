@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call (<= 10 min on one H100) running the stages named in $STAGES, in order:
-#   tests   GPU tests (python -m pytest -m gpu tests/gpu)
+#   tests   GPU tests (python -m pytest -m gpu tests/gpu $TEST_ARGS)
+#   opstests tests/ops on the GPU ($OPS_ARGS, e.g. -k fp8)
 #   memory  bench_e2e.py --grid memory (B=4/32K peak memory: HF default vs chunked / fp8 tinyserve)
 #   tune    tune_decode.py (launch sweep: score walk, attention splits / inline merge, selection warps)
 #   kernels bench_kernels.py ($KERNEL_ARGS, default: the full grid)
@@ -20,7 +21,7 @@ STAGES=${STAGES:-tests memory tune}
 COMMIT=${GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 export GIT_COMMIT=$COMMIT
 T_TESTS=${T_TESTS:-220} T_MEMORY=${T_MEMORY:-190} T_TUNE=${T_TUNE:-170} T_KERNELS=${T_KERNELS:-300}
-T_E2E=${T_E2E:-280} T_QUICK=${T_QUICK:-60}
+T_E2E=${T_E2E:-280} T_QUICK=${T_QUICK:-60} T_OPS=${T_OPS:-120}
 
 {
   date -u +%FT%TZ
@@ -34,8 +35,11 @@ for stage in $STAGES; do
   echo "== $stage"
   case $stage in
     tests)
-      timeout "$T_TESTS" python -m pytest -m gpu tests/gpu -q -p no:cacheprovider -rf 2>&1 | grep -v DEBUG > "$OUT/gpu_tests.log"
+      timeout "$T_TESTS" python -m pytest -m gpu tests/gpu -q -p no:cacheprovider -rf ${TEST_ARGS:-} 2>&1 | grep -v DEBUG > "$OUT/gpu_tests.log"
       tail -15 "$OUT/gpu_tests.log" ;;
+    opstests)  # the CPU suite's kernel tests (tests/ops pick CUDA when present), e.g. OPS_ARGS="-k fp8"
+      timeout "$T_OPS" python -m pytest tests/ops -q -p no:cacheprovider -rf ${OPS_ARGS:-} 2>&1 | grep -v DEBUG > "$OUT/ops_tests.log"
+      tail -15 "$OUT/ops_tests.log" ;;
     memory)
       timeout "$T_MEMORY" python benchmarks/bench_e2e.py --grid memory --commit "$COMMIT" --time-budget $((T_MEMORY - 20)) \
         --out "$OUT/e2e_memory.json" > "$OUT/e2e_memory.log" 2>&1

@@ -47,14 +47,14 @@ STYLE = {
 }
 
 
-def method_key(row: dict) -> tuple[str, int | None, int | None, str]:
-    return row["mode"], row.get("budget"), row.get("prefill_chunk"), row.get("kv_dtype", "auto")
+def method_key(row: dict) -> tuple[str, int | None, int | None, str, str]:
+    return row["mode"], row.get("budget"), row.get("prefill_chunk"), row.get("kv_dtype", "auto"), row.get("meta_dtype", "auto")
 
 
 def method_name(key) -> str:
-    mode, budget, chunk, kv = key
+    mode, budget, chunk, kv, meta = key
     return (SHORT.get(mode, mode) + (f" {budget}" if budget else "") + (f" (chunks {chunk})" if chunk else "")
-            + (f" [{kv} KV]" if kv != "auto" else ""))
+            + (f" [{kv} KV]" if kv != "auto" else "") + (f" [{meta} meta]" if meta != "auto" else ""))
 
 
 def sort_methods(keys):

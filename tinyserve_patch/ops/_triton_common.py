@@ -142,24 +142,22 @@ def round_to_fp8_e4m3(x):
 @triton.jit
 def round_to_fp8_e4m3_directed(x, UP: tl.constexpr):
     """float32 ``x`` saturated to +-448 and rounded toward +inf (``UP``) or -inf on the float8_e4m3fn grid,
-    still as float32 (then ``.to(float8)`` is exact): the values of :func:`reference.fp8_round_directed`,
-    zeros included (either zero -> +0.0). Magnitudes are truncated (toward zero) or rounded away from zero
-    by integer arithmetic on the float32 bits (3 mantissa bits for normals, the carry included; steps of
-    2^-9 below 2^-6), and the sign of ``x`` picks which of the two a direction means."""
+    returned as float8_e4m3fn: the bits of :func:`reference.fp8_round_directed` (either zero -> +0.0),
+    by the same steps: nearest (:func:`round_to_fp8_e4m3`), then one step on the fp8 bit pattern where
+    that went the wrong way (toward zero from a value of the other sign, off zero to +-2^-9)."""
     x = tl.minimum(tl.maximum(x, -448.0), 448.0)
     x = tl.where(x == 0.0, 0.0, x)
-    neg = x.to(tl.int32, bitcast=True) < 0
-    a = tl.abs(x)
-    bits = a.to(tl.int32, bitcast=True)
-    toward_n = (bits & -1048576).to(tl.float32, bitcast=True)
-    away_n = ((bits + 0xFFFFF) & -1048576).to(tl.float32, bitcast=True)
-    sub = a < 0.015625
-    toward = tl.where(sub, tl.floor(a * 512.0) * 0.001953125, toward_n)
-    away = tl.where(sub, tl.ceil(a * 512.0) * 0.001953125, away_n)
+    r = round_to_fp8_e4m3(x)  # float32 on the grid
+    bits = r.to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
+    positive = (bits & 0x80) == 0
+    nonzero = (bits & 0x7F) != 0
     if UP:
-        return tl.where(neg, -toward, away)
+        wrong = r < x
+        stepped = tl.where(~positive & nonzero, bits - 1, tl.where(nonzero, bits + 1, 0x01))
     else:
-        return tl.where(neg, -away, toward)
+        wrong = r > x
+        stepped = tl.where(positive & nonzero, bits - 1, tl.where(nonzero, bits + 1, 0x81))
+    return tl.where(wrong, stepped, bits).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
 
 
 @triton.jit

@@ -6,8 +6,8 @@ computed as two tensor-core products ``[G_PAD, D] x [D, BLOCK_P]`` (G query head
 to 16 rows; fp32 accumulation; exact products for fp16/bf16, IEEE fp32 for fp32), reduced over the group
 by ``max`` or ``sum``; ``-inf`` for pages without a valid token. Grid ``(B * Hkv, cdiv(blocks, per))``:
 a program walks ``per`` consecutive blocks of ``BLOCK_P`` pages (``BLOCK_P * 2 * D`` contiguous metadata
-elements each), software-pipelined over ``STAGES`` when ``per > 1``; the default is one block per program
-(many small programs, the launch measured fastest so far).
+elements each), software-pipelined over ``STAGES`` when ``per > 1``; :func:`default_launch` picks ``per``
+and the warps from the H100 sweep.
 
 The summation order differs from the reference's, so a score may differ from it in the last ulp.
 """
@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import check, check_float_dtype, check_head_dim, check_page_size, check_rows, f32_dot, mm, page_valid
+from ._triton_common import check, check_float_dtype, check_head_dim, check_page_size, check_rows, f32_dot, mm, page_valid, sm_count
 from .reference import FP8_DTYPES
 
 
@@ -117,7 +117,7 @@ def _score_kernel(
                 G, G_PAD, BLOCK_D, GQA_SUM, F32,
             )
             tl.store(out_bh + pages, s, mask=pages < num_pages)
-    else:  # one block per program (the measured default launch)
+    else:  # one block per program (straight-line code: small launches)
         pages = pb * BLOCK_P + tl.arange(0, BLOCK_P)
         s = score_block(
             q_pos, q_neg, meta_bh, pages, num_pages, start, end, stride_mp, stride_mm, D, page_size,
@@ -158,10 +158,15 @@ def _block_p(block_d: int) -> int:
     return 64 if block_d <= 128 else 32
 
 
-#: Page blocks a score program walks by default: 1 is the launch measured on the H100 (one program per
-#: block of 64 pages: 93% of the byte floor at B=8 / 64K); walking several blocks per program, software
-#: pipelined, is built and tested but not yet timed on a GPU (``benchmarks/tune_decode.py --kernels score``).
-BLOCKS_PER_PROGRAM = 1
+def default_launch(programs: int, sms: int, meta_dtype: torch.dtype) -> tuple[int, int]:
+    """``(blocks_per_program, num_warps)`` of a score launch with ``programs`` page blocks in all (rows x
+    KV heads x blocks) on ``sms`` SMs. From the H100 sweep (``benchmarks/tune_decode.py``, 2026-11-23):
+    one block per program while the blocks fill two waves at most (batch 1, <= 16K tokens: launch bound),
+    else walk up to 8 blocks per program, software-pipelined (Llama-3-8B B=8 / 64K: 48.3 -> 48.1 us bf16,
+    35.5 -> 29.5 us fp8; TinyLlama B=8 / 32K: 8.9 -> 8.4 us bf16); 8 warps for fp8 metadata (the upcast
+    doubles the register work per byte: 3.7 -> 3.2 us at batch 1), 4 for the model's dtype."""
+    per = max(1, min(8, programs // (2 * sms)))
+    return per, 8 if meta_dtype in FP8_DTYPES else 4
 
 
 def page_scores_triton(
@@ -172,7 +177,7 @@ def page_scores_triton(
     page_size: int,
     gqa_reduction: str,
     block_p: int | None = None,
-    num_warps: int = 4,
+    num_warps: int | None = None,
     blocks_per_program: int | None = None,
     num_stages: int | None = None,
 ) -> torch.Tensor:
@@ -185,8 +190,9 @@ def page_scores_triton(
         return out
     block_p = block_p or _block_p(consts["BLOCK_D"])
     blocks = triton.cdiv(pages, block_p)
-    if blocks_per_program is None:
-        blocks_per_program = BLOCKS_PER_PROGRAM
+    per, warps = default_launch(b * hkv * blocks, sm_count(meta.device), meta.dtype)
+    blocks_per_program = blocks_per_program or per
+    num_warps = num_warps or warps
     check(blocks_per_program >= 1, f"blocks_per_program={blocks_per_program} must be >= 1")
     num_stages = num_stages or (1 if blocks_per_program == 1 else 3)
     grid = (b * hkv, triton.cdiv(blocks, blocks_per_program))
