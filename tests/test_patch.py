@@ -388,3 +388,17 @@ def test_fp8_page_meta_bounds_the_keys_and_full_budget_is_dense(kv_cache_dtype):
     dense = decode_logits(model, ids, cont, mask)
     tp.patch_model(model, token_budget=4096, page_meta_dtype="fp8_e4m3", **kw)
     torch.testing.assert_close(decode_logits(model, ids, cont, mask), dense, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_generate_within_budget_takes_the_dense_path():
+    """generate() sizes the cache to prompt + new tokens; when that fits the budget no decode step runs
+    the sparse ops (the same code path as a dense config, so within-budget decoding costs nothing extra)."""
+    model = tp.patch_model(tiny_model("llama"), token_budget=64, page_size=16, dense_layers=0)
+    ids = torch.randint(3, 100, (2, 32), generator=torch.Generator().manual_seed(5))
+    model.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0, disable_compile=True)
+    st = tp.stats(model)
+    assert all(layer.capacity == 64 for layer in model._tinyserve_state.last_cache.layers)
+    assert st["sparse_layers"] == 0 and all(r["sparse_steps"] == 0 and r["dense_steps"] == 31 for r in st["layers"])
+    model.generate(ids, max_new_tokens=33, min_new_tokens=33, do_sample=False, pad_token_id=0, disable_compile=True)
+    assert tp.stats(model)["sparse_layers"] == 3  # one token past the budget: the sparse path
