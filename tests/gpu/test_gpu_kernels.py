@@ -69,12 +69,18 @@ def test_gpu_append_prefill_then_decode_bit_exact(dtype, page_size, d):
     k = torch.full((b, h, cap, d), float("nan"), dtype=dtype, device=DEV)  # unwritten slots stay NaN
     v = k.clone()
     meta = torch.full((b, h, cap // page_size, 2, d), float("nan"), dtype=dtype, device=DEV)
-    tri = (k, v, meta)
+    _append_both((k, v, meta), page_size, dtype, g)
+
+
+def _append_both(tri, page_size, dtype, g, key_scale=None) -> int:
+    """A prefill of 1000 tokens with left padding 0/3/17/100 (dropped), then decode steps and page-sized
+    appends, through Triton and the reference, bit for bit after every call; returns the shortest row."""
+    b, h, _, d = tri[0].shape
     rb = tuple(t.clone() for t in tri)
-    pad = torch.tensor([0, 3, 17, 100])
-    pos = -pad  # left padding of the prefill is dropped
+    pos = -torch.tensor([0, 3, 17, 100])
     for n in (1000, 1, 1, 37, 1, page_size, 1):
-        kn = torch.randn(b, n, h, d, generator=g).to(dtype).to(DEV).transpose(1, 2)  # HF's view
+        kn = torch.randn(b, n, h, d, generator=g)
+        kn = (kn if key_scale is None else kn * key_scale).to(dtype).to(DEV).transpose(1, 2)  # HF's view
         vn = torch.randn(b, n, h, d, generator=g).to(dtype).to(DEV).transpose(1, 2)
         p = pos.to(torch.int32).to(DEV)
         append_kv_triton(*tri, kn, vn, p)
@@ -82,6 +88,7 @@ def test_gpu_append_prefill_then_decode_bit_exact(dtype, page_size, d):
         for a, r in zip(tri, rb):
             assert torch.equal(_bits(a), _bits(r))
         pos = pos + n
+    return int(pos.min())
 
 
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn])
@@ -93,18 +100,7 @@ def test_gpu_append_fp8_meta_bit_exact(kv_dtype, page_size):
     b, h, cap, d = 4, 4, 2048, 128
     tri = (torch.zeros((b, h, cap, d), dtype=kv_dtype, device=DEV), torch.zeros((b, h, cap, d), dtype=kv_dtype, device=DEV),
            torch.zeros((b, h, cap // page_size, 2, d), dtype=torch.float8_e4m3fn, device=DEV))
-    rb = tuple(t.clone() for t in tri)
-    pos = -torch.tensor([0, 3, 17, 100])
-    for n in (1000, 1, 1, 37, 1, page_size, 1):
-        kn = (torch.randn(b, n, h, d, generator=g) * torch.logspace(-3, 1.5, d)).to(torch.bfloat16).to(DEV).transpose(1, 2)
-        vn = torch.randn(b, n, h, d, generator=g).to(torch.bfloat16).to(DEV).transpose(1, 2)
-        p = pos.to(torch.int32).to(DEV)
-        append_kv_triton(*tri, kn, vn, p)
-        ref.append_kv(*rb, kn, vn, p)
-        for a, r in zip(tri, rb):
-            assert torch.equal(_bits(a), _bits(r))
-        pos = pos + n
-    filled = (int(pos.min()) // page_size)
+    filled = _append_both(tri, page_size, torch.bfloat16, g, key_scale=torch.logspace(-3, 1.5, d)) // page_size
     keys = tri[0][:, :, : filled * page_size].float().unflatten(2, (filled, page_size))
     meta = tri[2][:, :, :filled].float()
     assert (meta[:, :, :, 0, None] <= keys).all() and (keys <= meta[:, :, :, 1, None]).all()
