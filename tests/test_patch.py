@@ -402,3 +402,24 @@ def test_generate_within_budget_takes_the_dense_path():
     assert st["sparse_layers"] == 0 and all(r["sparse_steps"] == 0 and r["dense_steps"] == 31 for r in st["layers"])
     model.generate(ids, max_new_tokens=33, min_new_tokens=33, do_sample=False, pad_token_id=0, disable_compile=True)
     assert tp.stats(model)["sparse_layers"] == 3  # one token past the budget: the sparse path
+
+
+@torch.no_grad()
+def test_later_prefill_chunks_attend_only_over_written_tokens(monkeypatch):
+    """A later prefill chunk attends over the longest row written so far (keys and mask), not the whole
+    capacity: chunk i of a prompt sees i + 1 chunks of keys; outputs equal the unchunked prefill's."""
+    from tinyserve_patch import attention
+
+    seen = []
+    real = attention._grouped_attention
+    monkeypatch.setattr(attention, "_grouped_attention", lambda q, k, v, m, *a: seen.append((k.shape[2], m.shape[-1])) or real(q, k, v, m, *a))
+    ids, mask = batch(pad=0)
+    model = tp.patch_model(tiny_model("llama"), token_budget=32, page_size=8, dense_layers=0)
+    want = model.generate(ids, attention_mask=mask, output_logits=True, return_dict_in_generate=True, **GEN)
+    chunk = 8
+    got = model.generate(ids, attention_mask=mask, prefill_chunk_size=chunk, output_logits=True, return_dict_in_generate=True, **GEN)
+    prefill = sorted({s for s in seen if s[0] > 1})
+    assert prefill and all(k == m for k, m in prefill)  # mask and keys trimmed alike
+    assert {k for k, _ in prefill} == set(range(2 * chunk, PROMPT + 1, chunk)) | ({PROMPT} if PROMPT % chunk else set())
+    for w, g in zip(want.logits, got.logits):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)

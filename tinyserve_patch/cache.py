@@ -155,13 +155,16 @@ class TinyServeLayer(CacheLayerMixin):
             start = (end - int(sliding_window)).clamp(min=0)
         return start, end
 
-    def attention_mask(self, q_len: int, sliding_window: int | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """``[batch, 1, q_len, capacity]`` bool over the left-aligned buffers for the last ``q_len`` tokens
-        (causal; sliding window if given); ``rows=(s, e)``: only queries ``s:e`` of them."""
+    def attention_mask(
+        self, q_len: int, sliding_window: int | None = None, rows: tuple[int, int] | None = None, kv_len: int | None = None
+    ) -> torch.Tensor:
+        """``[batch, 1, q_len, kv_len]`` bool over the left-aligned buffers (their first ``kv_len`` positions,
+        default the capacity) for the last ``q_len`` tokens (causal; sliding window if given);
+        ``rows=(s, e)``: only queries ``s:e`` of them."""
         s, e = rows or (0, q_len)
         end = self.row_lengths()[:, None, None]  # [b, 1, 1]
         q_pos = end - q_len + torch.arange(s, e, device=end.device)[None, :, None]  # [b, e - s, 1]
-        k_pos = torch.arange(self.capacity, device=end.device)[None, None, :]
+        k_pos = torch.arange(self.capacity if kv_len is None else kv_len, device=end.device)[None, None, :]
         mask = k_pos <= q_pos
         if sliding_window:
             mask &= k_pos > q_pos - int(sliding_window)
