@@ -95,10 +95,8 @@ def append_kv(k_cache, v_cache, meta, k_new, v_new, pos) -> None:
         f"pos must be an integer tensor of 1 or batch={k_cache.shape[0]} elements, got {tuple(pos.shape)}",
     )
     _check(pos.device == k_cache.device and k_new.device == k_cache.device, "pos/k_new must be on the cache's device")
-    # new K/V arrive in the model's dtype (the cache's or meta's, whichever is not fp8; else k_new's own);
-    # the op rounds them into an fp8 cache / fp8 metadata itself
-    fp8 = KV_STORAGE_DTYPES
-    dtype = k_cache.dtype if k_cache.dtype not in fp8 else (meta.dtype if meta.dtype not in fp8 else k_new.dtype)
+    # new K/V arrive in the model's dtype; the op rounds them into an fp8 cache / fp8 metadata itself
+    dtype = reference.model_dtype(k_cache.dtype, meta.dtype, k_new.dtype)
     _check(dtype in SUPPORTED_DTYPES, f"k_new dtype {dtype} unsupported: {SUPPORTED_DTYPES}")
     torch.ops.tinyserve.append_kv(k_cache, v_cache, meta, k_new.to(dtype), v_new.to(dtype), pos)
 

@@ -76,6 +76,14 @@ def page_bounds(keys: torch.Tensor, dim: int, dtype: torch.dtype) -> tuple[torch
     return mn.to(dtype), mx.to(dtype)
 
 
+def model_dtype(k_cache_dtype: torch.dtype, meta_dtype: torch.dtype, new_dtype: torch.dtype) -> torch.dtype:
+    """The dtype new keys / values arrive in before an append rounds them into fp8 storage: the cache's
+    or the metadata's, whichever is not fp8, else the new keys' own."""
+    if k_cache_dtype not in FP8_DTYPES:
+        return k_cache_dtype
+    return meta_dtype if meta_dtype not in FP8_DTYPES else new_dtype
+
+
 def gather_tokens(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``torch.gather(cache, 2, index)``, also for fp8 caches (gathered as bytes: CPU has no fp8 gather)."""
     if cache.dtype in FP8_DTYPES:

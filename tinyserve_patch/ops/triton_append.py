@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from ._triton_common import check, check_head_dim, round_to_fp8_e4m3, round_to_fp8_e4m3_directed
+from . import reference
 from .reference import FP8_DTYPES
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -120,7 +121,7 @@ def append_kv_triton(
     device (never read on the host)."""
     check(k_cache.dim() == 4 and v_cache.shape == k_cache.shape, "k_cache / v_cache must be [B, Hkv, cap, D] alike")
     fp8, meta_fp8 = k_cache.dtype in FP8_DTYPES, meta.dtype in FP8_DTYPES
-    model_dtype = meta.dtype if fp8 and not meta_fp8 else (k_new.dtype if fp8 else k_cache.dtype)
+    model_dtype = reference.model_dtype(k_cache.dtype, meta.dtype, k_new.dtype)
     check(
         model_dtype in FLOAT_DTYPES and v_cache.dtype == k_cache.dtype and (meta.dtype in (k_cache.dtype, *FP8_DTYPES) or fp8),
         f"k_cache / v_cache / meta / k_new dtypes {k_cache.dtype} / {v_cache.dtype} / {meta.dtype} / {k_new.dtype}: "
