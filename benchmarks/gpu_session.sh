@@ -35,10 +35,12 @@ for stage in $STAGES; do
   echo "== $stage"
   case $stage in
     tests)
-      timeout "$T_TESTS" python -m pytest -m gpu tests/gpu -q -p no:cacheprovider -rf ${TEST_ARGS:-} 2>&1 | grep -v DEBUG > "$OUT/gpu_tests.log"
+      eval "extra=(${TEST_ARGS:-})"  # shell words, so -k "a or b" stays one argument
+      timeout "$T_TESTS" python -m pytest -m gpu tests/gpu -q -p no:cacheprovider -rf "${extra[@]}" 2>&1 | grep -v DEBUG > "$OUT/gpu_tests.log"
       tail -15 "$OUT/gpu_tests.log" ;;
     opstests)  # the CPU suite's kernel tests (tests/ops pick CUDA when present), e.g. OPS_ARGS="-k fp8"
-      timeout "$T_OPS" python -m pytest tests/ops -q -p no:cacheprovider -rf ${OPS_ARGS:-} 2>&1 | grep -v DEBUG > "$OUT/ops_tests.log"
+      eval "extra=(${OPS_ARGS:-})"
+      timeout "$T_OPS" python -m pytest tests/ops -q -p no:cacheprovider -rf "${extra[@]}" 2>&1 | grep -v DEBUG > "$OUT/ops_tests.log"
       tail -15 "$OUT/ops_tests.log" ;;
     memory)
       timeout "$T_MEMORY" python benchmarks/bench_e2e.py --grid memory --commit "$COMMIT" --time-budget $((T_MEMORY - 20)) \
