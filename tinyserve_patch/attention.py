@@ -97,6 +97,8 @@ def _dense(module, query, key, value, attention_mask, dropout, scaling, softcap,
         # (one host sync per layer and chunk; halves a chunked prefill's attention work on average)
         kv_len = int(layer.row_lengths().max())
         key, value = key[:, :, :kv_len], value[:, :, :kv_len]
+    if key.dtype != query.dtype:  # an fp8 cache: attend in the model's dtype (only the rows' written part)
+        key, value = key.to(query.dtype), value.to(query.dtype)
     step = max(1, QUERY_ROWS // (query.shape[1] // key.shape[1]))
     blocks = [
         _grouped_attention(
@@ -142,8 +144,6 @@ def tinyserve_attention_forward(
     if layer is None and state is not None and q_len == 1:
         _warn_foreign_cache()
     if not _use_sparse(state, layer, module, q_len, sliding_window):
-        if key.dtype != query.dtype:  # an fp8 cache: attend in the model's dtype
-            key, value = key.to(query.dtype), value.to(query.dtype)
         out = _dense(module, query, key, value, attention_mask, dropout, scaling, softcap, sliding_window, layer, kwargs)
         if layer is not None and q_len == 1 and state is not None and state.config.collect_stats:
             start, end = layer.row_ranges(sliding_window)
