@@ -91,17 +91,12 @@ def copy_bandwidth(rep: int) -> float:
     return 2 * n / (ms * 1e-3)
 
 
-def fp8_meta(meta: torch.Tensor) -> torch.Tensor:
-    """``SparseConfig.page_meta_dtype="fp8_e4m3"`` metadata of the same pages: min rounded down, max up."""
-    from tinyserve_patch.ops.reference import fp8_round_directed
-
-    return torch.stack([fp8_round_directed(meta[:, :, :, 0], up=False), fp8_round_directed(meta[:, :, :, 1], up=True)], dim=3)
-
-
 class Copies:
     """``n`` independent caches of one configuration (k, v, meta, its fp8 form meta8, q), rotated call by call."""
 
     def __init__(self, batch, hq, hkv, d, length, n):
+        from tinyserve_patch.ops.reference import meta_to_fp8
+
         self.items = []
         for _ in range(n):
             k = torch.randn(batch, hkv, length, d, device="cuda", dtype=DTYPE)
@@ -109,7 +104,7 @@ class Copies:
             paged = k.view(batch, hkv, length // PAGE, PAGE, d)
             meta = torch.stack([paged.amin(3), paged.amax(3)], dim=3).contiguous()
             q = torch.randn(batch, hq, d, device="cuda", dtype=DTYPE)
-            self.items.append({"k": k, "v": v, "meta": meta, "meta8": fp8_meta(meta), "q": q})
+            self.items.append({"k": k, "v": v, "meta": meta, "meta8": meta_to_fp8(meta), "q": q})
         self._it = itertools.cycle(range(n))
 
     def next(self) -> dict:
@@ -146,7 +141,7 @@ def correctness_check() -> None:
     fin = torch.isfinite(e)
     assert torch.equal(torch.isinf(s), torch.isinf(e)), "score: -inf pattern differs"
     assert torch.allclose(s[fin], e[fin], rtol=1e-5, atol=1e-3), "score: values differ"
-    meta8 = fp8_meta(meta)
+    meta8 = ref.meta_to_fp8(meta)
     s8 = page_scores_triton(q, meta8, start, end, PAGE, "max")
     e8 = ref.page_scores(q, meta8, start, end, PAGE, "max")
     assert torch.allclose(s8[fin], e8[fin], rtol=1e-5, atol=1e-3), "score (fp8 metadata): values differ"

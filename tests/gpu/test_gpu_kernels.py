@@ -136,7 +136,7 @@ def test_gpu_scores_and_select(name, length, batch, ps):
         fin = torch.isfinite(expect)
         torch.testing.assert_close(scores[fin], expect[fin], rtol=1e-5, atol=1e-3)
     # fp8 metadata (outward-rounded): the same scores as the reference on it, never below the exact ones
-    meta8 = torch.stack([ref.fp8_round_directed(meta[:, :, :, 0], up=False), ref.fp8_round_directed(meta[:, :, :, 1], up=True)], dim=3)
+    meta8 = ref.meta_to_fp8(meta)
     s8 = page_scores_triton(q, meta8, start, end, ps, "max")
     e8 = ref.page_scores(q, meta8, start, end, ps, "max")
     exact = ref.page_scores(q, meta, start, end, ps, "max")

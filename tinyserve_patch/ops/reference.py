@@ -76,6 +76,12 @@ def page_bounds(keys: torch.Tensor, dim: int, dtype: torch.dtype) -> tuple[torch
     return mn.to(dtype), mx.to(dtype)
 
 
+def meta_to_fp8(meta: torch.Tensor) -> torch.Tensor:
+    """Exact metadata ``[..., 2, head_dim]`` as fp8 metadata of the same pages: min rounded down, max up
+    (the same bits :func:`page_bounds` gives from the keys, as rounding is monotonic)."""
+    return torch.stack([fp8_round_directed(meta[..., 0, :], up=False), fp8_round_directed(meta[..., 1, :], up=True)], dim=-2)
+
+
 def model_dtype(k_cache_dtype: torch.dtype, meta_dtype: torch.dtype, new_dtype: torch.dtype) -> torch.dtype:
     """The dtype new keys / values arrive in before an append rounds them into fp8 storage: the cache's
     or the metadata's, whichever is not fp8, else the new keys' own."""
