@@ -5,7 +5,9 @@
 Shapes: TinyLlama (32 q / 4 kv heads, d 64) and Llama-3-8B (32 / 8, d 128); batch 1 and 8; 4K, 16K, 64K
 and 128K cached tokens; token budgets 1024 / 2048 / 4096; page 16; bf16. Rows: dense SDPA decode
 (``enable_gqa``), each kernel alone (score, select, fused score+select, sparse attention), and the two
-sparse pipelines (split: score + select + attend; fused: score_select + attend); then the score kernel
+sparse pipelines (split: score + select + attend; fused: score_select + attend), the split pipeline with
+plain launches instead of programmatic dependent launches (``total_split_nopdl``, ``TINYSERVE_PDL=0``:
+what the launch overlap gains on Hopper); then the score kernel
 and the split pipeline again over fp8 page metadata (``SparseConfig.page_meta_dtype="fp8_e4m3"``: half
 the metadata bytes).
 
@@ -109,6 +111,24 @@ class Copies:
 
     def next(self) -> dict:
         return self.items[next(self._it)]
+
+
+def without_pdl(fn):
+    """``fn`` with every Triton launch a plain one (``TINYSERVE_PDL=0``): the same-run baseline of the
+    programmatic-dependent-launch overlap (the setting is read at launch, so also while a graph is captured)."""
+
+    def call():
+        old = os.environ.get("TINYSERVE_PDL")
+        os.environ["TINYSERVE_PDL"] = "0"
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ["TINYSERVE_PDL"]
+            else:
+                os.environ["TINYSERVE_PDL"] = old
+
+    return call
 
 
 def _n_copies(touched: int, per_copy: int, l2: int) -> int:
@@ -263,6 +283,7 @@ def run(args) -> dict:
             add("fused_score_select", budget, meta_bytes + qo_bytes // 2 + idx_bytes, fused)
             add("sparse_attention", budget, sel_kv + qo_bytes + idx_bytes, attend, dense_ms)
             add("total_split", budget, total_bytes, split_total, dense_ms)
+            add("total_split_nopdl", budget, total_bytes, without_pdl(split_total), dense_ms)
             add("total_fused", budget, total_bytes, fused_total, dense_ms)
             add("score_fp8meta", budget, meta_bytes // 2 + qo_bytes // 2 + score_bytes, score8)
             add("total_split_fp8meta", budget, total_bytes - meta_bytes // 2, split_total8, dense_ms)

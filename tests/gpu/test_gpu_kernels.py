@@ -304,3 +304,60 @@ def test_gpu_reduce_overhead_decode_loop_matches_eager(fused):
     for got, exp in zip((k, v, meta), eager_bufs[:3]):
         assert torch.equal(got, exp)
     assert counters["inductor"]["cudagraph_skips"] == 0
+
+
+# ---------------------------------------------------------------------------------------------- PDL
+
+
+def _chain(k, v, meta, pos, k_new, v_new, q, seq_start, merge):
+    """append -> score -> select -> attention (merge kernel or inline): every launch of the decode chain."""
+    append_kv_triton(k, v, meta, k_new, v_new, pos)
+    seq_end = pos + 1
+    scores = page_scores_triton(q, meta, seq_start, seq_end, 16, "max")
+    idx = select_pages_triton(scores, seq_start, seq_end, 16, 24, 1, 2)
+    fused = score_and_select_triton(q, meta, seq_start, seq_end, 16, 24, 1, 2, "max", num_programs=4)
+    out = sparse_decode_attention_triton(q, k, v, idx, seq_start, seq_end, 16, 0.125, merge=merge)
+    return scores, idx, fused, out
+
+
+@pytest.mark.parametrize("merge", ["kernel", "inline"])
+def test_gpu_pdl_launches_equal_plain_launches_eager_and_graphed(monkeypatch, merge):
+    """Programmatic dependent launch (on by default on Hopper) changes when a kernel may start, never its
+    result: the chain with and without it, eagerly and replayed from a CUDA graph, is bit-identical."""
+    from tinyserve_patch.ops._triton_common import use_pdl
+
+    hopper = torch.cuda.get_device_capability()[0] >= 9
+    assert use_pdl(torch.device(DEV)) == hopper
+    g = torch.Generator(device=DEV).manual_seed(5)
+    b, hkv, hq, d, cap = 3, 8, 32, 128, 4096
+    k0 = torch.randn(b, hkv, cap, d, generator=g, device=DEV).to(torch.bfloat16)
+    v0 = torch.randn(b, hkv, cap, d, generator=g, device=DEV).to(torch.bfloat16)
+    meta0 = torch.zeros(b, hkv, cap // 16, 2, d, dtype=torch.bfloat16, device=DEV)
+    pos = torch.tensor([3000, 1777, 4000], dtype=torch.int32, device=DEV)
+    append_kv_triton(k0, v0, meta0, k0, v0, torch.zeros(1, dtype=torch.int32, device=DEV))
+    seq_start = torch.tensor([0, 100, 0], dtype=torch.int32, device=DEV)
+    k_new = torch.randn(b, hkv, 1, d, generator=g, device=DEV).to(torch.bfloat16)
+    q = torch.randn(b, hq, d, generator=g, device=DEV).to(torch.bfloat16)
+
+    def run(pdl: str, graphed: bool):
+        monkeypatch.setenv("TINYSERVE_PDL", pdl)
+        bufs = [t.clone() for t in (k0, v0, meta0)]
+        if not graphed:
+            return bufs, _chain(*bufs, pos, k_new, k_new, q, seq_start, merge)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up compiles outside the capture
+            _chain(*[t.clone() for t in bufs], pos, k_new, k_new, q, seq_start, merge)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            res = _chain(*bufs, pos, k_new, k_new, q, seq_start, merge)
+        graph.replay()  # the append rewrites the same token: replay is idempotent
+        torch.cuda.synchronize()
+        return bufs, res
+
+    base_bufs, base = run("0", False)
+    for pdl, graphed in (("1", False), ("1", True), ("0", True)):
+        bufs, res = run(pdl, graphed)
+        for x, y in zip(bufs + list(res), base_bufs + list(base)):
+            assert torch.equal(x, y), (pdl, graphed)

@@ -53,6 +53,23 @@ def sm_count(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
+def use_pdl(device: torch.device) -> bool:
+    """Launch with programmatic dependent launch (PDL): on a CUDA device of compute capability >= 9
+    (Hopper and later), not under the interpreter, unless ``TINYSERVE_PDL=0``. A PDL launch may start
+    while the previous kernel on the stream drains; every kernel here then waits for it
+    (:func:`pdl_enter`) before its first global load or store, so results are the same either way and
+    only the launch latency between dependent kernels is hidden (CUDA graphs included)."""
+    if device.type != "cuda" or interpreting() or os.environ.get("TINYSERVE_PDL", "1") == "0":
+        return False
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _CAPABILITY:
+        _CAPABILITY[idx] = torch.cuda.get_device_capability(idx)[0]
+    return _CAPABILITY[idx] >= 9
+
+
+_CAPABILITY: dict[int, int] = {}
+
+
 def check(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)
@@ -112,6 +129,16 @@ def search_passes(ways: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- device
+
+
+@triton.jit
+def pdl_enter(PDL: tl.constexpr):
+    """First statement of every kernel: with ``PDL`` (see :func:`use_pdl`), wait until the previous grid on
+    the stream has completed and its writes are visible, then let the next PDL launch start scheduling
+    (it only gets SMs this grid no longer needs: all of this grid's programs are resident by then)."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit

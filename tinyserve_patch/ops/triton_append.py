@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import check, check_head_dim, round_to_fp8_e4m3, round_to_fp8_e4m3_directed
+from ._triton_common import check, check_head_dim, pdl_enter, use_pdl, round_to_fp8_e4m3, round_to_fp8_e4m3_directed
 from . import reference
 from .reference import FP8_DTYPES
 
@@ -60,7 +60,9 @@ def _append_kernel(
     BLOCK_D: tl.constexpr,
     FP8: tl.constexpr,
     META_FP8: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     bh = tl.program_id(0)
     slot = tl.program_id(1)
     b = bh // kv_heads
@@ -148,6 +150,7 @@ def append_kv_triton(
         return
     pos = pos.reshape(-1)
     grid = (b * hkv, triton.cdiv(n, page_size) + 1)
+    pdl = use_pdl(k_cache.device)
     _append_kernel[grid](
         k_cache, v_cache, meta, k_new, v_new, pos,
         n, cap, hkv, d, pos.stride(0) if pos.numel() > 1 else 0,
@@ -155,5 +158,5 @@ def append_kv_triton(
         meta.stride(0), meta.stride(1), meta.stride(2), meta.stride(3),
         *k_new.stride(), *v_new.stride(),
         PAGE_SIZE=page_size, BLOCK_D=triton.next_power_of_2(d), FP8=fp8, META_FP8=meta_fp8,
-        num_warps=4 if page_size * d <= 4096 else 8,
+        num_warps=4 if page_size * d <= 4096 else 8, PDL=pdl, launch_pdl=pdl,
     )

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import check, check_float_dtype, check_head_dim, check_page_size, check_rows, f32_dot, mm, sm_count
+from ._triton_common import check, check_float_dtype, check_head_dim, check_page_size, check_rows, f32_dot, mm, pdl_enter, sm_count, use_pdl
 from .reference import FP8_DTYPES
 
 LOG2E = 1.4426950408889634
@@ -68,7 +68,9 @@ def _decode_split_kernel(
     SINGLE: tl.constexpr,
     F32: tl.constexpr,
     INLINE_MERGE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // kv_heads
@@ -181,7 +183,9 @@ def _decode_merge_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
     CHUNK_S: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     pid = tl.program_id(0)
     b = pid // q_heads
     hq = pid % q_heads
@@ -310,6 +314,7 @@ def sparse_decode_attention_triton(
     else:
         o_ws = torch.empty((b * hkv * splits * g, d), dtype=torch.float32, device=q.device)
         lse_ws = torch.empty((b * hkv * splits * g,), dtype=torch.float32, device=q.device)
+    pdl = use_pdl(q.device)
     _decode_split_kernel[(b * hkv, splits)](
         q, k_cache, v_cache, indices, seq_start, seq_end, out, o_ws, lse_ws, counters if inline else out,
         n_sel, hkv, splits, per,
@@ -318,12 +323,12 @@ def sparse_decode_attention_triton(
         indices.stride(0), indices.stride(1), out.stride(0), out.stride(1),
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=block_n,
         PAGE_SIZE=page_size, SOFTCAP=bool(softcap), SINGLE=single, F32=f32_dot(q.dtype), INLINE_MERGE=inline,
-        num_warps=num_warps or (4 if block_d <= 128 else 8), num_stages=num_stages,
+        num_warps=num_warps or (4 if block_d <= 128 else 8), num_stages=num_stages, PDL=pdl, launch_pdl=pdl,
     )
     if not single and not inline:
         _decode_merge_kernel[(b * hq,)](
             o_ws, lse_ws, out, hq, hkv, splits, out.stride(0), out.stride(1),
             G=g, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits),
-            CHUNK_S=min(16, triton.next_power_of_2(splits)), num_warps=4,
+            CHUNK_S=min(16, triton.next_power_of_2(splits)), num_warps=4, PDL=pdl, launch_pdl=pdl,
         )
     return out

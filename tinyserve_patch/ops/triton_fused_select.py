@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import SELECT_WAYS, check, check_select_pages, search_passes, select_from_scores, select_num_warps, sm_count
+from ._triton_common import SELECT_WAYS, check, check_select_pages, search_passes, pdl_enter, select_from_scores, select_num_warps, sm_count, use_pdl
 from .triton_score import load_group_query, score_block, score_meta
 
 def _counters(device: torch.device, n: int) -> torch.Tensor:
@@ -65,7 +65,9 @@ def _fused_kernel(
     WAYS: tl.constexpr,
     PASSES: tl.constexpr,
     NPROG: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     bh = tl.program_id(0)
     pid = tl.program_id(1)
     b = bh // kv_heads
@@ -139,12 +141,13 @@ def score_and_select_triton(
         nprog = triton.cdiv(pages, per)
     ws = torch.empty((b * hkv, pages), dtype=torch.float32, device=meta.device)
     counters = _counters(meta.device, b * hkv) if nprog > 1 else ws
+    pdl = use_pdl(meta.device)
     _fused_kernel[(b * hkv, nprog)](
         q, meta, seq_start, seq_end, ws, counters, out,
         pages, num_select, hkv, d, per,
         q.stride(0), q.stride(1), meta.stride(0), meta.stride(1), meta.stride(2), meta.stride(3),
         page_size, sink_pages, recent_pages, BLOCK_P=block_p, BLOCK=block,
         WAYS=ways or SELECT_WAYS, PASSES=search_passes(ways or SELECT_WAYS), NPROG=nprog,
-        num_warps=num_warps or select_num_warps(block), **consts,
+        num_warps=num_warps or select_num_warps(block), PDL=pdl, launch_pdl=pdl, **consts,
     )
     return out

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import check, check_float_dtype, check_head_dim, check_page_size, check_rows, f32_dot, mm, page_valid, sm_count
+from ._triton_common import check, check_float_dtype, check_head_dim, check_page_size, check_rows, f32_dot, mm, page_valid, pdl_enter, sm_count, use_pdl
 from .reference import FP8_DTYPES
 
 
@@ -97,7 +97,9 @@ def _score_kernel(
     F32: tl.constexpr,
     STAGES: tl.constexpr,
     WALK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     bh = tl.program_id(0)
     pb = tl.program_id(1)
     b = bh // kv_heads
@@ -196,9 +198,11 @@ def page_scores_triton(
     check(blocks_per_program >= 1, f"blocks_per_program={blocks_per_program} must be >= 1")
     num_stages = num_stages or (1 if blocks_per_program == 1 else 3)
     grid = (b * hkv, triton.cdiv(blocks, blocks_per_program))
+    pdl = use_pdl(meta.device)
     _score_kernel[grid](
         q, meta, seq_start, seq_end, out, pages, hkv, d,
         q.stride(0), q.stride(1), meta.stride(0), meta.stride(1), meta.stride(2), meta.stride(3), page_size,
-        blocks_per_program, BLOCK_P=block_p, STAGES=num_stages, WALK=blocks_per_program > 1, num_warps=num_warps, **consts,
+        blocks_per_program, BLOCK_P=block_p, STAGES=num_stages, WALK=blocks_per_program > 1, num_warps=num_warps,
+        PDL=pdl, launch_pdl=pdl, **consts,
     )
     return out

@@ -17,9 +17,11 @@ from ._triton_common import (
     check_page_size,
     check_rows,
     check_select_pages,
+    pdl_enter,
     search_passes,
     select_from_scores,
     select_num_warps,
+    use_pdl,
 )
 
 
@@ -41,7 +43,9 @@ def _select_kernel(
     BLOCK: tl.constexpr,
     WAYS: tl.constexpr,
     PASSES: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     bh = tl.program_id(0)
     b = bh // kv_heads
     h = bh % kv_heads
@@ -79,10 +83,11 @@ def select_pages_triton(
     out = torch.empty((b, hkv, num_select), dtype=torch.int32, device=scores.device)
     if b * hkv == 0:
         return out
+    pdl = use_pdl(scores.device)
     _select_kernel[(b * hkv,)](
         scores, seq_start, seq_end, out, pages, num_select, hkv,
         scores.stride(0), scores.stride(1), scores.stride(2), page_size, sink_pages, recent_pages,
         BLOCK=block, WAYS=ways or SELECT_WAYS, PASSES=search_passes(ways or SELECT_WAYS),
-        num_warps=num_warps or select_num_warps(block),
+        num_warps=num_warps or select_num_warps(block), PDL=pdl, launch_pdl=pdl,
     )
     return out
