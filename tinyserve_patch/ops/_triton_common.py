@@ -12,8 +12,8 @@ On the device this is an exact top-k without sorting: the float32 ranks are mapp
 int32 keys, a threshold ``t`` at the ``k``-th largest key is found by a binary search on
 ``count(key >= t)`` within the scored pages' key range that stops once the count is exactly ``k``
 (~log2(P) + a few passes rather than 32), then every page with ``key > t`` and the first
-``k - count(key > t)`` pages with ``key == t`` (in index order, by a prefix sum) are kept and compacted
-by a second prefix sum.
+``k - count(key > t)`` pages with ``key == t`` (in index order) are kept and compacted, both by one
+prefix sum of the packed pair (key > t, key == t).
 """
 
 from __future__ import annotations
@@ -205,6 +205,11 @@ def sortable_key(x):
 
 
 @triton.jit
+def _min_max(a_min, a_max, b_min, b_max):
+    return tl.minimum(a_min, b_min), tl.maximum(a_max, b_max)
+
+
+@triton.jit
 def kth_largest_key(key, k, lo, hi, WAYS: tl.constexpr, PASSES: tl.constexpr):
     """A threshold ``t`` with ``count(key > t) < k <= count(key >= t)``, so that the keys above ``t``
     plus the first ties at ``t`` are exactly the ``k`` largest (``k >= 1``; the ``k``-th largest key lies
@@ -268,23 +273,28 @@ def select_from_scores(
     key = tl.where(forced, KEY_POS_INF, key)
     key = tl.where(valid, key, KEY_NEG_INF)
     key = tl.where(in_range, key, -2147483648)  # below every threshold tried: never counted
-    n_valid = tl.sum(valid.to(tl.int32), axis=0)
-    n_forced = tl.sum(forced.to(tl.int32), axis=0)
+    # one reduction per pair: counts packed as valid + forced << 16 (P <= 16384 < 2^16), min and max together
+    counts = tl.sum(valid.to(tl.int32) + (forced.to(tl.int32) << 16), axis=0)
+    n_valid = counts & 0xFFFF
+    n_forced = counts >> 16
     k = tl.minimum(n_valid, num_select)
     # bracket of the k-th largest key: +inf when the forced pages fill k, else the scored pages' range
     scored = valid & (forced == 0)
-    lo = tl.min(tl.where(scored, key, KEY_POS_INF), axis=0)
-    hi = tl.max(tl.where(scored, key, KEY_NEG_INF), axis=0)
+    lo, hi = tl.reduce((tl.where(scored, key, KEY_POS_INF), tl.where(scored, key, KEY_NEG_INF)), 0, _min_max)
     lo = tl.where(k <= n_forced, KEY_POS_INF, lo)
     hi = tl.where(k <= n_forced, KEY_POS_INF, hi)
     t = kth_largest_key(key, tl.maximum(k, 1), lo, hi, WAYS, PASSES)
 
-    gt = key > t
-    eq = key == t
-    need = k - tl.sum(gt.to(tl.int32), axis=0)
-    eq_rank = tl.cumsum(eq.to(tl.int32), axis=0)  # inclusive: ties go to the lower page
-    sel = gt | (eq & (eq_rank <= need))
-    slot = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+    # keep every key > t and the first (k - count(key > t)) keys == t (ties to the lower page); one scan
+    # counts both (gt + eq << 16) and gives each kept page its output slot: the kept pages before it
+    gt = (key > t).to(tl.int32)
+    eq = (key == t).to(tl.int32)
+    both = tl.cumsum(gt + (eq << 16), axis=0)  # inclusive
+    gt_before = (both & 0xFFFF) - gt
+    eq_before = (both >> 16) - eq
+    need = k - tl.sum(gt, axis=0)
+    sel = (gt > 0) | ((eq > 0) & (eq_before < need))
+    slot = gt_before + tl.minimum(eq_before, need)
     tl.store(out_ptr + slot, offs, mask=sel)
     for c in range(0, num_select, BLOCK):
         o = c + tl.arange(0, BLOCK)
