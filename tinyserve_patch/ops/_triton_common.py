@@ -211,7 +211,7 @@ def _min_max(a_min, a_max, b_min, b_max):
 
 @triton.jit
 def kth_largest_key(key, k, lo, hi, WAYS: tl.constexpr, PASSES: tl.constexpr):
-    """A threshold ``t`` with ``count(key > t) < k <= count(key >= t)``, so that the keys above ``t``
+    """A threshold ``t`` with ``count(key > t) <= k <= count(key >= t)`` (equality on the left when the search stops on a ``t`` that is no key), so that the keys above ``t``
     plus the first ties at ``t`` are exactly the ``k`` largest (``k >= 1``; the ``k``-th largest key lies
     in ``[lo, hi]``, int32 scalars; keys outside that bracket are fine).
 
