@@ -211,9 +211,10 @@ def _min_max(a_min, a_max, b_min, b_max):
 
 @triton.jit
 def kth_largest_key(key, k, lo, hi, WAYS: tl.constexpr, PASSES: tl.constexpr):
-    """A threshold ``t`` with ``count(key > t) <= k <= count(key >= t)`` (equality on the left when the search stops on a ``t`` that is no key), so that the keys above ``t``
-    plus the first ties at ``t`` are exactly the ``k`` largest (``k >= 1``; the ``k``-th largest key lies
-    in ``[lo, hi]``, int32 scalars; keys outside that bracket are fine).
+    """A threshold ``t`` with ``count(key > t) <= k <= count(key >= t)`` (equal on the left when the search
+    stops on a ``t`` that is no key), so that the keys above ``t`` plus the first ties at ``t`` are exactly
+    the ``k`` largest (``k >= 1``; the ``k``-th largest key lies in ``[lo, hi]``, int32 scalars; keys
+    outside that bracket are fine).
 
     ``WAYS == 1``: a binary search on ``count(key >= mid)`` that stops as soon as the count equals ``k``
     (then ``mid`` itself is such a threshold); with ``lo``/``hi`` the score range this takes ~log2(pages)
