@@ -21,8 +21,10 @@ bytes over the measured device-to-device copy bandwidth (read + write bytes / ti
 * score: metadata + q + fp32 scores; select: fp32 scores + indices; fused: metadata + q + indices;
   attention: selected K/V + q + out + indices
 
-Prints a markdown table and writes JSON (device, versions, commit, date, copy bandwidth, rows) to
-``--out`` (default ``$OUT/kernels.json`` when ``$OUT`` is set, else ``benchmarks/results/kernels.json``).
+Prints a markdown table and the issue's targets (:func:`targets`), and writes JSON (device, versions,
+commit, date, copy bandwidth, rows) to ``--out`` (default ``$OUT/kernels.json`` when ``$OUT`` is set, else
+``benchmarks/results/kernels.json``) with the markdown report beside it (``.md``);
+``--report RUN.json`` re-renders a recorded run's report on any machine.
 Importable without CUDA; needs a GPU to run.
 """
 
@@ -309,6 +311,63 @@ def markdown(rows: list[dict], graph: bool) -> str:
     return "\n".join(lines)
 
 
+def targets(rows: list[dict]) -> list[str]:
+    """The issue's kernel targets, judged on the CUDA-graph timings of ``rows`` (one run): ``PASS``/``FAIL``
+    lines, ``N/A`` where the run lacks the shape. Speed-ups are against the same run's dense SDPA.
+
+    * Llama-3-8B, batch 8, 64K tokens, budget 2048: the split pipeline >= 8x dense (also shown: fp8 metadata)
+    * batch 1, 16K tokens: the split pipeline no slower than dense (every model and budget of the run)
+    * the score kernel at 64K+ tokens: >= 70% of its byte floor (every model, batch and length of the run)
+    """
+
+    def find(model, batch, tokens, kind, budget=None):
+        return [r for r in rows if r["model"] == model and r["batch"] == batch and r["tokens"] == tokens
+                and r["kind"] == kind and (budget is None or r["budget"] == budget) and "graph_ms" in r]
+
+    def verdict(ok: bool) -> str:
+        return "PASS" if ok else "FAIL"
+
+    out = []
+    big = find("llama3-8b", 8, 64 * K, "total_split", 2048)
+    if big:
+        r = big[0]
+        line = f"{verdict(r['graph_speedup'] >= 8)}  llama3-8b B=8 64K budget 2048: split >= 8x dense: {r['graph_speedup']:.2f}x"
+        fp8 = find("llama3-8b", 8, 64 * K, "total_split_fp8meta", 2048)
+        if fp8:
+            line += f" (fp8 page metadata: {fp8[0]['graph_speedup']:.2f}x)"
+        out.append(line)
+    else:
+        out.append("N/A   llama3-8b B=8 64K budget 2048: not in this run")
+    small = sorted((r for r in rows if r["batch"] == 1 and r["tokens"] == 16 * K and r["kind"] == "total_split" and "graph_ms" in r),
+                   key=lambda r: (r["model"], r["budget"]))
+    for r in small:
+        out.append(f"{verdict(r['graph_speedup'] >= 1)}  {r['model']} B=1 16K budget {r['budget']}: split no slower than dense: "
+                   f"{r['graph_speedup']:.2f}x ({r['graph_ms'] * 1e3:.1f} vs {r['graph_ms'] * r['graph_speedup'] * 1e3:.1f} us)")
+    if not small:
+        out.append("N/A   B=1 16K: not in this run")
+    seen = set()
+    for r in rows:
+        key = (r["model"], r["batch"], r["tokens"])
+        if r["kind"] != "score" or r["tokens"] < 64 * K or key in seen or "graph_ms" not in r:
+            continue
+        seen.add(key)
+        worst = min(x["graph_pct_floor"] for x in find(*key, "score"))
+        out.append(f"{verdict(worst >= 70)}  {r['model']} B={r['batch']} {r['tokens'] // K}K: score >= 70% of its byte floor: {worst:.0f}%")
+    if not seen:
+        out.append("N/A   score at 64K+: not in this run")
+    return out
+
+
+def render(doc: dict) -> str:
+    """The markdown report of one run's JSON: header (device, versions, commit, date), targets, table."""
+    head = (f"# Kernel benchmark, {doc['device']}\n\n{doc['versions']}, commit {doc['commit']}, {doc['date']}; "
+            f"copy bandwidth {doc['copy_bandwidth_Bps'] / 1e12:.2f} TB/s. Command: `python benchmarks/bench_kernels.py` with "
+            f"{doc.get('args', {})}. `total_split_nopdl`: the split pipeline with plain launches (`TINYSERVE_PDL=0`), "
+            "same run.\n\n")
+    lines = targets(doc["rows"])
+    return head + "## Targets (CUDA graphs)\n\n```\n" + "\n".join(lines) + "\n```\n\n" + markdown(doc["rows"], True) + "\n"
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a few shapes, short timing (a smoke run)")
@@ -319,6 +378,7 @@ def parse_args(argv=None):
     p.add_argument("--budgets", nargs="+", type=int, default=[1024, 2048, 4096])
     p.add_argument("--rep", type=int, default=60, help="ms of timed repetitions per measurement")
     p.add_argument("--no-graph", dest="graph", action="store_false", help="skip the CUDA-graph timings")
+    p.add_argument("--report", metavar="JSON", help="no run: print the targets and write JSON.md next to a recorded run (CPU)")
     args = p.parse_args(argv)
     if args.quick:
         args.models, args.batches, args.lengths, args.budgets, args.rep = ["llama3-8b"], [1, 8], [16 * K, 64 * K], [2048], 25
@@ -330,6 +390,12 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.report:
+        doc = json.loads(Path(args.report).read_text())
+        report = render(doc)
+        Path(args.report).with_suffix(".md").write_text(report)
+        print("\n".join(targets(doc["rows"])))
+        return 0
     if not torch.cuda.is_available():
         print("bench_kernels.py needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -339,6 +405,7 @@ def main(argv=None) -> int:
     result = run(args)
     table = markdown(result["rows"], args.graph)
     print(table)
+    print("\n".join(targets(result["rows"])))
     doc = {
         "device": torch.cuda.get_device_name(0),
         "versions": _versions(),
@@ -352,6 +419,7 @@ def main(argv=None) -> int:
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1))
+    out.with_suffix(".md").write_text(render(doc))
     print(f"wrote {out} ({doc['seconds']} s)")
     return 0
 

@@ -1,0 +1,56 @@
+"""The kernel benchmark's target verdicts and report, from a recorded run's rows (no GPU needed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+K = 1024
+
+
+def _row(model, batch, tokens, kind, budget, ms, speedup=None, pct=50.0):
+    r = {"model": model, "batch": batch, "tokens": tokens, "kind": kind, "budget": budget, "eager_ms": ms * 2,
+         "eager_pct_floor": pct / 2, "floor_ms": ms * pct / 100, "graph_ms": ms, "graph_pct_floor": pct}
+    if speedup is not None:
+        r["graph_speedup"] = r["eager_speedup"] = speedup
+    return r
+
+
+def _doc():
+    rows = [
+        _row("llama3-8b", 8, 64 * K, "dense_sdpa", 64 * K, 0.7, 1.0, 100),
+        _row("llama3-8b", 8, 64 * K, "score", 2048, 0.05, pct=93),
+        _row("llama3-8b", 8, 64 * K, "score", 4096, 0.05, pct=69),  # the worst budget decides
+        _row("llama3-8b", 8, 64 * K, "total_split", 2048, 0.0875, 8.0),
+        _row("llama3-8b", 8, 64 * K, "total_split_fp8meta", 2048, 0.07, 10.0),
+        _row("tinyllama", 1, 16 * K, "total_split", 2048, 0.012, 1.05),
+        _row("tinyllama", 1, 16 * K, "total_split", 4096, 0.0145, 0.88),
+        _row("tinyllama", 1, 16 * K, "score", 2048, 0.003, pct=11),  # below 64K: no score verdict
+    ]
+    return {"device": "GPU", "versions": {"torch": "x"}, "commit": "abc", "date": "today", "copy_bandwidth_Bps": 3e12,
+            "args": {"rep": 60}, "rows": rows}
+
+
+def test_targets_judge_each_shape_on_graph_timings(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks.bench_kernels import targets
+
+    lines = targets(_doc()["rows"])
+    assert lines[0].startswith("PASS") and "8.00x" in lines[0] and "fp8 page metadata: 10.00x" in lines[0]
+    b1 = [line for line in lines if "B=1 16K" in line]
+    assert [line[:4] for line in b1] == ["PASS", "FAIL"] and "budget 4096" in b1[1]
+    score = [line for line in lines if "byte floor" in line]
+    assert len(score) == 1 and score[0].startswith("FAIL") and "69%" in score[0]
+    assert targets([])[0].startswith("N/A")
+
+
+def test_report_rewrites_the_markdown_of_a_recorded_run(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import bench_kernels
+
+    path = tmp_path / "kernels.json"
+    path.write_text(json.dumps(_doc()))
+    assert bench_kernels.main(["--report", str(path)]) == 0
+    md = (tmp_path / "kernels.md").read_text()
+    assert "commit abc" in md and "## Targets" in md and "| llama3-8b | 8 | 64K | 2048 | total_split |" in md
