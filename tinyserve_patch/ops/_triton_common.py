@@ -40,17 +40,20 @@ def f32_dot(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or interpreting()
 
 
-_SM_COUNT: dict[int, int] = {}
+_PROPS: dict = {}
+
+
+def _cuda_props(device: torch.device):
+    """``torch.cuda.get_device_properties`` of a CUDA ``device``, cached per device index."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _PROPS:
+        _PROPS[idx] = torch.cuda.get_device_properties(idx)
+    return _PROPS[idx]
 
 
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of ``device`` (132, an H100's, for the CPU interpreter)."""
-    if device.type != "cuda":
-        return 132
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
+    return _cuda_props(device).multi_processor_count if device.type == "cuda" else 132
 
 
 def use_pdl(device: torch.device) -> bool:
@@ -61,13 +64,7 @@ def use_pdl(device: torch.device) -> bool:
     only the launch latency between dependent kernels is hidden (CUDA graphs included)."""
     if device.type != "cuda" or interpreting() or os.environ.get("TINYSERVE_PDL", "1") == "0":
         return False
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _CAPABILITY:
-        _CAPABILITY[idx] = torch.cuda.get_device_capability(idx)[0]
-    return _CAPABILITY[idx] >= 9
-
-
-_CAPABILITY: dict[int, int] = {}
+    return _cuda_props(device).major >= 9
 
 
 def check(cond: bool, msg: str) -> None:
