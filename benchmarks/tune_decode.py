@@ -7,7 +7,8 @@ graphs (``do_bench_cudagraph``, median, caches rotated beyond the L2 as in ``ben
 ``num_splits`` x ``block_n`` x ``num_warps`` x ``num_stages`` x ``merge`` (second kernel or inline),
 ``page_scores_triton`` over ``blocks_per_program`` x ``block_p`` x ``num_warps`` x ``num_stages`` (``score``; and
 ``score_fp8meta`` over fp8 page metadata), and
-``select_pages_triton`` over ``num_warps``; every configuration's output is first checked against the default launch (attention:
+``select_pages_triton`` over ``num_warps`` x ``ways`` (thresholds per search pass), and
+``score_and_select_triton`` (``fused``) over ``blocks_per_program`` x ``num_warps`` x ``ways``; every configuration's output is first checked against the default launch (attention:
 allclose in fp32; score: allclose; selection: identical indices), and dense SDPA decode on the same
 caches is timed as the run's baseline. Prints the best configurations per shape beside the
 default and the byte floor, and writes JSON (device, versions, commit, rows). The defaults in
@@ -34,11 +35,21 @@ if str(ROOT) not in sys.path:
 from benchmarks.bench_kernels import MODELS, PAGE, Copies, _bench, _commit, _n_copies, _versions, copy_bandwidth  # noqa: E402
 
 SHAPES = [("llama3-8b", 8, 64 * 1024, 2048), ("llama3-8b", 1, 16 * 1024, 2048), ("tinyllama", 1, 16 * 1024, 2048),
-          ("tinyllama", 8, 32 * 1024, 2048)]
+          ("tinyllama", 8, 32 * 1024, 2048), ("tinyllama", 1, 16 * 1024, 4096), ("llama3-8b", 1, 64 * 1024, 2048),
+          ("tinyllama", 1, 64 * 1024, 2048)]
+
+
+def parse_shape(text: str) -> tuple[str, int, int, int]:
+    """``"llama3-8b:8:65536:2048"`` -> ``("llama3-8b", 8, 65536, 2048)`` (model, batch, tokens, budget)."""
+    model, batch, tokens, budget = text.split(":")
+    if model not in MODELS:
+        raise argparse.ArgumentTypeError(f"unknown model {model!r}; known: {sorted(MODELS)}")
+    return model, int(batch), int(tokens), int(budget)
 
 
 def sweep(shape, bw: float, l2: int, rep: int, kernels) -> list[dict]:
     from tinyserve_patch.ops.triton_decode import sparse_decode_attention_triton
+    from tinyserve_patch.ops.triton_fused_select import score_and_select_triton
     from tinyserve_patch.ops.triton_score import page_scores_triton
     from tinyserve_patch.ops.triton_select import select_pages_triton
 
@@ -104,15 +115,28 @@ def sweep(shape, bw: float, l2: int, rep: int, kernels) -> list[dict]:
             rows.append(dict(base, kernel=kernel, **kw, default=not kw, ok=ok, graph_ms=_bench(fsc, graph=True, rep=rep),
                              floor_ms=nbytes / bw * 1e3))
     want_idx = c0["idx"]
-    for warps in (None, 1, 2, 4, 8, 16) if "select" in kernels else ():
-        got = select_pages_triton(c0["scores"], start, end, PAGE, nsel, 1, 1, num_warps=warps)
+    select_grid = [{}] + [dict(num_warps=w, ways=k) for w, k in itertools.product((4, 8, 16), (1, 2, 3, 4))]
+    for kw in select_grid if "select" in kernels else ():
+        got = select_pages_triton(c0["scores"], start, end, PAGE, nsel, 1, 1, **kw)
 
-        def fs(warps=warps):
+        def fs(kw=kw):
             c = copies.next()
-            return select_pages_triton(c["scores"], start, end, PAGE, nsel, 1, 1, num_warps=warps)
+            return select_pages_triton(c["scores"], start, end, PAGE, nsel, 1, 1, **kw)
 
-        rows.append(dict(base, kernel="select", num_warps=warps, default=warps is None, ok=bool(torch.equal(got, want_idx)),
+        rows.append(dict(base, kernel="select", **kw, default=not kw, ok=bool(torch.equal(got, want_idx)),
                          graph_ms=_bench(fs, graph=True, rep=rep)))
+    # fused score + select: the same pages as the split pair (random bf16 data: exact up to score ulps)
+    fused_grid = [{}] + [dict(blocks_per_program=p, num_warps=w, ways=k) for p, w, k in
+                         itertools.product((1, 2, 4, 8), (4, 8), (1, 2))]
+    for kw in fused_grid if "fused" in kernels else ():
+        got = score_and_select_triton(c0["q"], c0["meta"], start, end, PAGE, nsel, 1, 1, "max", **kw)
+
+        def ff(kw=kw):
+            c = copies.next()
+            return score_and_select_triton(c["q"], c["meta"], start, end, PAGE, nsel, 1, 1, "max", **kw)
+
+        rows.append(dict(base, kernel="fused", **kw, default=not kw, ok=bool(torch.equal(got, want_idx)),
+                         graph_ms=_bench(ff, graph=True, rep=rep), floor_ms=meta_bytes / bw * 1e3))
     return rows
 
 
@@ -125,7 +149,7 @@ def summary(rows: list[dict]) -> str:
         bad = [r for r in group if not r["ok"]]
         lines.append(f"{key}: default {default['graph_ms'] * 1e3:.1f} us; {len(bad)} configs mismatched")
         for r in good[:6]:
-            cfg = {k: r.get(k) for k in ("num_splits", "block_n", "blocks_per_program", "block_p", "num_warps", "num_stages", "merge") if k in r}
+            cfg = {k: r.get(k) for k in ("num_splits", "block_n", "blocks_per_program", "block_p", "num_warps", "num_stages", "merge", "ways") if k in r}
             floor = f" ({100 * r['floor_ms'] / r['graph_ms']:.0f}% floor)" if "floor_ms" in r else ""
             lines.append(f"   {r['graph_ms'] * 1e3:7.1f} us{floor} {cfg}")
     return "\n".join(lines)
@@ -136,7 +160,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     p.add_argument("--rep", type=int, default=20)
     p.add_argument("--kernels", nargs="+", default=["attention", "score", "select"],
-                   choices=["attention", "score", "score_fp8meta", "select"])
+                   choices=["attention", "score", "score_fp8meta", "select", "fused"])
+    p.add_argument("--shapes", nargs="+", type=parse_shape, default=None,
+                   help="model:batch:tokens:budget shapes (default: all of SHAPES, most important first)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("tune_decode.py needs a CUDA GPU", file=sys.stderr)
@@ -148,7 +174,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     rows = []
     out.parent.mkdir(parents=True, exist_ok=True)
-    for shape in SHAPES:  # most important first; the JSON is rewritten after each shape (a timeout keeps it)
+    for shape in args.shapes or SHAPES:  # most important first; the JSON is rewritten after each shape (a timeout keeps it)
         rows += sweep(shape, bw, l2, args.rep, args.kernels)
         torch.cuda.empty_cache()
         print(f"{shape} done ({time.time() - t0:.0f} s)", flush=True)

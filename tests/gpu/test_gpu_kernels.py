@@ -143,15 +143,16 @@ def test_gpu_scores_and_select(name, length, batch, ps):
     assert torch.equal(torch.isneginf(s8), torch.isneginf(e8))
     torch.testing.assert_close(s8[fin], e8[fin], rtol=1e-5, atol=1e-3)
     assert (e8[fin] >= exact[fin] - 1e-3 * (1 + exact[fin].abs())).all()
-    # selection is exact given the same scores
-    for budget in (1024, 2048, 4096):
-        n = budget // ps
-        _poison(batch * hkv * n, torch.int32)
-        idx = select_pages_triton(scores, start, end, ps, n, 1, 1)
-        assert torch.equal(idx, ref.select_pages(scores, start, end, ps, n, 1, 1))
-    # ties everywhere: integer scores
-    tied = torch.randint(0, 4, scores.shape, generator=g).float().to(DEV)
-    assert torch.equal(select_pages_triton(tied, start, end, ps, 64, 2, 2), ref.select_pages(tied, start, end, ps, 64, 2, 2))
+    # selection is exact given the same scores, for every number of thresholds per search pass
+    tied = torch.randint(0, 4, scores.shape, generator=g).float().to(DEV)  # ties everywhere
+    for ways in (1, 2, 3, 4):
+        for budget in (1024, 2048, 4096):
+            n = budget // ps
+            _poison(batch * hkv * n, torch.int32)
+            idx = select_pages_triton(scores, start, end, ps, n, 1, 1, ways=ways)
+            assert torch.equal(idx, ref.select_pages(scores, start, end, ps, n, 1, 1)), ways
+        got = select_pages_triton(tied, start, end, ps, 64, 2, 2, ways=ways)
+        assert torch.equal(got, ref.select_pages(tied, start, end, ps, 64, 2, 2)), ways
 
 
 @pytest.mark.parametrize("name,length,batch", [("tinyllama", 4 * K, 16), ("llama3", 16 * K, 8), ("tinyllama", 128 * K, 1), ("llama3", 128 * K, 2)])
@@ -315,7 +316,7 @@ def _chain(k, v, meta, pos, k_new, v_new, q, seq_start, merge):
     seq_end = pos + 1
     scores = page_scores_triton(q, meta, seq_start, seq_end, 16, "max")
     idx = select_pages_triton(scores, seq_start, seq_end, 16, 24, 1, 2)
-    fused = score_and_select_triton(q, meta, seq_start, seq_end, 16, 24, 1, 2, "max", num_programs=4)
+    fused = score_and_select_triton(q, meta, seq_start, seq_end, 16, 24, 1, 2, "max", blocks_per_program=1)  # 4 programs per row
     out = sparse_decode_attention_triton(q, k, v, idx, seq_start, seq_end, 16, 0.125, merge=merge)
     return scores, idx, fused, out
 

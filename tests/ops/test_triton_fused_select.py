@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tinyserve_patch.ops import reference as ref
-from tinyserve_patch.ops.triton_fused_select import plan_programs, score_and_select_triton
+from tinyserve_patch.ops.triton_fused_select import score_and_select_triton
 from tests.ops.kernel_cases import DEVICE, cache, gen, randint, randn, rows
 
 
@@ -65,17 +65,23 @@ def test_fused_fp8_meta_exact_on_integer_inputs():
         assert torch.equal(out, _expect(q, meta, start, end, 8, n, sink, recent, "max"))
 
 
-@pytest.mark.parametrize("num_programs", [1, 2, 5])
-def test_fused_multi_program_last_block_selects(num_programs):
-    """P > BLOCK_P: several scoring programs per (row, head), the last one to finish selects; the
-    ticket counters are left zeroed, so repeated launches agree."""
+@pytest.mark.parametrize("per", [1, 3, 10])
+@pytest.mark.parametrize("ways", [1, 2, 4])
+def test_fused_multi_program_last_block_selects(per, ways):
+    """160 pages in 10 blocks of 16: 10, 4 or 1 scoring programs per (row, head) (the walk pipelined when
+    a program takes several blocks); the last one to finish selects; the ticket counters are left zeroed,
+    so repeated launches agree."""
+    from tinyserve_patch.ops._triton_common import ticket_counters
+
     gn = gen(14)
     _, _, meta = cache(2, 2, 1280, 16, 8, torch.bfloat16, gn, integer=True)  # 160 pages
     q = randint(-3, 4, (2, 4, 16), torch.bfloat16, gn)
     start, end = rows(2, 1280, gn)
     expect = _expect(q, meta, start, end, 8, 20, 1, 2, "max")
     for _ in range(2):
-        assert torch.equal(score_and_select_triton(q, meta, start, end, 8, 20, 1, 2, "max", num_programs=num_programs), expect)
+        got = score_and_select_triton(q, meta, start, end, 8, 20, 1, 2, "max", blocks_per_program=per, block_p=16, ways=ways)
+        assert torch.equal(got, expect)
+    assert not ticket_counters(meta.device, 4)[:4].any()
 
 
 def test_fused_random_inputs_topk_up_to_ties():
@@ -87,12 +93,6 @@ def test_fused_random_inputs_topk_up_to_ties():
     assert_topk_up_to_ties(out, q, meta, start, end, 16, 5, 1, 1, "sum")
 
 
-def test_plan_programs():
-    assert plan_programs(64, 64, 64, 132) == (1, 64)
-    nprog, per = plan_programs(4, 8192, 32, 132)
-    assert per % 32 == 0 and nprog * per >= 8192 and 64 <= nprog <= 132
-
-
 def test_fused_rejects_bad_input():
     gn = gen(16)
     _, _, meta = cache(1, 1, 32, 16, 8, torch.float32, gn)
@@ -102,6 +102,8 @@ def test_fused_rejects_bad_input():
         score_and_select_triton(q.half(), meta, se, se, 8, 2, 1, 1, "max")
     with pytest.raises(ValueError, match="num_select"):
         score_and_select_triton(q, meta, se, se, 8, 0, 1, 1, "max")
+    with pytest.raises(ValueError, match="ways"):
+        score_and_select_triton(q, meta, se, se, 8, 2, 1, 1, "max", ways=5)
     with pytest.raises(ValueError, match="16384"):
         score_and_select_triton(q, torch.zeros(1, 1, 16400, 2, 16, device=DEVICE), se, se, 8, 2, 1, 1, "max")
 

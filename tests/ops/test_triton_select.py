@@ -12,8 +12,8 @@ from tinyserve_patch.ops.triton_select import select_pages_triton
 from tests.ops.kernel_cases import DEVICE, gen, rows
 
 
-def _check(scores, start, end, ps, n, sink, recent):
-    out = select_pages_triton(scores, start, end, ps, n, sink, recent)
+def _check(scores, start, end, ps, n, sink, recent, ways=None):
+    out = select_pages_triton(scores, start, end, ps, n, sink, recent, ways=ways)
     expect = ref.select_pages(scores, start, end, ps, n, sink, recent)
     assert out.dtype == torch.int32 and out.shape == expect.shape
     assert torch.equal(out, expect), (out, expect)
@@ -64,6 +64,8 @@ def test_select_rejects_bad_input():
         select_pages_triton(torch.zeros(1, 1, 16385, device=DEVICE), se, se, 8, 2, 1, 1)
     with pytest.raises(ValueError, match="num_select"):
         select_pages_triton(torch.zeros(1, 1, 4, device=DEVICE), se, se, 8, 0, 1, 1)
+    with pytest.raises(ValueError, match="ways"):
+        select_pages_triton(torch.zeros(1, 1, 4, device=DEVICE), se, se, 8, 2, 1, 1, ways=0)
 
 
 @settings(max_examples=15, deadline=None)
@@ -77,23 +79,22 @@ def test_select_rejects_bad_input():
     recent=st.integers(0, 3),
     levels=st.sampled_from([0, 2, 5]),
     seed=st.integers(0, 10_000),
+    ways=st.sampled_from([1, 2, 3, 4]),
 )
-def test_select_hypothesis(b, h, ps, pages, num_select, sink, recent, levels, seed):
+def test_select_hypothesis(b, h, ps, pages, num_select, sink, recent, levels, seed, ways):
     g = gen(seed)
     if levels:
         scores = torch.randint(0, levels, (b, h, pages), generator=g).float()
     else:
         scores = torch.randn(b, h, pages, generator=g)
     start, end = rows(b, pages * ps, g, empty_row=seed % 4 == 0)
-    _check(scores.to(DEVICE), start, end, ps, num_select, sink, recent)
+    _check(scores.to(DEVICE), start, end, ps, num_select, sink, recent, ways)
 
 
-@pytest.mark.parametrize("ways", [1, 2, 4, 8, 16])
+@pytest.mark.parametrize("ways", [1, 2, 3, 4])
 def test_select_search_ways_agree(ways):
-    """The (ways+1)-ary threshold search finds the same k-th key for every number of thresholds."""
-    from tinyserve_patch.ops._triton_common import search_passes
-
-    assert search_passes(1) == 32 and search_passes(16) == 8
+    """The (ways+1)-ary threshold search (counts packed in one int32 / int64 reduction) finds the same k-th
+    key for every number of thresholds: distinct, widely spread and heavily tied scores, +-inf."""
     g = gen(ways)
     for levels in (0, 3):
         scores = torch.randint(0, levels, (2, 2, 50), generator=g).float() if levels else torch.randn(2, 2, 50, generator=g) * 1e3

@@ -9,9 +9,9 @@ the first ``k = min(num_select, valid pages)`` pages of a *stable* descending so
 the lower page number) and written in ascending page order, ``-1`` padded.
 
 On the device this is an exact top-k without sorting: the float32 ranks are mapped to order-preserving
-int32 keys, a threshold ``t`` at the ``k``-th largest key is found by a binary search on
-``count(key >= t)`` within the scored pages' key range that stops once the count is exactly ``k``
-(~log2(P) + a few passes rather than 32), then every page with ``key > t`` and the first
+int32 keys, a threshold ``t`` at the ``k``-th largest key is found by a search on ``count(key >= t)``
+within the scored pages' key range (:data:`SELECT_WAYS` thresholds per pass, their counts packed in one
+reduction) that stops once a count is exactly ``k`` (~log(P) + a few passes rather than 32), then every page with ``key > t`` and the first
 ``k - count(key > t)`` pages with ``key == t`` (in index order) are kept and compacted, both by one
 prefix sum of the packed pair (key > t, key == t).
 """
@@ -67,6 +67,24 @@ def use_pdl(device: torch.device) -> bool:
     return _cuda_props(device).major >= 9
 
 
+_TICKETS: dict = {}
+
+
+def ticket_counters(device: torch.device, n: int) -> torch.Tensor | None:
+    """A persistent zeroed int32 buffer of at least ``n`` ticket counters on ``device`` for the "last program
+    finishes the row" kernels (fused selection, inline merge), each of which leaves its counters zeroed
+    again; None when the buffer would have to be allocated during CUDA-graph capture (a buffer first
+    allocated then lives in the graph's pool, which CUDA-graph trees reject): the caller then takes a
+    zeroed buffer of its own. One decode stream per device at a time: concurrent launches would share it."""
+    buf = _TICKETS.get(device)
+    if buf is None or buf.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _TICKETS[device] = buf
+    return buf
+
+
 def check(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)
@@ -111,21 +129,24 @@ def select_num_warps(block: int) -> int:
 # order-preserving int32 keys of +-inf (see sortable_key); finite scores lie strictly between
 KEY_POS_INF = tl.constexpr(0x7F800000)
 KEY_NEG_INF = tl.constexpr(-2139095041)  # 0xFF800000 ^ 0x7FFFFFFF
-# thresholds per search pass: the plain binary search (1) measured fastest on an H100 (P = 1K..16K pages,
-# 4..16 warps; 2/4/8/16-way passes trade fewer reductions for more compares and lost); kept selectable
+#: Thresholds per pass of the selection search (:func:`kth_largest_key`), chosen from the H100 sweep
+#: (``benchmarks/tune_decode.py --kernels select``); ``TINYSERVE_SELECT_WAYS`` overrides it (1..4).
 SELECT_WAYS = int(os.environ.get("TINYSERVE_SELECT_WAYS", "1"))
 
 
-def search_passes(ways: int) -> int:
-    """Passes of :func:`kth_largest_key` that narrow ``[KEY_NEG_INF, KEY_POS_INF]`` to one key."""
-    r, n = 0x7F800000 + 2139095041 + 1, 0
-    while r > 1:
-        r = -(-r // (ways + 1))
-        n += 1
-    return n
+def check_ways(ways: int | None) -> int:
+    """``ways`` (thresholds per search pass) or the default, validated: 1..4 (counts packed 16 bits each)."""
+    ways = SELECT_WAYS if ways is None else ways
+    check(ways in (1, 2, 3, 4), f"ways={ways}: the selection search takes 1..4 thresholds per pass")
+    return ways
 
 
 # ---------------------------------------------------------------------------------------------- device
+
+
+#: Where a PDL kernel lets the next launch start: right after its wait (``start``, the default) or only as
+#: its programs exit (``exit``: ``TINYSERVE_PDL_TRIGGER=exit``, read at import; a tuning experiment).
+PDL_TRIGGER_AT_START = tl.constexpr(os.environ.get("TINYSERVE_PDL_TRIGGER", "start") != "exit")
 
 
 @triton.jit
@@ -135,7 +156,8 @@ def pdl_enter(PDL: tl.constexpr):
     (it only gets SMs this grid no longer needs: all of this grid's programs are resident by then)."""
     if PDL:
         tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        if PDL_TRIGGER_AT_START:
+            tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
@@ -207,35 +229,39 @@ def _min_max(a_min, a_max, b_min, b_max):
 
 
 @triton.jit
-def kth_largest_key(key, k, lo, hi, WAYS: tl.constexpr, PASSES: tl.constexpr):
+def kth_largest_key(key, k, lo, hi, WAYS: tl.constexpr):
     """A threshold ``t`` with ``count(key > t) <= k <= count(key >= t)`` (equal on the left when the search
     stops on a ``t`` that is no key), so that the keys above ``t`` plus the first ties at ``t`` are exactly
-    the ``k`` largest (``k >= 1``; the ``k``-th largest key lies in ``[lo, hi]``, int32 scalars; keys
-    outside that bracket are fine).
+    the ``k`` largest (``k >= 1``; the ``k``-th largest key lies in ``[lo, hi]``, int32 scalars, and at
+    least ``k`` keys are ``>= lo``; keys outside that bracket are fine; at most 65535 keys are counted).
 
-    ``WAYS == 1``: a binary search on ``count(key >= mid)`` that stops as soon as the count equals ``k``
-    (then ``mid`` itself is such a threshold); with ``lo``/``hi`` the score range this takes ~log2(pages)
-    + a few passes instead of 32. ``WAYS > 1``: a fixed ``(WAYS + 1)``-ary search of :func:`search_passes`
-    passes, each counting the keys above ``WAYS`` thresholds in one reduction (ends on the largest
-    ``t`` with ``count(key >= t) >= k``)."""
+    A ``(WAYS + 1)``-ary search for the largest ``t`` with ``count(key >= t) >= k``: each pass splits
+    ``[lo, hi]`` at ``WAYS`` thresholds and counts the keys at or above each in *one* reduction, the
+    counts packed in 16-bit fields of an int32 (``WAYS <= 2``) or int64 (``WAYS <= 4``); it stops as soon
+    as a count equals ``k`` (that threshold is then an answer). With ``lo``/``hi`` the score range this
+    takes ~log_(WAYS+1)(pages) + a few passes instead of 32."""
     lo = lo.to(tl.int64)
     hi = hi.to(tl.int64)
-    if WAYS == 1:
-        while lo < hi:
-            mid = lo + (hi - lo + 1) // 2
-            cnt = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), axis=0)
-            ok = cnt >= k
-            hi = tl.where(cnt == k, mid, tl.where(ok, hi, mid - 1))
-            lo = tl.where(ok, mid, lo)
-    else:
-        j = tl.arange(0, WAYS).to(tl.int64) + 1
-        for _ in range(PASSES):
-            step = tl.maximum((hi - lo + 1 + WAYS) // (WAYS + 1), 1)  # ceil((hi - lo + 1) / (WAYS + 1))
-            c = lo + j * step  # thresholds; counts fall as they rise
-            cnt = tl.sum((key[None, :] >= c.to(tl.int32)[:, None]).to(tl.int32), axis=1)
-            ng = tl.sum(((cnt >= k) & (c <= hi)).to(tl.int32), axis=0)  # thresholds still >= k
-            hi = tl.minimum(hi, lo + (ng + 1) * step - 1)
-            lo = lo + ng * step
+    PACK: tl.constexpr = tl.int32 if WAYS <= 2 else tl.int64
+    while lo < hi:
+        step = (hi - lo + 1 + WAYS) // (WAYS + 1)  # ceil(width / (WAYS + 1)): 1 <= step < width
+        packed = tl.zeros_like(key).to(PACK)
+        for i in tl.static_range(WAYS):
+            c = tl.minimum(lo + (i + 1) * step, hi).to(tl.int32)
+            packed += (key >= c).to(PACK) << (16 * i)
+        cnt = tl.sum(packed, axis=0)
+        new_lo = lo
+        new_hi = hi
+        hit = lo - 1  # no threshold counted exactly k
+        for i in tl.static_range(WAYS):  # thresholds rise with i, so the counts fall
+            c = tl.minimum(lo + (i + 1) * step, hi)
+            n = ((cnt >> (16 * i)) & 0xFFFF).to(tl.int32)
+            new_lo = tl.where(n >= k, c, new_lo)
+            new_hi = tl.where(n < k, tl.minimum(new_hi, c - 1), new_hi)
+            hit = tl.where(n == k, c, hit)
+        found = hit >= lo
+        lo = tl.where(found, hit, new_lo)
+        hi = tl.where(found, hit, new_hi)
     return lo.to(tl.int32)
 
 
@@ -253,7 +279,6 @@ def select_from_scores(
     recent,
     BLOCK: tl.constexpr,
     WAYS: tl.constexpr,
-    PASSES: tl.constexpr,
 ):
     """Select from one row's float32 ``scores`` ``[BLOCK]`` (page ``offs``; lanes ``>= num_pages`` ignored)
     and write ``num_select`` int32 page numbers at ``out_ptr`` (ascending, ``-1`` padded)."""
@@ -281,7 +306,7 @@ def select_from_scores(
     lo, hi = tl.reduce((tl.where(scored, key, KEY_POS_INF), tl.where(scored, key, KEY_NEG_INF)), 0, _min_max)
     lo = tl.where(k <= n_forced, KEY_POS_INF, lo)
     hi = tl.where(k <= n_forced, KEY_POS_INF, hi)
-    t = kth_largest_key(key, tl.maximum(k, 1), lo, hi, WAYS, PASSES)
+    t = kth_largest_key(key, tl.maximum(k, 1), lo, hi, WAYS)
 
     # keep every key > t and the first (k - count(key > t)) keys == t (ties to the lower page); one scan
     # counts both (gt + eq << 16) and gives each kept page its output slot: the kept pages before it

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import check, check_float_dtype, check_head_dim, check_page_size, check_rows, f32_dot, mm, pdl_enter, sm_count, use_pdl
+from ._triton_common import check, check_float_dtype, check_head_dim, check_page_size, check_rows, f32_dot, mm, pdl_enter, sm_count, ticket_counters, use_pdl
 from .reference import FP8_DTYPES
 
 LOG2E = 1.4426950408889634
@@ -221,20 +221,6 @@ def _decode_merge_kernel(
 #: (``benchmarks/tune_decode.py``, 2026-11-23) measured them equal (30.7 vs 30.8 us at Llama-3-8B B=8 / 64K),
 #: so the simpler second kernel stays the default and inline stays a tuning option.
 DEFAULT_MERGE = "kernel"
-_MERGE_COUNTERS: dict = {}
-
-
-def merge_counters(device: torch.device, n: int) -> torch.Tensor | None:
-    """A persistent zeroed int32 buffer of at least ``n`` counters on ``device`` (each call leaves it
-    zeroed again), or None when it would have to be allocated during CUDA-graph capture. One decode
-    stream per device at a time: two concurrent launches would share the counters."""
-    buf = _MERGE_COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-        _MERGE_COUNTERS[device] = buf
-    return buf
 
 
 def plan_splits(batch_heads: int, num_select: int, page_size: int, block_n: int, sm_count: int) -> tuple[int, int]:
@@ -307,7 +293,7 @@ def sparse_decode_attention_triton(
         per = triton.cdiv(triton.cdiv(n_sel * page_size, num_splits), block_n) * block_n
         splits = triton.cdiv(n_sel * page_size, per)
     single = splits == 1
-    counters = merge_counters(q.device, b * hkv) if merge == "inline" and not single else None
+    counters = ticket_counters(q.device, b * hkv) if merge == "inline" and not single else None
     inline = counters is not None
     if single:
         o_ws = lse_ws = out  # unused

@@ -72,6 +72,50 @@ def score_block(
 
 
 @triton.jit
+def score_blocks(
+    q_pos,
+    q_neg,
+    meta_bh,
+    out_row,
+    first,
+    last,
+    num_pages,
+    start,
+    end,
+    stride_mp,
+    stride_mm,
+    D,
+    page_size,
+    G: tl.constexpr,
+    G_PAD: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    GQA_SUM: tl.constexpr,
+    F32: tl.constexpr,
+    STAGES: tl.constexpr,
+    WALK: tl.constexpr,
+):
+    """Score page blocks ``[first, last)`` (``BLOCK_P`` pages each) of one (row, KV head) into ``out_row``
+    (float32 ``[P]``). ``WALK``: a loop software-pipelined over ``STAGES``; else the one block ``first``
+    in straight-line code (small launches)."""
+    if WALK:
+        for blk in tl.range(first, last, num_stages=STAGES):
+            pages = blk * BLOCK_P + tl.arange(0, BLOCK_P)
+            s = score_block(
+                q_pos, q_neg, meta_bh, pages, num_pages, start, end, stride_mp, stride_mm, D, page_size,
+                G, G_PAD, BLOCK_D, GQA_SUM, F32,
+            )
+            tl.store(out_row + pages, s, mask=pages < num_pages)
+    else:
+        pages = first * BLOCK_P + tl.arange(0, BLOCK_P)
+        s = score_block(
+            q_pos, q_neg, meta_bh, pages, num_pages, start, end, stride_mp, stride_mm, D, page_size,
+            G, G_PAD, BLOCK_D, GQA_SUM, F32,
+        )
+        tl.store(out_row + pages, s, mask=pages < num_pages)
+
+
+@triton.jit
 def _score_kernel(
     q_ptr,
     meta_ptr,
@@ -108,24 +152,12 @@ def _score_kernel(
     end = tl.load(end_ptr + b).to(tl.int32)
     q_pos, q_neg = load_group_query(q_ptr, b, h, stride_qb, stride_qh, G, G_PAD, D, BLOCK_D)
     meta_bh = meta_ptr + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
-    out_bh = out_ptr + bh.to(tl.int64) * num_pages
-    if WALK:  # several blocks per program, software-pipelined
-        first = pb * blocks_per_program
-        last = tl.minimum(first + blocks_per_program, tl.cdiv(num_pages, BLOCK_P))
-        for blk in tl.range(first, last, num_stages=STAGES):
-            pages = blk * BLOCK_P + tl.arange(0, BLOCK_P)
-            s = score_block(
-                q_pos, q_neg, meta_bh, pages, num_pages, start, end, stride_mp, stride_mm, D, page_size,
-                G, G_PAD, BLOCK_D, GQA_SUM, F32,
-            )
-            tl.store(out_bh + pages, s, mask=pages < num_pages)
-    else:  # one block per program (straight-line code: small launches)
-        pages = pb * BLOCK_P + tl.arange(0, BLOCK_P)
-        s = score_block(
-            q_pos, q_neg, meta_bh, pages, num_pages, start, end, stride_mp, stride_mm, D, page_size,
-            G, G_PAD, BLOCK_D, GQA_SUM, F32,
-        )
-        tl.store(out_bh + pages, s, mask=pages < num_pages)
+    first = pb * blocks_per_program
+    last = tl.minimum(first + blocks_per_program, tl.cdiv(num_pages, BLOCK_P))
+    score_blocks(
+        q_pos, q_neg, meta_bh, out_ptr + bh.to(tl.int64) * num_pages, first, last, num_pages, start, end,
+        stride_mp, stride_mm, D, page_size, G, G_PAD, BLOCK_D, BLOCK_P, GQA_SUM, F32, STAGES, WALK,
+    )
 
 
 def score_meta(q: torch.Tensor, meta: torch.Tensor, seq_start, seq_end, page_size: int, gqa_reduction: str):
@@ -171,6 +203,31 @@ def default_launch(programs: int, sms: int, meta_dtype: torch.dtype) -> tuple[in
     return per, 8 if meta_dtype in FP8_DTYPES else 4
 
 
+def plan_walk(
+    consts: dict,
+    pages: int,
+    batch_heads: int,
+    device: torch.device,
+    meta_dtype: torch.dtype,
+    block_p: int | None = None,
+    blocks_per_program: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> dict:
+    """How a launch walks ``pages`` pages of each of ``batch_heads`` (row, KV head) pairs: ``BLOCK_P``,
+    ``blocks_per_program``, ``programs_per_row``, ``num_warps``, ``STAGES`` and ``WALK`` (tuned defaults
+    unless overridden; shared by the score and the fused score + select launches)."""
+    block_p = block_p or _block_p(consts["BLOCK_D"])
+    blocks = triton.cdiv(pages, block_p)
+    per, warps = default_launch(batch_heads * blocks, sm_count(device), meta_dtype)
+    per = blocks_per_program or per
+    check(per >= 1, f"blocks_per_program={per} must be >= 1")
+    return dict(
+        BLOCK_P=block_p, blocks_per_program=per, programs_per_row=triton.cdiv(blocks, per),
+        num_warps=num_warps or warps, STAGES=num_stages or (1 if per == 1 else 3), WALK=per > 1,
+    )
+
+
 def page_scores_triton(
     q: torch.Tensor,
     meta: torch.Tensor,
@@ -190,19 +247,13 @@ def page_scores_triton(
     out = torch.empty((b, hkv, pages), dtype=torch.float32, device=meta.device)
     if b * hkv * pages == 0:
         return out
-    block_p = block_p or _block_p(consts["BLOCK_D"])
-    blocks = triton.cdiv(pages, block_p)
-    per, warps = default_launch(b * hkv * blocks, sm_count(meta.device), meta.dtype)
-    blocks_per_program = blocks_per_program or per
-    num_warps = num_warps or warps
-    check(blocks_per_program >= 1, f"blocks_per_program={blocks_per_program} must be >= 1")
-    num_stages = num_stages or (1 if blocks_per_program == 1 else 3)
-    grid = (b * hkv, triton.cdiv(blocks, blocks_per_program))
+    walk = plan_walk(consts, pages, b * hkv, meta.device, meta.dtype, block_p, blocks_per_program, num_warps, num_stages)
+    per = walk.pop("blocks_per_program")
+    grid = (b * hkv, walk.pop("programs_per_row"))
     pdl = use_pdl(meta.device)
     _score_kernel[grid](
         q, meta, seq_start, seq_end, out, pages, hkv, d,
         q.stride(0), q.stride(1), meta.stride(0), meta.stride(1), meta.stride(2), meta.stride(3), page_size,
-        blocks_per_program, BLOCK_P=block_p, STAGES=num_stages, WALK=blocks_per_program > 1, num_warps=num_warps,
-        PDL=pdl, launch_pdl=pdl, **consts,
+        per, PDL=pdl, launch_pdl=pdl, **walk, **consts,
     )
     return out

@@ -12,13 +12,12 @@ import triton
 import triton.language as tl
 
 from ._triton_common import (
-    SELECT_WAYS,
     check,
     check_page_size,
     check_rows,
     check_select_pages,
+    check_ways,
     pdl_enter,
-    search_passes,
     select_from_scores,
     select_num_warps,
     use_pdl,
@@ -42,7 +41,6 @@ def _select_kernel(
     recent,
     BLOCK: tl.constexpr,
     WAYS: tl.constexpr,
-    PASSES: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
@@ -56,7 +54,7 @@ def _select_kernel(
     scores = tl.load(base + offs * stride_sp, mask=offs < num_pages, other=float("-inf"))
     select_from_scores(
         scores, offs, num_pages, start, end, out_ptr + bh.to(tl.int64) * num_select, num_select,
-        page_size, sink, recent, BLOCK, WAYS, PASSES,
+        page_size, sink, recent, BLOCK, WAYS,
     )
 
 
@@ -80,6 +78,7 @@ def select_pages_triton(
     b, hkv, pages = scores.shape
     check_rows(seq_start, seq_end, b)
     block = check_select_pages(pages)
+    ways = check_ways(ways)
     out = torch.empty((b, hkv, num_select), dtype=torch.int32, device=scores.device)
     if b * hkv == 0:
         return out
@@ -87,7 +86,7 @@ def select_pages_triton(
     _select_kernel[(b * hkv,)](
         scores, seq_start, seq_end, out, pages, num_select, hkv,
         scores.stride(0), scores.stride(1), scores.stride(2), page_size, sink_pages, recent_pages,
-        BLOCK=block, WAYS=ways or SELECT_WAYS, PASSES=search_passes(ways or SELECT_WAYS),
+        BLOCK=block, WAYS=ways,
         num_warps=num_warps or select_num_warps(block), PDL=pdl, launch_pdl=pdl,
     )
     return out
