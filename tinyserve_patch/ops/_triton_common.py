@@ -10,8 +10,7 @@ the lower page number) and written in ascending page order, ``-1`` padded.
 
 On the device this is an exact top-k without sorting: the float32 ranks are mapped to order-preserving
 int32 keys, a threshold ``t`` at the ``k``-th largest key is found by a search on ``count(key >= t)``
-within the scored pages' key range (:data:`SELECT_WAYS` thresholds per pass, their counts packed in one
-reduction) that stops once a count is exactly ``k`` (~log(P) + a few passes rather than 32), then every page with ``key > t`` and the first
+within the scored pages' key range (1-4 thresholds per pass, their counts packed in one reduction) that stops once a count is exactly ``k`` (~log(P) + a few passes rather than 32), then every page with ``key > t`` and the first
 ``k - count(key > t)`` pages with ``key == t`` (in index order) are kept and compacted, both by one
 prefix sum of the packed pair (key > t, key == t).
 """
@@ -129,35 +128,34 @@ def select_num_warps(block: int) -> int:
 # order-preserving int32 keys of +-inf (see sortable_key); finite scores lie strictly between
 KEY_POS_INF = tl.constexpr(0x7F800000)
 KEY_NEG_INF = tl.constexpr(-2139095041)  # 0xFF800000 ^ 0x7FFFFFFF
-#: Thresholds per pass of the selection search (:func:`kth_largest_key`), chosen from the H100 sweep
-#: (``benchmarks/tune_decode.py --kernels select``); ``TINYSERVE_SELECT_WAYS`` overrides it (1..4).
-SELECT_WAYS = int(os.environ.get("TINYSERVE_SELECT_WAYS", "1"))
-
-
-def check_ways(ways: int | None) -> int:
-    """``ways`` (thresholds per search pass) or the default, validated: 1..4 (counts packed 16 bits each)."""
-    ways = SELECT_WAYS if ways is None else ways
+def check_ways(ways: int) -> int:
+    """``ways`` (thresholds per search pass of :func:`kth_largest_key`) validated: 1..4 (counts packed 16
+    bits each in one int32 / int64 reduction)."""
     check(ways in (1, 2, 3, 4), f"ways={ways}: the selection search takes 1..4 thresholds per pass")
     return ways
 
 
+def select_ways(block: int) -> int:
+    """Thresholds per search pass of a stand-alone selection program (H100 sweep, ``tune_decode.py
+    --kernels select``, 2026-11-23): a ternary search (2, with 4 warps) up to 2048 pages (TinyLlama B=8 /
+    32K 5.7 -> 5.0 us, B=1 / 16K 4.2 -> 3.8 us; Llama-3-8B B=1 / 16K 4.5 -> 4.0 us), the binary search
+    above (Llama-3-8B B=8 / 64K, 4096 pages: 9.0 us binary with 8 warps, 9.8 us ternary)."""
+    return 2 if block <= 2048 else 1
+
+
 # ---------------------------------------------------------------------------------------------- device
-
-
-#: Where a PDL kernel lets the next launch start: right after its wait (``start``, the default) or only as
-#: its programs exit (``exit``: ``TINYSERVE_PDL_TRIGGER=exit``, read at import; a tuning experiment).
-PDL_TRIGGER_AT_START = tl.constexpr(os.environ.get("TINYSERVE_PDL_TRIGGER", "start") != "exit")
 
 
 @triton.jit
 def pdl_enter(PDL: tl.constexpr):
     """First statement of every kernel: with ``PDL`` (see :func:`use_pdl`), wait until the previous grid on
     the stream has completed and its writes are visible, then let the next PDL launch start scheduling
-    (it only gets SMs this grid no longer needs: all of this grid's programs are resident by then)."""
+    (it only gets SMs this grid no longer needs: all of this grid's programs are resident by then).
+    Triggering only as the programs exit measured slower at batch 1 (H100, TinyLlama B=1 / 16K chain
+    12.2 -> 14.0 us) and within noise at batch 8 (``benchmarks/results/pdl_trigger_{start,exit}_h100.json``)."""
     if PDL:
         tl.extra.cuda.gdc_wait()
-        if PDL_TRIGGER_AT_START:
-            tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit

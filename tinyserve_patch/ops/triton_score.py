@@ -187,7 +187,7 @@ def score_meta(q: torch.Tensor, meta: torch.Tensor, seq_start, seq_end, page_siz
     return q, meta, consts
 
 
-def _block_p(block_d: int) -> int:
+def default_block_p(block_d: int) -> int:
     """Pages per block: 64 (H100: 64 beat 16/32/128 for d 64 and 128, at batch 1 and 8, 16K-128K tokens)."""
     return 64 if block_d <= 128 else 32
 
@@ -217,7 +217,7 @@ def plan_walk(
     """How a launch walks ``pages`` pages of each of ``batch_heads`` (row, KV head) pairs: ``BLOCK_P``,
     ``blocks_per_program``, ``programs_per_row``, ``num_warps``, ``STAGES`` and ``WALK`` (tuned defaults
     unless overridden; shared by the score and the fused score + select launches)."""
-    block_p = block_p or _block_p(consts["BLOCK_D"])
+    block_p = block_p or default_block_p(consts["BLOCK_D"])
     blocks = triton.cdiv(pages, block_p)
     per, warps = default_launch(batch_heads * blocks, sm_count(device), meta_dtype)
     per = blocks_per_program or per

@@ -20,6 +20,7 @@ from ._triton_common import (
     pdl_enter,
     select_from_scores,
     select_num_warps,
+    select_ways,
     use_pdl,
 )
 
@@ -78,7 +79,7 @@ def select_pages_triton(
     b, hkv, pages = scores.shape
     check_rows(seq_start, seq_end, b)
     block = check_select_pages(pages)
-    ways = check_ways(ways)
+    ways = check_ways(select_ways(block) if ways is None else ways)
     out = torch.empty((b, hkv, num_select), dtype=torch.int32, device=scores.device)
     if b * hkv == 0:
         return out
