@@ -47,7 +47,7 @@ def parse_shape(text: str) -> tuple[str, int, int, int]:
     return model, int(batch), int(tokens), int(budget)
 
 
-def sweep(shape, bw: float, l2: int, rep: int, kernels) -> list[dict]:
+def sweep(shape, bw: float, l2: int, rep: int, kernels, full_attention: bool = True) -> list[dict]:
     from tinyserve_patch.ops.triton_decode import sparse_decode_attention_triton
     from tinyserve_patch.ops.triton_fused_select import score_and_select_triton
     from tinyserve_patch.ops.triton_score import page_scores_triton
@@ -76,8 +76,10 @@ def sweep(shape, bw: float, l2: int, rep: int, kernels) -> list[dict]:
     want = sparse_decode_attention_triton(c0["q"], c0["k"], c0["v"], c0["idx"], start, end, PAGE, d**-0.5).float()
     splits_grid = [None, 2, 4, 8, 16, 32] if batch * hkv >= 32 else [None, 4, 8, 16, 32, 64]
     # (the 2026-11-23 H100 sweep over warps 2/4/8 and stages 2/3/4 found 4 warps, 2 stages: kept narrow)
-    attention_grid = [{}] + [dict(num_splits=s, block_n=n, num_warps=w, num_stages=st, merge=m) for s, n, w, st, m in
-                             itertools.product(splits_grid, (64, 128), (4, 8), (2, 3), ("kernel", "inline"))]
+    attention_grid = [{}] + [dict(prefetch=p, num_stages=st) for p, st in itertools.product((False, True), (2, 3))]
+    if full_attention:
+        attention_grid += [dict(num_splits=s, block_n=n, num_warps=w, num_stages=st, merge=m) for s, n, w, st, m in
+                           itertools.product(splits_grid, (64, 128), (4, 8), (2, 3), ("kernel", "inline"))]
     for kw in attention_grid if "attention" in kernels else ():
         try:
             got = sparse_decode_attention_triton(c0["q"], c0["k"], c0["v"], c0["idx"], start, end, PAGE, d**-0.5, **kw)
@@ -149,7 +151,7 @@ def summary(rows: list[dict]) -> str:
         bad = [r for r in group if not r["ok"]]
         lines.append(f"{key}: default {default['graph_ms'] * 1e3:.1f} us; {len(bad)} configs mismatched")
         for r in good[:6]:
-            cfg = {k: r.get(k) for k in ("num_splits", "block_n", "blocks_per_program", "block_p", "num_warps", "num_stages", "merge", "ways") if k in r}
+            cfg = {k: r.get(k) for k in ("num_splits", "block_n", "blocks_per_program", "block_p", "num_warps", "num_stages", "merge", "ways", "prefetch") if k in r}
             floor = f" ({100 * r['floor_ms'] / r['graph_ms']:.0f}% floor)" if "floor_ms" in r else ""
             lines.append(f"   {r['graph_ms'] * 1e3:7.1f} us{floor} {cfg}")
     return "\n".join(lines)
@@ -161,6 +163,8 @@ def main(argv=None) -> int:
     p.add_argument("--rep", type=int, default=20)
     p.add_argument("--kernels", nargs="+", default=["attention", "score", "select"],
                    choices=["attention", "score", "score_fp8meta", "select", "fused"])
+    p.add_argument("--attention-defaults", action="store_true",
+                   help="attention: only the default launch with / without index prefetch and 2 / 3 stages")
     p.add_argument("--shapes", nargs="+", type=parse_shape, default=None,
                    help="model:batch:tokens:budget shapes (default: all of SHAPES, most important first)")
     args = p.parse_args(argv)
@@ -175,7 +179,7 @@ def main(argv=None) -> int:
     rows = []
     out.parent.mkdir(parents=True, exist_ok=True)
     for shape in args.shapes or SHAPES:  # most important first; the JSON is rewritten after each shape (a timeout keeps it)
-        rows += sweep(shape, bw, l2, args.rep, args.kernels)
+        rows += sweep(shape, bw, l2, args.rep, args.kernels, not args.attention_defaults)
         torch.cuda.empty_cache()
         print(f"{shape} done ({time.time() - t0:.0f} s)", flush=True)
         text = summary(rows)
