@@ -76,7 +76,7 @@ def sweep(shape, bw: float, l2: int, rep: int, kernels, full_attention: bool = T
     want = sparse_decode_attention_triton(c0["q"], c0["k"], c0["v"], c0["idx"], start, end, PAGE, d**-0.5).float()
     splits_grid = [None, 2, 4, 8, 16, 32] if batch * hkv >= 32 else [None, 4, 8, 16, 32, 64]
     # (the 2026-11-23 H100 sweep over warps 2/4/8 and stages 2/3/4 found 4 warps, 2 stages: kept narrow)
-    attention_grid = [{}] + [dict(prefetch=p, num_stages=st) for p, st in itertools.product((False, True), (2, 3))]
+    attention_grid = [{}] + [dict(num_stages=st) for st in (2, 3)]
     if full_attention:
         attention_grid += [dict(num_splits=s, block_n=n, num_warps=w, num_stages=st, merge=m) for s, n, w, st, m in
                            itertools.product(splits_grid, (64, 128), (4, 8), (2, 3), ("kernel", "inline"))]
@@ -151,7 +151,7 @@ def summary(rows: list[dict]) -> str:
         bad = [r for r in group if not r["ok"]]
         lines.append(f"{key}: default {default['graph_ms'] * 1e3:.1f} us; {len(bad)} configs mismatched")
         for r in good[:6]:
-            cfg = {k: r.get(k) for k in ("num_splits", "block_n", "blocks_per_program", "block_p", "num_warps", "num_stages", "merge", "ways", "prefetch") if k in r}
+            cfg = {k: r.get(k) for k in ("num_splits", "block_n", "blocks_per_program", "block_p", "num_warps", "num_stages", "merge", "ways") if k in r}
             floor = f" ({100 * r['floor_ms'] / r['graph_ms']:.0f}% floor)" if "floor_ms" in r else ""
             lines.append(f"   {r['graph_ms'] * 1e3:7.1f} us{floor} {cfg}")
     return "\n".join(lines)
@@ -164,7 +164,7 @@ def main(argv=None) -> int:
     p.add_argument("--kernels", nargs="+", default=["attention", "score", "select"],
                    choices=["attention", "score", "score_fp8meta", "select", "fused"])
     p.add_argument("--attention-defaults", action="store_true",
-                   help="attention: only the default launch with / without index prefetch and 2 / 3 stages")
+                   help="attention: only the default launch, with 2 and 3 stages")
     p.add_argument("--shapes", nargs="+", type=parse_shape, default=None,
                    help="model:batch:tokens:budget shapes (default: all of SHAPES, most important first)")
     args = p.parse_args(argv)

@@ -143,22 +143,3 @@ def test_decode_inline_merge_equals_reference_call_after_call(num_splits):
     from tinyserve_patch.ops._triton_common import ticket_counters
 
     assert not ticket_counters(q.device, b * h)[: b * h].any()  # every counter back to zero
-
-
-@pytest.mark.parametrize("num_splits", [1, 3])
-@pytest.mark.parametrize("ps", [8, 16])
-def test_decode_index_prefetch_equals_plain_loads(num_splits, ps):
-    """prefetch=True (each block's page numbers loaded one iteration ahead) gives the reference's numbers
-    and the plain loop's, with several blocks per split and a ragged last block."""
-    gn = gen(21)
-    b, h, g, d, cap = 2, 2, 2, 32, 256
-    k, v, _ = cache(b, h, cap, d, ps, torch.bfloat16, gn)
-    q = randn((b, h * g, d), torch.bfloat16, gn)
-    idx = random_indices(b, h, cap // ps, 11, gn, pad=2)
-    start, end = rows(b, cap, gn)
-    kw = dict(num_splits=num_splits, block_n=16)
-    out = sparse_decode_attention_triton(q, k, v, idx, start, end, ps, d**-0.5, prefetch=True, **kw)
-    plain = sparse_decode_attention_triton(q, k, v, idx, start, end, ps, d**-0.5, prefetch=False, **kw)
-    expect = ref.sparse_decode_attention(q.float(), k.float(), v.float(), idx, start, end, ps, d**-0.5)
-    assert rel_err(out, expect) < TOL[torch.bfloat16]
-    assert torch.equal(out, plain)

@@ -68,7 +68,6 @@ def _decode_split_kernel(
     SINGLE: tl.constexpr,
     F32: tl.constexpr,
     INLINE_MERGE: tl.constexpr,
-    PREFETCH: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
@@ -98,18 +97,11 @@ def _decode_split_kernel(
     acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
     tok0 = split * tokens_per_split
     tok_end = tl.minimum(tok0 + tokens_per_split, num_select * PAGE_SIZE)
-    if PREFETCH:
-        j = tok0 + tl.arange(0, BLOCK_N)
-        page_next = tl.load(idx_base + j // PAGE_SIZE, mask=j < tok_end, other=-1)
-    else:
-        page_next = tl.zeros([BLOCK_N], tl.int32)  # unused
+    # (loading the next block's page numbers one iteration ahead measured no faster on the H100: the
+    # pipeliner already hides them; benchmarks/results/tune_decode_h100_prefetch.json)
     for j0 in range(tok0, tok_end, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
-        if PREFETCH:  # this block's page numbers were loaded one iteration ahead; load the next block's
-            page = page_next
-            page_next = tl.load(idx_base + (j + BLOCK_N) // PAGE_SIZE, mask=j + BLOCK_N < tok_end, other=-1)
-        else:
-            page = tl.load(idx_base + j // PAGE_SIZE, mask=j < tok_end, other=-1)
+        page = tl.load(idx_base + j // PAGE_SIZE, mask=j < tok_end, other=-1)
         pos = page * PAGE_SIZE + j % PAGE_SIZE
         valid = (page >= 0) & (pos >= start) & (pos < end)
         k_t = tl.load(
@@ -231,9 +223,6 @@ def _decode_merge_kernel(
 #: (``benchmarks/tune_decode.py``, 2026-11-23) measured them equal (30.7 vs 30.8 us at Llama-3-8B B=8 / 64K),
 #: so the simpler second kernel stays the default and inline stays a tuning option.
 DEFAULT_MERGE = "kernel"
-#: Whether a program loads the page numbers of its next block of tokens while it attends to the current
-#: one (the K/V gathers depend on them), rather than at the top of each iteration.
-PREFETCH_INDICES = False
 
 
 def plan_splits(batch_heads: int, num_select: int, page_size: int, block_n: int, sm_count: int) -> tuple[int, int]:
@@ -262,12 +251,10 @@ def sparse_decode_attention_triton(
     num_warps: int | None = None,
     num_stages: int = 2,
     merge: str | None = None,
-    prefetch: bool | None = None,
 ) -> torch.Tensor:
     """``[B, Hq, D]`` attention over the selected pages (see module docstring). ``num_splits``,
-    ``block_n``, ``num_warps``, ``num_stages``, ``merge`` (``"kernel"`` / ``"inline"``, see
-    :data:`DEFAULT_MERGE`) and ``prefetch`` (load each block's page numbers one iteration ahead, see
-    :data:`PREFETCH_INDICES`) override the tuned defaults (tests, tuning)."""
+    ``block_n``, ``num_warps``, ``num_stages`` and ``merge`` (``"kernel"`` / ``"inline"``, see
+    :data:`DEFAULT_MERGE`) override the tuned defaults (tests, tuning)."""
     merge = merge or DEFAULT_MERGE
     check(merge in ("kernel", "inline"), f"merge={merge!r}: allowed 'kernel' or 'inline'")
     check(k_cache.dim() == 4 and v_cache.shape == k_cache.shape, "k_cache / v_cache must be [B, Hkv, cap, D] alike")
@@ -324,7 +311,6 @@ def sparse_decode_attention_triton(
         indices.stride(0), indices.stride(1), out.stride(0), out.stride(1),
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=block_n,
         PAGE_SIZE=page_size, SOFTCAP=bool(softcap), SINGLE=single, F32=f32_dot(q.dtype), INLINE_MERGE=inline,
-        PREFETCH=PREFETCH_INDICES if prefetch is None else bool(prefetch),
         num_warps=num_warps or (4 if block_d <= 128 else 8), num_stages=num_stages, PDL=pdl, launch_pdl=pdl,
     )
     if not single and not inline:
