@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tinyserve_patch.ops import reference as ref
-from tinyserve_patch.ops.triton_fused_select import fused_blocks_per_program, score_and_select_triton
+from tinyserve_patch.ops.triton_fused_select import score_and_select_triton
 from tests.ops.kernel_cases import DEVICE, cache, gen, randint, randn, rows
 
 
@@ -91,15 +91,6 @@ def test_fused_random_inputs_topk_up_to_ties():
     start, end = rows(2, 256, gn)
     out = score_and_select_triton(q, meta, start, end, 16, 5, 1, 1, "sum")
     assert_topk_up_to_ties(out, q, meta, start, end, 16, 5, 1, 1, "sum")
-
-
-def test_fused_blocks_per_program():
-    """One program per SM while that takes <= 8 blocks each, else ~8 programs per SM; always 1..8."""
-    assert fused_blocks_per_program(64, 132) == 1  # TinyLlama B=1 / 16K
-    assert fused_blocks_per_program(512, 132) == 4  # Llama-3-8B B=1 / 64K
-    assert fused_blocks_per_program(1024, 132) == 8  # TinyLlama B=8 / 32K
-    assert fused_blocks_per_program(4096, 132) == 4  # Llama-3-8B B=8 / 64K
-    assert all(1 <= fused_blocks_per_program(n, 132) <= 8 for n in range(1, 20000, 37))
 
 
 def test_fused_rejects_bad_input():

@@ -4,8 +4,7 @@
 Grid ``(programs_per_row, B * Hkv)``: the scoring programs of one (row, KV head) are adjacent in launch
 order, so rows finish scoring one after another and the selection of a finished row overlaps the scoring
 of later ones. Each program scores ``blocks_per_program`` blocks of ``BLOCK_P`` pages exactly as the
-score kernel does (:func:`triton_score.score_blocks`; :func:`fused_blocks_per_program` blocks each) into
-an fp32 scratch row. With one
+score kernel does (:func:`triton_score.score_blocks`, the same launch plan) into an fp32 scratch row. With one
 program per row it then re-reads its row and selects; otherwise each program takes a ticket from a
 per-(row, head) counter after its stores (CTA barrier + acq_rel atomic, the usual "last block" pattern)
 and the last one to finish resets the counter and selects with :func:`_triton_common.select_from_scores`.
@@ -23,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import check, check_select_pages, check_ways, pdl_enter, select_from_scores, select_num_warps, sm_count, ticket_counters, use_pdl
-from .triton_score import default_block_p, load_group_query, plan_walk, score_blocks, score_meta
+from ._triton_common import check, check_select_pages, check_ways, pdl_enter, select_from_scores, select_num_warps, ticket_counters, use_pdl
+from .triton_score import load_group_query, plan_walk, score_blocks, score_meta
 
 
 @triton.jit
@@ -100,17 +99,6 @@ def _fused_kernel(
 FUSED_WAYS = 2
 
 
-def fused_blocks_per_program(blocks: int, sms: int) -> int:
-    """Score blocks per program of a fused launch with ``blocks`` page blocks in all (rows x KV heads x
-    blocks): about one program per SM when that takes <= 8 blocks each (one wave: latency bound), else
-    about 8 programs per SM (several waves, so rows finish one after another and their selections overlap
-    the scoring of later rows). H100 sweep (``tune_decode_h100_fused.json``, 2026-11-23), vs the score
-    kernel's own plan: Llama-3-8B B=8 / 64K 4 blocks (56.6 us; 8: 60.1), B=1 / 64K 4 (15.0; 1: 19.7),
-    TinyLlama B=8 / 32K 8 (13.6; 2: 15.8), B=1 / 16K 1."""
-    per = triton.cdiv(blocks, sms)
-    return per if per <= 8 else min(8, triton.cdiv(blocks, 8 * sms))
-
-
 def score_and_select_triton(
     q: torch.Tensor,
     meta: torch.Tensor,
@@ -138,9 +126,6 @@ def score_and_select_triton(
     out = torch.empty((b, hkv, num_select), dtype=torch.int32, device=meta.device)
     if b * hkv == 0:
         return out
-    block_p = block_p or default_block_p(consts["BLOCK_D"])
-    if blocks_per_program is None:
-        blocks_per_program = fused_blocks_per_program(b * hkv * triton.cdiv(pages, block_p), sm_count(meta.device))
     walk = plan_walk(consts, pages, b * hkv, meta.device, meta.dtype, block_p, blocks_per_program,
                      num_warps or select_num_warps(block), num_stages)
     per = walk.pop("blocks_per_program")

@@ -193,17 +193,19 @@ def default_block_p(block_d: int) -> int:
 
 
 def default_launch(blocks: int, sms: int, meta_dtype: torch.dtype) -> tuple[int, int]:
-    """``(blocks_per_program, num_warps)`` of a score launch walking ``blocks`` page blocks in all (rows x
-    KV heads x blocks) on ``sms`` SMs; 8 warps for fp8 metadata (the upcast doubles the register work per
-    byte), 4 for the model's dtype. H100 sweeps (``benchmarks/tune_decode.py``, 2026-11-23;
-    ``tune_decode_h100*.json``, ``kernels_h100.json``): up to 4 blocks per SM (batch 1, <= 64K tokens:
-    latency bound) about one program per SM walking them, so every SM has loads in flight (Llama-3-8B
-    B=1 / 64K 8.4 -> 7.8 us with 4 blocks, TinyLlama B=1 / 64K 3.6 -> 3.5 with 2; one block per program
-    at <= 16K tokens); above, up to 8 blocks per program, about two programs per SM (Llama-3-8B B=1 / 128K
-    and B=8 / 16K: 14.0 us with 3 vs 16.2 with 4; TinyLlama B=8 / 64K 14.0 with 7 vs 16.3 with 4;
-    Llama-3-8B B=8 / 64K 48.1-48.6 from 2 to 8; fp8 29.5 with 8)."""
-    per = triton.cdiv(blocks, sms) if blocks <= 4 * sms else max(1, min(8, blocks // (2 * sms)))
-    return per, 8 if meta_dtype in FP8_DTYPES else 4
+    """``(blocks_per_program, num_warps)`` of a launch walking ``blocks`` page blocks in all (rows x KV
+    heads x blocks) on ``sms`` SMs: about one program per SM, walking at most 4 blocks each
+    (software-pipelined); 8 warps for fp8 metadata (the upcast doubles the register work per byte), 4 for
+    the model's dtype. Chosen on the decode chain (score -> select -> attention with PDL), where it counts,
+    over three H100 runs of ``bench_kernels.py`` (2026-11-23, ``kernels_h100.json`` and
+    ``kernels_h100_score_plan_old*.json``): against the earlier ~2 programs per SM with up to 8
+    blocks each, Llama-3-8B B=8 / 16K 58.7 -> 48.4 us, B=8 / 64K 89.0-92.1 -> 87.4, B=1 / 64K 30.3 -> 25.1,
+    TinyLlama B=8 / 128K 55.3 -> 52.1 (a score grid of 1-2 waves followed by a PDL launch loses up to 9 us).
+    The score kernel timed alone is 1.5-2 us slower with it at 1024-2048 blocks (14.0 -> 16.2 us at 34 MB
+    of metadata) and faster at batch 1 / 64K (8.4 -> 7.8) and 4096 blocks (TinyLlama B=8 / 128K 30.2 ->
+    25.8). The fused score + select kernel (same walk) measured best at 4 blocks too (Llama-3-8B B=8 / 64K
+    56.6 us vs 60.1 with 8, B=1 / 64K 15.0 vs 19.7 with 1; ``tune_decode_h100_fused.json``)."""
+    return min(4, triton.cdiv(blocks, sms)), 8 if meta_dtype in FP8_DTYPES else 4
 
 
 def plan_walk(
