@@ -352,7 +352,7 @@ def targets(rows: list[dict]) -> list[str]:
             continue
         seen.add(key)
         worst = min(x["graph_pct_floor"] for x in find(*key, "score"))
-        out.append(f"{verdict(worst >= 70)}  {r['model']} B={r['batch']} {r['tokens'] // K}K: score >= 70% of its byte floor: {worst:.0f}%")
+        out.append(f"{verdict(worst >= 70)}  {r['model']} B={r['batch']} {r['tokens'] // K}K: score >= 70% of its byte floor: {worst:.1f}%")
     if not seen:
         out.append("N/A   score at 64K+: not in this run")
     return out

@@ -10,9 +10,10 @@ the lower page number) and written in ascending page order, ``-1`` padded.
 
 On the device this is an exact top-k without sorting: the float32 ranks are mapped to order-preserving
 int32 keys, a threshold ``t`` at the ``k``-th largest key is found by a search on ``count(key >= t)``
-within the scored pages' key range (1-4 thresholds per pass, their counts packed in one reduction) that stops once a count is exactly ``k`` (~log(P) + a few passes rather than 32), then every page with ``key > t`` and the first
-``k - count(key > t)`` pages with ``key == t`` (in index order) are kept and compacted, both by one
-prefix sum of the packed pair (key > t, key == t).
+within the scored pages' key range (1-4 thresholds per pass, their counts packed in one reduction) that
+stops once a count is exactly ``k`` (~log(P) + a few passes rather than 32), then every page with
+``key > t`` and the first ``k - count(key > t)`` pages with ``key == t`` (in index order) are kept and
+compacted, both by one prefix sum of the packed pair (key > t, key == t).
 """
 
 from __future__ import annotations
@@ -128,6 +129,8 @@ def select_num_warps(block: int) -> int:
 # order-preserving int32 keys of +-inf (see sortable_key); finite scores lie strictly between
 KEY_POS_INF = tl.constexpr(0x7F800000)
 KEY_NEG_INF = tl.constexpr(-2139095041)  # 0xFF800000 ^ 0x7FFFFFFF
+
+
 def check_ways(ways: int) -> int:
     """``ways`` (thresholds per search pass of :func:`kth_largest_key`) validated: 1..4 (counts packed 16
     bits each in one int32 / int64 reduction)."""
