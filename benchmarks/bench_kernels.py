@@ -242,9 +242,21 @@ def run(args) -> dict:
                 c["scores"] = page_scores_triton(c["q"], c["meta"], start, end, PAGE, "max")
                 c["idx"] = select_pages_triton(c["scores"], start, end, PAGE, nsel, 1, 1)
 
-            def score():
-                c = copies.next()
-                return page_scores_triton(c["q"], c["meta"], start, end, PAGE, "max")
+            def scorer(key):  # the score kernel over c[key]: "meta" (model dtype) or "meta8" (fp8)
+                def score():
+                    c = copies.next()
+                    return page_scores_triton(c["q"], c[key], start, end, PAGE, "max")
+
+                return score
+
+            def split_over(key):  # score (over c[key]) + select + attend
+                def split_total():
+                    c = copies.next()
+                    s = page_scores_triton(c["q"], c[key], start, end, PAGE, "max")
+                    i = select_pages_triton(s, start, end, PAGE, nsel, 1, 1)
+                    return sparse_decode_attention_triton(c["q"], c["k"], c["v"], i, start, end, PAGE, scale, 0.0)
+
+                return split_total
 
             def select():
                 c = copies.next()
@@ -258,37 +270,21 @@ def run(args) -> dict:
                 c = copies.next()
                 return sparse_decode_attention_triton(c["q"], c["k"], c["v"], c["idx"], start, end, PAGE, scale, 0.0)
 
-            def split_total():
-                c = copies.next()
-                s = page_scores_triton(c["q"], c["meta"], start, end, PAGE, "max")
-                i = select_pages_triton(s, start, end, PAGE, nsel, 1, 1)
-                return sparse_decode_attention_triton(c["q"], c["k"], c["v"], i, start, end, PAGE, scale, 0.0)
-
-            def score8():
-                c = copies.next()
-                return page_scores_triton(c["q"], c["meta8"], start, end, PAGE, "max")
-
-            def split_total8():
-                c = copies.next()
-                s = page_scores_triton(c["q"], c["meta8"], start, end, PAGE, "max")
-                i = select_pages_triton(s, start, end, PAGE, nsel, 1, 1)
-                return sparse_decode_attention_triton(c["q"], c["k"], c["v"], i, start, end, PAGE, scale, 0.0)
-
             def fused_total():
                 c = copies.next()
                 i = score_and_select_triton(c["q"], c["meta"], start, end, PAGE, nsel, 1, 1, "max")
                 return sparse_decode_attention_triton(c["q"], c["k"], c["v"], i, start, end, PAGE, scale, 0.0)
 
             total_bytes = meta_bytes + sel_kv + qo_bytes
-            add("score", budget, meta_bytes + qo_bytes // 2 + score_bytes, score)
+            add("score", budget, meta_bytes + qo_bytes // 2 + score_bytes, scorer("meta"))
             add("select", budget, score_bytes + idx_bytes, select)
             add("fused_score_select", budget, meta_bytes + qo_bytes // 2 + idx_bytes, fused)
             add("sparse_attention", budget, sel_kv + qo_bytes + idx_bytes, attend, dense_ms)
-            add("total_split", budget, total_bytes, split_total, dense_ms)
-            add("total_split_nopdl", budget, total_bytes, without_pdl(split_total), dense_ms)
+            add("total_split", budget, total_bytes, split_over("meta"), dense_ms)
+            add("total_split_nopdl", budget, total_bytes, without_pdl(split_over("meta")), dense_ms)
             add("total_fused", budget, total_bytes, fused_total, dense_ms)
-            add("score_fp8meta", budget, meta_bytes // 2 + qo_bytes // 2 + score_bytes, score8)
-            add("total_split_fp8meta", budget, total_bytes - meta_bytes // 2, split_total8, dense_ms)
+            add("score_fp8meta", budget, meta_bytes // 2 + qo_bytes // 2 + score_bytes, scorer("meta8"))
+            add("total_split_fp8meta", budget, total_bytes - meta_bytes // 2, split_over("meta8"), dense_ms)
         copies = None  # free this configuration's caches
         torch.cuda.empty_cache()
         print(f"  {model} batch {batch} {length // K}K done ({time.time() - t_start:.0f} s)", flush=True)

@@ -5,13 +5,13 @@
 For each shape (model, batch, tokens, budget) it times ``sparse_decode_attention_triton`` under CUDA
 graphs (``do_bench_cudagraph``, median, caches rotated beyond the L2 as in ``bench_kernels.py``) over
 ``num_splits`` x ``block_n`` x ``num_warps`` x ``num_stages`` x ``merge`` (second kernel or inline),
-``page_scores_triton`` over ``blocks_per_program`` x ``block_p`` x ``num_warps`` x ``num_stages`` (``score``; and
-``score_fp8meta`` over fp8 page metadata), and
-``select_pages_triton`` over ``num_warps`` x ``ways`` (thresholds per search pass), and
-``score_and_select_triton`` (``fused``) over ``blocks_per_program`` x ``num_warps`` x ``ways``; every configuration's output is first checked against the default launch (attention:
-allclose in fp32; score: allclose; selection: identical indices), and dense SDPA decode on the same
-caches is timed as the run's baseline. Prints the best configurations per shape beside the
-default and the byte floor, and writes JSON (device, versions, commit, rows). The defaults in
+``page_scores_triton`` over ``blocks_per_program`` x ``block_p`` x ``num_warps`` x ``num_stages``
+(``score``; ``score_fp8meta`` over fp8 page metadata), ``select_pages_triton`` over ``num_warps`` x
+``ways`` (thresholds per search pass), and ``score_and_select_triton`` (``fused``) over
+``blocks_per_program`` x ``num_warps`` x ``ways``; every configuration's output is first checked against
+the default launch (attention: allclose in fp32; score: allclose; selection: identical indices), and
+dense SDPA decode on the same caches is timed as the run's baseline. Prints the best configurations per
+shape beside the default and the byte floor, and writes JSON (device, versions, commit, rows). The defaults in
 ``ops/triton_decode.py`` / ``ops/_triton_common.py`` are chosen from this sweep.
 """
 

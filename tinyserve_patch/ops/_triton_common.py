@@ -74,8 +74,8 @@ def ticket_counters(device: torch.device, n: int) -> torch.Tensor | None:
     """A persistent zeroed int32 buffer of at least ``n`` ticket counters on ``device`` for the "last program
     finishes the row" kernels (fused selection, inline merge), each of which leaves its counters zeroed
     again; None when the buffer would have to be allocated during CUDA-graph capture (a buffer first
-    allocated then lives in the graph's pool, which CUDA-graph trees reject): the caller then takes a
-    zeroed buffer of its own. One decode stream per device at a time: concurrent launches would share it."""
+    allocated then lives in the graph's pool, which CUDA-graph trees reject): the caller then falls back
+    (the fused selection to a zeroed buffer of its own, the inline merge to the merge kernel). One decode stream per device at a time: concurrent launches would share it."""
     buf = _TICKETS.get(device)
     if buf is None or buf.numel() < n:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
@@ -90,8 +90,12 @@ def check(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
+#: The compute dtypes of the kernels (fp8 only as storage of K/V or page metadata).
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
 def check_float_dtype(t: torch.Tensor, name: str) -> None:
-    check(t.dtype in (torch.float16, torch.bfloat16, torch.float32), f"{name} dtype {t.dtype} unsupported: fp16/bf16/fp32")
+    check(t.dtype in FLOAT_DTYPES, f"{name} dtype {t.dtype} unsupported: fp16/bf16/fp32")
 
 
 def check_head_dim(d: int) -> None:

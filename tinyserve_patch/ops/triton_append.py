@@ -21,12 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import check, check_head_dim, pdl_enter, use_pdl, round_to_fp8_e4m3, round_to_fp8_e4m3_directed
+from ._triton_common import FLOAT_DTYPES, check, check_head_dim, pdl_enter, use_pdl, round_to_fp8_e4m3, round_to_fp8_e4m3_directed
 from . import reference
 from .reference import FP8_DTYPES
-
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
 
 @triton.jit
 def _append_kernel(
