@@ -6,9 +6,9 @@ For each shape (model, batch, tokens, budget) it times ``sparse_decode_attention
 graphs (``do_bench_cudagraph``, median, caches rotated beyond the L2 as in ``bench_kernels.py``) over
 ``num_splits`` x ``block_n`` x ``num_warps`` x ``num_stages`` x ``merge`` (second kernel or inline),
 ``page_scores_triton`` over ``blocks_per_program`` x ``block_p`` x ``num_warps`` x ``num_stages``
-(``score``; ``score_fp8meta`` over fp8 page metadata), ``select_pages_triton`` over ``num_warps`` x
-``ways`` (thresholds per search pass), and ``score_and_select_triton`` (``fused``) over
-``blocks_per_program`` x ``num_warps`` x ``ways``; every configuration's output is first checked against
+(``score``; ``score_fp8meta`` over fp8 page metadata), ``select_pages_triton`` over ``num_warps`` x the
+search (``ways`` thresholds per pass, or a histogram of ``bins``), and ``score_and_select_triton``
+(``fused``) over ``blocks_per_program`` x ``num_warps`` x ``bins``; every configuration's output is first checked against
 the default launch (attention: allclose in fp32; score: allclose; selection: identical indices), and
 dense SDPA decode on the same caches is timed as the run's baseline. Prints the best configurations per
 shape beside the default and the byte floor, and writes JSON (device, versions, commit, rows). The defaults in
@@ -117,7 +117,8 @@ def sweep(shape, bw: float, l2: int, rep: int, kernels, full_attention: bool = T
             rows.append(dict(base, kernel=kernel, **kw, default=not kw, ok=ok, graph_ms=_bench(fsc, graph=True, rep=rep),
                              floor_ms=nbytes / bw * 1e3))
     want_idx = c0["idx"]
-    select_grid = [{}] + [dict(num_warps=w, ways=k) for w, k in itertools.product((4, 8, 16), (1, 2, 3, 4))]
+    select_grid = ([{}] + [dict(num_warps=w, ways=k, bins=0) for w, k in itertools.product((4, 8), (1, 2))]
+                   + [dict(num_warps=w, bins=n) for w, n in itertools.product((4, 8, 16), (32, 64, 128, 256))])
     for kw in select_grid if "select" in kernels else ():
         got = select_pages_triton(c0["scores"], start, end, PAGE, nsel, 1, 1, **kw)
 
@@ -128,8 +129,8 @@ def sweep(shape, bw: float, l2: int, rep: int, kernels, full_attention: bool = T
         rows.append(dict(base, kernel="select", **kw, default=not kw, ok=bool(torch.equal(got, want_idx)),
                          graph_ms=_bench(fs, graph=True, rep=rep)))
     # fused score + select: the same pages as the split pair (random bf16 data: exact up to score ulps)
-    fused_grid = [{}] + [dict(blocks_per_program=p, num_warps=w, ways=k) for p, w, k in
-                         itertools.product((1, 2, 4, 8), (4, 8), (1, 2))]
+    fused_grid = [{}] + [dict(blocks_per_program=p, num_warps=w, bins=n) for p, w, n in
+                         itertools.product((1, 2, 4), (4, 8), (0, 64, 256))]
     for kw in fused_grid if "fused" in kernels else ():
         got = score_and_select_triton(c0["q"], c0["meta"], start, end, PAGE, nsel, 1, 1, "max", **kw)
 
@@ -151,7 +152,7 @@ def summary(rows: list[dict]) -> str:
         bad = [r for r in group if not r["ok"]]
         lines.append(f"{key}: default {default['graph_ms'] * 1e3:.1f} us; {len(bad)} configs mismatched")
         for r in good[:6]:
-            cfg = {k: r.get(k) for k in ("num_splits", "block_n", "blocks_per_program", "block_p", "num_warps", "num_stages", "merge", "ways") if k in r}
+            cfg = {k: r.get(k) for k in ("num_splits", "block_n", "blocks_per_program", "block_p", "num_warps", "num_stages", "merge", "ways", "bins") if k in r}
             floor = f" ({100 * r['floor_ms'] / r['graph_ms']:.0f}% floor)" if "floor_ms" in r else ""
             lines.append(f"   {r['graph_ms'] * 1e3:7.1f} us{floor} {cfg}")
     return "\n".join(lines)
