@@ -6,9 +6,9 @@ For each shape (model, batch, tokens, budget) it times ``sparse_decode_attention
 graphs (``do_bench_cudagraph``, median, caches rotated beyond the L2 as in ``bench_kernels.py``) over
 ``num_splits`` x ``block_n`` x ``num_warps`` x ``num_stages`` x ``merge`` (second kernel or inline),
 ``page_scores_triton`` over ``blocks_per_program`` x ``block_p`` x ``num_warps`` x ``num_stages``
-(``score``; ``score_fp8meta`` over fp8 page metadata), ``select_pages_triton`` over ``num_warps`` x the
-search (``ways`` thresholds per pass, or a histogram of ``bins``), and ``score_and_select_triton``
-(``fused``) over ``blocks_per_program`` x ``num_warps`` x ``bins``; every configuration's output is first checked against
+(``score``; ``score_fp8meta`` over fp8 page metadata), ``select_pages_triton`` over ``num_warps`` x
+``ways`` (thresholds per search pass), and ``score_and_select_triton`` (``fused``) over
+``blocks_per_program`` x ``num_warps`` x ``ways``; every configuration's output is first checked against
 the default launch (attention: allclose in fp32; score: allclose; selection: identical indices), and
 dense SDPA decode on the same caches is timed as the run's baseline. Prints the best configurations per
 shape beside the default and the byte floor, and writes JSON (device, versions, commit, rows). The defaults in
@@ -76,7 +76,7 @@ def sweep(shape, bw: float, l2: int, rep: int, kernels, full_attention: bool = T
     want = sparse_decode_attention_triton(c0["q"], c0["k"], c0["v"], c0["idx"], start, end, PAGE, d**-0.5).float()
     splits_grid = [None, 2, 4, 8, 16, 32] if batch * hkv >= 32 else [None, 4, 8, 16, 32, 64]
     # (the 2026-11-23 H100 sweep over warps 2/4/8 and stages 2/3/4 found 4 warps, 2 stages: kept narrow)
-    attention_grid = [{}] + [dict(num_stages=st) for st in (2, 3)]
+    attention_grid = [{}] + [dict(num_splits=s, merge=m) for s, m in itertools.product(splits_grid, ("kernel", "inline"))]
     if full_attention:
         attention_grid += [dict(num_splits=s, block_n=n, num_warps=w, num_stages=st, merge=m) for s, n, w, st, m in
                            itertools.product(splits_grid, (64, 128), (4, 8), (2, 3), ("kernel", "inline"))]
@@ -117,8 +117,7 @@ def sweep(shape, bw: float, l2: int, rep: int, kernels, full_attention: bool = T
             rows.append(dict(base, kernel=kernel, **kw, default=not kw, ok=ok, graph_ms=_bench(fsc, graph=True, rep=rep),
                              floor_ms=nbytes / bw * 1e3))
     want_idx = c0["idx"]
-    select_grid = ([{}] + [dict(num_warps=w, ways=k, bins=0) for w, k in itertools.product((4, 8), (1, 2))]
-                   + [dict(num_warps=w, bins=n) for w, n in itertools.product((4, 8, 16), (32, 64, 128, 256))])
+    select_grid = [{}] + [dict(num_warps=w, ways=k) for w, k in itertools.product((4, 8, 16), (1, 2, 3, 4))]
     for kw in select_grid if "select" in kernels else ():
         got = select_pages_triton(c0["scores"], start, end, PAGE, nsel, 1, 1, **kw)
 
@@ -129,8 +128,8 @@ def sweep(shape, bw: float, l2: int, rep: int, kernels, full_attention: bool = T
         rows.append(dict(base, kernel="select", **kw, default=not kw, ok=bool(torch.equal(got, want_idx)),
                          graph_ms=_bench(fs, graph=True, rep=rep)))
     # fused score + select: the same pages as the split pair (random bf16 data: exact up to score ulps)
-    fused_grid = [{}] + [dict(blocks_per_program=p, num_warps=w, bins=n) for p, w, n in
-                         itertools.product((1, 2, 4), (4, 8), (0, 64, 256))]
+    fused_grid = [{}] + [dict(blocks_per_program=p, num_warps=w, ways=k) for p, w, k in
+                         itertools.product((1, 2, 4, 8), (4, 8), (1, 2))]
     for kw in fused_grid if "fused" in kernels else ():
         got = score_and_select_triton(c0["q"], c0["meta"], start, end, PAGE, nsel, 1, 1, "max", **kw)
 
@@ -152,7 +151,7 @@ def summary(rows: list[dict]) -> str:
         bad = [r for r in group if not r["ok"]]
         lines.append(f"{key}: default {default['graph_ms'] * 1e3:.1f} us; {len(bad)} configs mismatched")
         for r in good[:6]:
-            cfg = {k: r.get(k) for k in ("num_splits", "block_n", "blocks_per_program", "block_p", "num_warps", "num_stages", "merge", "ways", "bins") if k in r}
+            cfg = {k: r.get(k) for k in ("num_splits", "block_n", "blocks_per_program", "block_p", "num_warps", "num_stages", "merge", "ways") if k in r}
             floor = f" ({100 * r['floor_ms'] / r['graph_ms']:.0f}% floor)" if "floor_ms" in r else ""
             lines.append(f"   {r['graph_ms'] * 1e3:7.1f} us{floor} {cfg}")
     return "\n".join(lines)
@@ -165,7 +164,7 @@ def main(argv=None) -> int:
     p.add_argument("--kernels", nargs="+", default=["attention", "score", "select"],
                    choices=["attention", "score", "score_fp8meta", "select", "fused"])
     p.add_argument("--attention-defaults", action="store_true",
-                   help="attention: only the default launch, with 2 and 3 stages")
+                   help="attention: the default block / warps / stages only, over num_splits x merge")
     p.add_argument("--shapes", nargs="+", type=parse_shape, default=None,
                    help="model:batch:tokens:budget shapes (default: all of SHAPES, most important first)")
     args = p.parse_args(argv)

@@ -12,8 +12,8 @@ from tinyserve_patch.ops.triton_select import select_pages_triton
 from tests.ops.kernel_cases import DEVICE, gen, rows
 
 
-def _check(scores, start, end, ps, n, sink, recent, ways=None, bins=None):
-    out = select_pages_triton(scores, start, end, ps, n, sink, recent, ways=ways, bins=bins)
+def _check(scores, start, end, ps, n, sink, recent, ways=None):
+    out = select_pages_triton(scores, start, end, ps, n, sink, recent, ways=ways)
     expect = ref.select_pages(scores, start, end, ps, n, sink, recent)
     assert out.dtype == torch.int32 and out.shape == expect.shape
     assert torch.equal(out, expect), (out, expect)
@@ -66,8 +66,6 @@ def test_select_rejects_bad_input():
         select_pages_triton(torch.zeros(1, 1, 4, device=DEVICE), se, se, 8, 0, 1, 1)
     with pytest.raises(ValueError, match="ways"):
         select_pages_triton(torch.zeros(1, 1, 4, device=DEVICE), se, se, 8, 2, 1, 1, ways=0)
-    with pytest.raises(ValueError, match="bins"):
-        select_pages_triton(torch.zeros(1, 1, 4, device=DEVICE), se, se, 8, 2, 1, 1, bins=48)
 
 
 @settings(max_examples=15, deadline=None)
@@ -82,16 +80,15 @@ def test_select_rejects_bad_input():
     levels=st.sampled_from([0, 2, 5]),
     seed=st.integers(0, 10_000),
     ways=st.sampled_from([1, 2, 3, 4]),
-    bins=st.sampled_from([0, 16, 64, 256]),
 )
-def test_select_hypothesis(b, h, ps, pages, num_select, sink, recent, levels, seed, ways, bins):
+def test_select_hypothesis(b, h, ps, pages, num_select, sink, recent, levels, seed, ways):
     g = gen(seed)
     if levels:
         scores = torch.randint(0, levels, (b, h, pages), generator=g).float()
     else:
         scores = torch.randn(b, h, pages, generator=g)
     start, end = rows(b, pages * ps, g, empty_row=seed % 4 == 0)
-    _check(scores.to(DEVICE), start, end, ps, num_select, sink, recent, ways, bins)
+    _check(scores.to(DEVICE), start, end, ps, num_select, sink, recent, ways)
 
 
 @pytest.mark.parametrize("ways", [1, 2, 3, 4])
@@ -107,19 +104,3 @@ def test_select_search_ways_agree(ways):
         for n in (1, 5, 17, 60):
             out = select_pages_triton(scores.to(DEVICE), start, end, 8, n, 1, 1, ways=ways)
             assert torch.equal(out, ref.select_pages(scores.to(DEVICE), start, end, 8, n, 1, 1))
-
-
-@pytest.mark.parametrize("bins", [16, 32, 64, 128, 256])
-def test_select_histogram_search_agrees(bins):
-    """The histogram search (log2(bins - 2) bits of the k-th key per pass) finds the same pages as the
-    reference: distinct, widely spread (both signs, ~2^31 keys apart), heavily tied, +-inf and a row whose
-    k-th score sits on a bin edge of the first pass."""
-    g = gen(100 + bins)
-    for levels in (0, 3):
-        scores = torch.randint(0, levels, (2, 2, 50), generator=g).float() if levels else torch.randn(2, 2, 50, generator=g) * 1e3
-        scores[0, 0, 7] = float("inf")
-        scores[1, 1, 3] = float("-inf")
-        scores[0, 1, :4] = torch.tensor([3.4e38, -3.4e38, 1e-30, -1e-30])
-        start, end = rows(2, 50 * 8, g)
-        for n in (1, 5, 17, 49, 60):
-            _check(scores.to(DEVICE), start, end, 8, n, 1, 1, bins=bins)

@@ -142,24 +142,14 @@ def check_ways(ways: int) -> int:
     return ways
 
 
-def check_bins(bins: int) -> int:
-    """``bins`` of the histogram search (:func:`kth_largest_key_hist`) validated: 0 (off: the packed-count
-    search of ``ways`` thresholds) or a power of two in 16..256."""
-    check(bins == 0 or bins in (16, 32, 64, 128, 256), f"bins={bins}: the histogram search takes 0 (off) or a power of two in 16..256")
-    return bins
-
-
-def select_bins(block: int) -> int:
-    """Bins of the histogram search of a selection program (0: the packed-count search)."""
-    return 0
-
-
-def select_ways(block: int) -> int:
-    """Thresholds per search pass of a stand-alone selection program (H100 sweep, ``tune_decode.py
-    --kernels select``, 2026-11-23): a ternary search (2, with 4 warps) up to 2048 pages (TinyLlama B=8 /
-    32K 5.7 -> 5.0 us, B=1 / 16K 4.2 -> 3.8 us; Llama-3-8B B=1 / 16K 4.5 -> 4.0 us), the binary search
-    above (Llama-3-8B B=8 / 64K, 4096 pages: 9.0 us binary with 8 warps, 9.8 us ternary)."""
-    return 2 if block <= 2048 else 1
+#: Thresholds per search pass of a selection program, stand-alone and fused: 2 (a ternary search). H100
+#: sweeps (``tune_decode.py --kernels select``): 2026-11-23 morning, ternary best up to 2048 pages and binary
+#: at 4096 (9.0 vs 9.8 us); the evening re-run (``tune_decode_h100_hist.json``) ternary best or level at
+#: every shape, 4096 pages included (Llama-3-8B B=8 / 64K 8.3 vs 8.8 us, TinyLlama B=1 / 64K 7.2 vs 8.3;
+#: 8192 pages 12.9 vs 13.2). The same run rejected a histogram search (``log2(bins - 2)`` bits of the
+#: k-th key per pass in one ``tl.histogram`` + suffix scan, 3-7 passes instead of ~15): fewer passes but
+#: heavier ones, slower at every shape (11.7 vs 8.3 us at 4096 pages, 5.0 vs 3.8 at 1024).
+SELECT_WAYS = 2
 
 
 # ---------------------------------------------------------------------------------------------- device
@@ -283,46 +273,6 @@ def kth_largest_key(key, k, lo, hi, WAYS: tl.constexpr):
 
 
 @triton.jit
-def _min_packed(a, b):
-    return tl.minimum(a, b)
-
-
-@triton.jit
-def kth_largest_key_hist(key, k, lo, hi, BINS: tl.constexpr):
-    """:func:`kth_largest_key` by histograms: the same contract (a ``t`` with ``count(key > t) <= k <=
-    count(key >= t)``, the ``k``-th largest key in ``[lo, hi]``), ``log2(BINS - 2)`` bits per pass.
-
-    Each pass cuts ``[lo, hi]`` into ``BINS - 2`` bins of ``2^s`` keys (``s`` the least that covers the
-    bracket), bins every key in one :func:`tl.histogram` (bin 0: below ``lo``; bin ``BINS - 1``: at or above
-    ``lo + (BINS - 2) * 2^s > hi``), and a suffix sum gives ``count(key >= c_j)`` at every bin edge ``c_j = lo
-    + (j - 1) * 2^s`` at once: the bracket becomes the bin holding the ``k``-th largest key, or the search
-    stops at an edge whose count is exactly ``k``. ~3-7 passes for 32-bit keys instead of ~15-32."""
-    INNER: tl.constexpr = BINS - 2
-    lo = lo.to(tl.int64)
-    hi = hi.to(tl.int64)
-    key64 = key.to(tl.int64)
-    j = tl.arange(0, BINS)
-    while lo < hi:
-        s = (hi - lo) * 0  # int64 scalar 0
-        while ((hi - lo) >> s) >= INNER:  # (hi - lo) >> s < INNER  <=>  hi < lo + INNER * 2^s
-            s += 1
-        d = (key64 - lo) >> s  # floor: keys below lo give < 0
-        bin_ = (tl.minimum(tl.maximum(d, -1), INNER) + 1).to(tl.int32)
-        hist = tl.histogram(bin_, BINS)  # [BINS] int32
-        ge = tl.cumsum(hist, axis=0, reverse=True)  # ge[j] = count(key >= c_j) for j >= 1
-        # the last edge with count >= k (counts fall with j; ties: the last such j), and its count, in one
-        # min-reduction of (count << 8 | (255 - j)) over the edges j >= 1
-        packed = tl.where((ge >= k) & (j >= 1), (ge << 8) | (255 - j), 2147483647)
-        best = tl.reduce(packed, 0, _min_packed)
-        jj = (255 - (best & 255)).to(tl.int64)
-        edge = lo + ((jj - 1) << s)
-        found = (best >> 8) == k  # count(key >= edge) == k: edge is an answer
-        lo = edge
-        hi = tl.where(found, edge, tl.minimum(hi, edge + (1 << s) - 1))
-    return lo.to(tl.int32)
-
-
-@triton.jit
 def select_from_scores(
     scores,
     offs,
@@ -336,7 +286,6 @@ def select_from_scores(
     recent,
     BLOCK: tl.constexpr,
     WAYS: tl.constexpr,
-    BINS: tl.constexpr = 0,
 ):
     """Select from one row's float32 ``scores`` ``[BLOCK]`` (page ``offs``; lanes ``>= num_pages`` ignored)
     and write ``num_select`` int32 page numbers at ``out_ptr`` (ascending, ``-1`` padded)."""
@@ -364,10 +313,7 @@ def select_from_scores(
     lo, hi = tl.reduce((tl.where(scored, key, KEY_POS_INF), tl.where(scored, key, KEY_NEG_INF)), 0, _min_max)
     lo = tl.where(k <= n_forced, KEY_POS_INF, lo)
     hi = tl.where(k <= n_forced, KEY_POS_INF, hi)
-    if BINS > 0:
-        t = kth_largest_key_hist(key, tl.maximum(k, 1), lo, hi, BINS)
-    else:
-        t = kth_largest_key(key, tl.maximum(k, 1), lo, hi, WAYS)
+    t = kth_largest_key(key, tl.maximum(k, 1), lo, hi, WAYS)
 
     # keep every key > t and the first (k - count(key > t)) keys == t (ties to the lower page); one scan
     # counts both (gt + eq << 16) and gives each kept page its output slot: the kept pages before it

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import check, check_bins, check_select_pages, check_ways, pdl_enter, select_from_scores, select_num_warps, ticket_counters, use_pdl
+from ._triton_common import SELECT_WAYS, check, check_select_pages, check_ways, pdl_enter, select_from_scores, select_num_warps, ticket_counters, use_pdl
 from .triton_score import load_group_query, plan_walk, score_blocks, score_meta
 
 
@@ -60,7 +60,6 @@ def _fused_kernel(
     WALK: tl.constexpr,
     BLOCK: tl.constexpr,
     WAYS: tl.constexpr,
-    BINS: tl.constexpr,
     SINGLE: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -86,20 +85,15 @@ def _fused_kernel(
     out_bh = out_ptr + bh.to(tl.int64) * num_select
     if SINGLE:
         scores = tl.load(ws + offs, mask=offs < num_pages, other=float("-inf"))
-        select_from_scores(scores, offs, num_pages, start, end, out_bh, num_select, page_size, sink, recent, BLOCK, WAYS, BINS)
+        select_from_scores(scores, offs, num_pages, start, end, out_bh, num_select, page_size, sink, recent, BLOCK, WAYS)
     else:
         ticket = tl.atomic_add(counter_ptr + bh, 1)  # default: acq_rel, gpu scope
         if ticket == programs_per_row - 1:  # every other program of this (row, head) has stored its scores
             tl.store(counter_ptr + bh, 0)
             scores = tl.load(ws + offs, mask=offs < num_pages, other=float("-inf"), cache_modifier=".cg")
-            select_from_scores(scores, offs, num_pages, start, end, out_bh, num_select, page_size, sink, recent, BLOCK, WAYS, BINS)
+            select_from_scores(scores, offs, num_pages, start, end, out_bh, num_select, page_size, sink, recent, BLOCK, WAYS)
 
 
-#: Thresholds per search pass of the fused kernel's selection: 2 (a ternary search) was as fast or faster
-#: than 1 at every swept shape and launch (H100, ``tune_decode.py --kernels fused``, 2026-11-23).
-FUSED_WAYS = 2
-#: Bins of the fused kernel's histogram search (0: the packed-count search of ``FUSED_WAYS``).
-FUSED_BINS = 0
 
 
 def score_and_select_triton(
@@ -117,15 +111,13 @@ def score_and_select_triton(
     num_warps: int | None = None,
     block_p: int | None = None,
     num_stages: int | None = None,
-    bins: int | None = None,
 ) -> torch.Tensor:
-    """int32 ``[B, Hkv, num_select]`` (see module docstring). ``blocks_per_program``, ``ways``, ``bins``,
+    """int32 ``[B, Hkv, num_select]`` (see module docstring). ``blocks_per_program``, ``ways``,
     ``num_warps``, ``block_p`` and ``num_stages`` override the tuned defaults (tests, tuning)."""
     q, meta, consts = score_meta(q, meta, seq_start, seq_end, page_size, gqa_reduction)
     check(num_select >= 1, f"num_select={num_select} must be >= 1")
     check(sink_pages >= 0 and recent_pages >= 0, "sink_pages / recent_pages must be >= 0")
-    ways = check_ways(FUSED_WAYS if ways is None else ways)
-    bins = check_bins(FUSED_BINS if bins is None else bins)
+    ways = check_ways(SELECT_WAYS if ways is None else ways)
     b, hkv, pages, _, d = meta.shape
     block = check_select_pages(pages)
     out = torch.empty((b, hkv, num_select), dtype=torch.int32, device=meta.device)
@@ -146,7 +138,7 @@ def score_and_select_triton(
         q, meta, seq_start, seq_end, ws, counters, out,
         pages, num_select, hkv, d, per, nprog,
         q.stride(0), q.stride(1), meta.stride(0), meta.stride(1), meta.stride(2), meta.stride(3),
-        page_size, sink_pages, recent_pages, BLOCK=block, WAYS=ways, BINS=bins, SINGLE=nprog == 1,
+        page_size, sink_pages, recent_pages, BLOCK=block, WAYS=ways, SINGLE=nprog == 1,
         PDL=pdl, launch_pdl=pdl, **walk, **consts,
     )
     return out

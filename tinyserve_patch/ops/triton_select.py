@@ -13,16 +13,14 @@ import triton.language as tl
 
 from ._triton_common import (
     check,
-    check_bins,
     check_page_size,
     check_rows,
     check_select_pages,
     check_ways,
     pdl_enter,
-    select_bins,
     select_from_scores,
+    SELECT_WAYS,
     select_num_warps,
-    select_ways,
     use_pdl,
 )
 
@@ -44,7 +42,6 @@ def _select_kernel(
     recent,
     BLOCK: tl.constexpr,
     WAYS: tl.constexpr,
-    BINS: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
@@ -58,7 +55,7 @@ def _select_kernel(
     scores = tl.load(base + offs * stride_sp, mask=offs < num_pages, other=float("-inf"))
     select_from_scores(
         scores, offs, num_pages, start, end, out_ptr + bh.to(tl.int64) * num_select, num_select,
-        page_size, sink, recent, BLOCK, WAYS, BINS,
+        page_size, sink, recent, BLOCK, WAYS,
     )
 
 
@@ -72,11 +69,9 @@ def select_pages_triton(
     recent_pages: int,
     ways: int | None = None,
     num_warps: int | None = None,
-    bins: int | None = None,
 ) -> torch.Tensor:
     """``scores`` float32 ``[B, Hkv, P]`` -> int32 ``[B, Hkv, num_select]`` (see module docstring).
-    ``bins`` (histogram search; 0: the packed-count search), ``ways`` (its thresholds per pass) and
-    ``num_warps`` override the tuned defaults."""
+    ``ways`` (thresholds per search pass) and ``num_warps`` override the tuned defaults."""
     check(scores.dim() == 3 and scores.dtype == torch.float32, f"scores must be float32 [B, Hkv, P], got {scores.dtype} {tuple(scores.shape)}")
     check(num_select >= 1, f"num_select={num_select} must be >= 1")
     check(sink_pages >= 0 and recent_pages >= 0, "sink_pages / recent_pages must be >= 0")
@@ -84,8 +79,7 @@ def select_pages_triton(
     b, hkv, pages = scores.shape
     check_rows(seq_start, seq_end, b)
     block = check_select_pages(pages)
-    ways = check_ways(select_ways(block) if ways is None else ways)
-    bins = check_bins(select_bins(block) if bins is None else bins)
+    ways = check_ways(SELECT_WAYS if ways is None else ways)
     out = torch.empty((b, hkv, num_select), dtype=torch.int32, device=scores.device)
     if b * hkv == 0:
         return out
@@ -93,7 +87,7 @@ def select_pages_triton(
     _select_kernel[(b * hkv,)](
         scores, seq_start, seq_end, out, pages, num_select, hkv,
         scores.stride(0), scores.stride(1), scores.stride(2), page_size, sink_pages, recent_pages,
-        BLOCK=block, WAYS=ways, BINS=bins,
+        BLOCK=block, WAYS=ways,
         num_warps=num_warps or select_num_warps(block), PDL=pdl, launch_pdl=pdl,
     )
     return out
