@@ -7,7 +7,9 @@ and 128K cached tokens; token budgets 1024 / 2048 / 4096; page 16; bf16. Rows: d
 (``enable_gqa``), each kernel alone (score, select, fused score+select, sparse attention), and the two
 sparse pipelines (split: score + select + attend; fused: score_select + attend), the split pipeline with
 plain launches instead of programmatic dependent launches (``total_split_nopdl``, ``TINYSERVE_PDL=0``:
-what the launch overlap gains on Hopper); then the score kernel
+what the launch overlap gains on Hopper) and with the attention's other way of merging its splits
+(``total_split_merge_inline`` or ``total_split_merge_kernel``, whichever is not
+``triton_decode.DEFAULT_MERGE``: the evidence for that default); then the score kernel
 and the split pipeline again over fp8 page metadata (``SparseConfig.page_meta_dtype="fp8_e4m3"``: half
 the metadata bytes).
 
@@ -144,7 +146,7 @@ def _n_copies(touched: int, per_copy: int, l2: int) -> int:
 def correctness_check() -> None:
     """Every kernel vs the reference on one small shape (aborts the benchmark on a mismatch)."""
     from tinyserve_patch.ops import reference as ref
-    from tinyserve_patch.ops.triton_decode import sparse_decode_attention_triton
+    from tinyserve_patch.ops.triton_decode import DEFAULT_MERGE, sparse_decode_attention_triton
     from tinyserve_patch.ops.triton_fused_select import score_and_select_triton
     from tinyserve_patch.ops.triton_score import page_scores_triton
     from tinyserve_patch.ops.triton_select import select_pages_triton
@@ -192,6 +194,7 @@ def run(args) -> dict:
     from tinyserve_patch.ops.triton_select import select_pages_triton
 
     sdpa = torch.nn.functional.scaled_dot_product_attention
+    other_merge = "kernel" if DEFAULT_MERGE == "inline" else "inline"
     props = torch.cuda.get_device_properties(0)
     l2 = int(getattr(props, "L2_cache_size", 50 * 2**20) or 50 * 2**20)
     bw = copy_bandwidth(args.rep)
@@ -249,12 +252,12 @@ def run(args) -> dict:
 
                 return score
 
-            def split_over(key):  # score (over c[key]) + select + attend
+            def split_over(key, merge=None):  # score (over c[key]) + select + attend (merge: the default)
                 def split_total():
                     c = copies.next()
                     s = page_scores_triton(c["q"], c[key], start, end, PAGE, "max")
                     i = select_pages_triton(s, start, end, PAGE, nsel, 1, 1)
-                    return sparse_decode_attention_triton(c["q"], c["k"], c["v"], i, start, end, PAGE, scale, 0.0)
+                    return sparse_decode_attention_triton(c["q"], c["k"], c["v"], i, start, end, PAGE, scale, 0.0, merge=merge)
 
                 return split_total
 
@@ -282,6 +285,7 @@ def run(args) -> dict:
             add("sparse_attention", budget, sel_kv + qo_bytes + idx_bytes, attend, dense_ms)
             add("total_split", budget, total_bytes, split_over("meta"), dense_ms)
             add("total_split_nopdl", budget, total_bytes, without_pdl(split_over("meta")), dense_ms)
+            add(f"total_split_merge_{other_merge}", budget, total_bytes, split_over("meta", other_merge), dense_ms)
             add("total_fused", budget, total_bytes, fused_total, dense_ms)
             add("score_fp8meta", budget, meta_bytes // 2 + qo_bytes // 2 + score_bytes, scorer("meta8"))
             add("total_split_fp8meta", budget, total_bytes - meta_bytes // 2, split_over("meta8"), dense_ms)
@@ -358,8 +362,8 @@ def render(doc: dict) -> str:
     """The markdown report of one run's JSON: header (device, versions, commit, date), targets, table."""
     head = (f"# Kernel benchmark, {doc['device']}\n\n{doc['versions']}, commit {doc['commit']}, {doc['date']}; "
             f"copy bandwidth {doc['copy_bandwidth_Bps'] / 1e12:.2f} TB/s. Command: `python benchmarks/bench_kernels.py` with "
-            f"{doc.get('args', {})}. `total_split_nopdl`: the split pipeline with plain launches (`TINYSERVE_PDL=0`), "
-            "same run.\n\n")
+            f"{doc.get('args', {})}. `total_split_nopdl`: the split pipeline with plain launches (`TINYSERVE_PDL=0`); "
+            "`total_split_merge_*`: with the attention's non-default merge of its splits; same run.\n\n")
     lines = targets(doc["rows"])
     return head + "## Targets (CUDA graphs)\n\n```\n" + "\n".join(lines) + "\n```\n\n" + markdown(doc["rows"], True) + "\n"
 

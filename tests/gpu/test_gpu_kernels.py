@@ -210,13 +210,13 @@ def test_gpu_sparse_decode(name, length, batch, ps, dtype):
         scores = torch.rand(batch, hkv, pages, generator=g, device=DEV)
         idx = ref.select_pages(scores, start, end, ps, n, 1, 1)
         idx[0, 0, -3:] = -1  # padding inside a row
-        for softcap in (0.0, 30.0):
+        for softcap, merge in ((0.0, "kernel"), (30.0, "kernel"), (0.0, "inline")):
             _poison(batch * hq * d, dtype)
-            out = sparse_decode_attention_triton(q, k, v, idx, start, end, ps, d**-0.5, softcap)
+            out = sparse_decode_attention_triton(q, k, v, idx, start, end, ps, d**-0.5, softcap, merge=merge)
             expect = ref.sparse_decode_attention(q.float(), k.float(), v.float(), idx, start, end, ps, d**-0.5, softcap)
             assert not torch.isnan(out).any()
             err = ((out.float() - expect).norm() / expect.norm()).item()
-            assert err < 1e-2, err
+            assert err < 1e-2, (err, merge)
 
 
 @pytest.mark.parametrize("d", [80, 96, 256])
@@ -230,10 +230,11 @@ def test_gpu_sparse_decode_odd_head_dims(d, g_size):
     start = torch.tensor([0, 100, 50], dtype=torch.int32, device=DEV)
     end = torch.tensor([4000, 3000, 50], dtype=torch.int32, device=DEV)  # the last row is empty
     idx = ref.select_pages(torch.rand(b, hkv, cap // ps, generator=g, device=DEV), start, end, ps, 64, 1, 1)
-    out = sparse_decode_attention_triton(q, k, v, idx, start, end, ps, d**-0.5, 0.0)
     expect = ref.sparse_decode_attention(q.float(), k.float(), v.float(), idx, start, end, ps, d**-0.5)
-    assert ((out.float() - expect).norm() / expect.norm()).item() < 1e-2
-    assert (out[2] == 0).all()
+    for merge in ("kernel", "inline"):  # inline at d=256, 7 heads: 32 splits merged in 8 unrolled chunks
+        out = sparse_decode_attention_triton(q, k, v, idx, start, end, ps, d**-0.5, 0.0, merge=merge)
+        assert ((out.float() - expect).norm() / expect.norm()).item() < 1e-2, merge
+        assert (out[2] == 0).all()
 
 
 def test_gpu_fp32_paths():
