@@ -68,9 +68,6 @@ def _decode_split_kernel(
     SINGLE: tl.constexpr,
     F32: tl.constexpr,
     INLINE_MERGE: tl.constexpr,
-    G_M: tl.constexpr,
-    CHUNK_S: tl.constexpr,
-    NUM_CHUNKS: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
@@ -150,46 +147,27 @@ def _decode_split_kernel(
             tl.debug_barrier()
             done = tl.atomic_add(counter_ptr + bh, 1, sem="acq_rel")
             if done == num_splits - 1:
-                _merge_row_splits(
-                    o_ws_ptr, lse_ws_ptr, out_ptr + b.to(tl.int64) * stride_ob + (h * G).to(tl.int64) * stride_oh,
-                    bh.to(tl.int64) * num_splits * G, num_splits, stride_oh, G, G_M, HEAD_DIM, BLOCK_D, CHUNK_S, NUM_CHUNKS,
-                )
+                ws0 = bh.to(tl.int64) * num_splits * G + rows  # [G_PAD] workspace rows of split 0
+                m = tl.full([G_PAD], float("-inf"), tl.float32)
+                for s in range(0, num_splits):
+                    ls = tl.load(lse_ws_ptr + ws0 + s * G, mask=row_mask, other=float("-inf"), cache_modifier=".cg")
+                    m = tl.maximum(m, ls)
+                m_use = tl.where(m == float("-inf"), 0.0, m)
+                w_sum = tl.zeros([G_PAD], tl.float32)
+                merged = tl.zeros([G_PAD, BLOCK_D], tl.float32)
+                for s in range(0, num_splits):
+                    ls = tl.load(lse_ws_ptr + ws0 + s * G, mask=row_mask, other=float("-inf"), cache_modifier=".cg")
+                    w = tl.exp2(ls - m_use)
+                    o_s = tl.load(
+                        o_ws_ptr + (ws0 + s * G)[:, None] * HEAD_DIM + offs_d[None, :],
+                        mask=row_mask[:, None] & dmask[None, :], other=0.0, cache_modifier=".cg",
+                    )
+                    merged += w[:, None] * o_s
+                    w_sum += w
+                res = tl.where(w_sum[:, None] > 0.0, merged / tl.where(w_sum > 0.0, w_sum, 1.0)[:, None], 0.0)
+                out_ptrs = out_ptr + b.to(tl.int64) * stride_ob + (h * G + rows)[:, None].to(tl.int64) * stride_oh + offs_d[None, :]
+                tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & dmask[None, :])
                 tl.atomic_xchg(counter_ptr + bh, 0)
-
-
-@triton.jit
-def _merge_row_splits(o_ws_ptr, lse_ws_ptr, out_ptr, ws0, num_splits, stride_oh, G, G_M: tl.constexpr,
-                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_S: tl.constexpr, NUM_CHUNKS: tl.constexpr):
-    """Inline merge of one (row, KV head): the ``num_splits`` partial outputs of its ``G`` query heads
-    (workspace rows ``ws0 + s * G + g``) combined by their log2-sum-exp into ``out_ptr`` (head ``g`` at
-    ``+ g * stride_oh``). ``CHUNK_S`` splits per ``[CHUNK_S, G_M, BLOCK_D]`` load, ``NUM_CHUNKS`` unrolled so
-    that every chunk's loads are independent (issued together, one L2 round trip rather than one per
-    split), combined by an online rescale."""
-    gs = tl.arange(0, G_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < HEAD_DIM
-    m = tl.full([G_M], float("-inf"), tl.float32)
-    l_sum = tl.zeros([G_M], tl.float32)
-    acc = tl.zeros([G_M, BLOCK_D], tl.float32)
-    for c in tl.static_range(NUM_CHUNKS):
-        sp = c * CHUNK_S + tl.arange(0, CHUNK_S)
-        mask = (sp[:, None] < num_splits) & (gs[None, :] < G)  # [CHUNK_S, G_M]
-        wrow = ws0 + sp[:, None] * G + gs[None, :]
-        lse = tl.load(lse_ws_ptr + wrow, mask=mask, other=float("-inf"), cache_modifier=".cg")
-        o = tl.load(
-            o_ws_ptr + wrow[:, :, None] * HEAD_DIM + offs_d[None, None, :],
-            mask=mask[:, :, None] & dmask[None, None, :], other=0.0, cache_modifier=".cg",
-        )  # [CHUNK_S, G_M, BLOCK_D]
-        m_new = tl.maximum(m, tl.max(lse, axis=0))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m_use)
-        w = tl.exp2(lse - m_use[None, :])
-        l_sum = l_sum * alpha + tl.sum(w, axis=0)
-        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o, axis=0)
-        m = m_new
-    res = tl.where(l_sum[:, None] > 0.0, acc / tl.where(l_sum > 0.0, l_sum, 1.0)[:, None], 0.0)
-    tl.store(out_ptr + gs[:, None].to(tl.int64) * stride_oh + offs_d[None, :], res.to(out_ptr.dtype.element_ty),
-             mask=(gs < G)[:, None] & dmask[None, :])
 
 
 @triton.jit
@@ -324,8 +302,6 @@ def sparse_decode_attention_triton(
     else:
         o_ws = torch.empty((b * hkv * splits * g, d), dtype=torch.float32, device=q.device)
         lse_ws = torch.empty((b * hkv * splits * g,), dtype=torch.float32, device=q.device)
-    g_m = triton.next_power_of_2(g)
-    chunk_s = max(1, min(triton.next_power_of_2(splits), 8192 // (g_m * block_d)))  # <= 64 fp32 / thread
     pdl = use_pdl(q.device)
     _decode_split_kernel[(b * hkv, splits)](
         q, k_cache, v_cache, indices, seq_start, seq_end, out, o_ws, lse_ws, counters if inline else out,
@@ -335,7 +311,6 @@ def sparse_decode_attention_triton(
         indices.stride(0), indices.stride(1), out.stride(0), out.stride(1),
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=block_n,
         PAGE_SIZE=page_size, SOFTCAP=bool(softcap), SINGLE=single, F32=f32_dot(q.dtype), INLINE_MERGE=inline,
-        G_M=g_m, CHUNK_S=chunk_s, NUM_CHUNKS=triton.cdiv(splits, chunk_s) if inline else 1,
         num_warps=num_warps or (4 if block_d <= 128 else 8), num_stages=num_stages, PDL=pdl, launch_pdl=pdl,
     )
     if not single and not inline:
