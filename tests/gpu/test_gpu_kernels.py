@@ -231,7 +231,7 @@ def test_gpu_sparse_decode_odd_head_dims(d, g_size):
     end = torch.tensor([4000, 3000, 50], dtype=torch.int32, device=DEV)  # the last row is empty
     idx = ref.select_pages(torch.rand(b, hkv, cap // ps, generator=g, device=DEV), start, end, ps, 64, 1, 1)
     expect = ref.sparse_decode_attention(q.float(), k.float(), v.float(), idx, start, end, ps, d**-0.5)
-    for merge in ("kernel", "inline"):  # inline at d=256, 7 heads: 32 splits merged in 8 unrolled chunks
+    for merge in ("kernel", "inline"):  # inline at d=256, 7 heads: 32 splits
         out = sparse_decode_attention_triton(q, k, v, idx, start, end, ps, d**-0.5, 0.0, merge=merge)
         assert ((out.float() - expect).norm() / expect.norm()).item() < 1e-2, merge
         assert (out[2] == 0).all()

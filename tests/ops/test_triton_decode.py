@@ -125,9 +125,8 @@ def test_decode_fp8_cache_matches_reference(dtype):
 
 @pytest.mark.parametrize("g,d,n_sel,num_splits", [(4, 32, 12, 2), (4, 32, 12, 3), (4, 32, 12, 5), (5, 128, 20, 10)])
 def test_decode_inline_merge_equals_reference_call_after_call(g, d, n_sel, num_splits):
-    """merge="inline": the last split of each (row, KV head) merges (10 splits of 5 heads x 128 dims: two
-    unrolled chunks of 8 splits); its counter is reset, so repeated launches (as CUDA graphs replay them)
-    stay right."""
+    """merge="inline": the last split of each (row, KV head) merges (up to 10 splits of 5 heads x 128
+    dims); its counter is reset, so repeated launches (as CUDA graphs replay them) stay right."""
     gn = gen(13)
     b, h, ps, cap = 2, 2, 8, 256
     k, v, _ = cache(b, h, cap, d, ps, torch.bfloat16, gn)
