@@ -146,7 +146,7 @@ def _n_copies(touched: int, per_copy: int, l2: int) -> int:
 def correctness_check() -> None:
     """Every kernel vs the reference on one small shape (aborts the benchmark on a mismatch)."""
     from tinyserve_patch.ops import reference as ref
-    from tinyserve_patch.ops.triton_decode import DEFAULT_MERGE, sparse_decode_attention_triton
+    from tinyserve_patch.ops.triton_decode import sparse_decode_attention_triton
     from tinyserve_patch.ops.triton_fused_select import score_and_select_triton
     from tinyserve_patch.ops.triton_score import page_scores_triton
     from tinyserve_patch.ops.triton_select import select_pages_triton
@@ -188,7 +188,7 @@ def correctness_check() -> None:
 
 
 def run(args) -> dict:
-    from tinyserve_patch.ops.triton_decode import sparse_decode_attention_triton
+    from tinyserve_patch.ops.triton_decode import DEFAULT_MERGE, sparse_decode_attention_triton
     from tinyserve_patch.ops.triton_fused_select import score_and_select_triton
     from tinyserve_patch.ops.triton_score import page_scores_triton
     from tinyserve_patch.ops.triton_select import select_pages_triton
