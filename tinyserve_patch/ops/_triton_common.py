@@ -147,8 +147,8 @@ def check_ways(ways: int) -> int:
 #: at 4096 (9.0 vs 9.8 us); the evening re-run (``tune_decode_h100_hist.json``) ternary best or level at
 #: every shape, 4096 pages included (Llama-3-8B B=8 / 64K 8.3 vs 8.8 us, TinyLlama B=1 / 64K 7.2 vs 8.3;
 #: 8192 pages 12.9 vs 13.2). The same run rejected a histogram search (``log2(bins - 2)`` bits of the
-#: k-th key per pass in one ``tl.histogram`` + suffix scan, 3-7 passes instead of ~15): fewer passes but
-#: heavier ones, slower at every shape (11.7 vs 8.3 us at 4096 pages, 5.0 vs 3.8 at 1024).
+#: k-th key per pass in one ``tl.histogram`` + suffix scan, 3-7 passes where the ternary search takes ~7-12
+#: on distinct scores): fewer passes but heavier ones, slower at every shape (11.7 vs 8.3 us at 4096 pages, 5.0 vs 3.8 at 1024).
 SELECT_WAYS = 2
 
 

@@ -94,8 +94,6 @@ def _fused_kernel(
             select_from_scores(scores, offs, num_pages, start, end, out_bh, num_select, page_size, sink, recent, BLOCK, WAYS)
 
 
-
-
 def score_and_select_triton(
     q: torch.Tensor,
     meta: torch.Tensor,
