@@ -19,7 +19,6 @@ indicative of the device's code, not identical to it.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import re
