@@ -75,7 +75,8 @@ def ticket_counters(device: torch.device, n: int) -> torch.Tensor | None:
     finishes the row" kernels (fused selection, inline merge), each of which leaves its counters zeroed
     again; None when the buffer would have to be allocated during CUDA-graph capture (a buffer first
     allocated then lives in the graph's pool, which CUDA-graph trees reject): the caller then falls back
-    (the fused selection to a zeroed buffer of its own, the inline merge to the merge kernel). One decode stream per device at a time: concurrent launches would share it."""
+    (the fused selection to a zeroed buffer of its own, the inline merge to the merge kernel). One decode
+    stream per device at a time: concurrent launches would share it."""
     buf = _TICKETS.get(device)
     if buf is None or buf.numel() < n:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
@@ -148,7 +149,8 @@ def check_ways(ways: int) -> int:
 #: every shape, 4096 pages included (Llama-3-8B B=8 / 64K 8.3 vs 8.8 us, TinyLlama B=1 / 64K 7.2 vs 8.3;
 #: 8192 pages 12.9 vs 13.2). The same run rejected a histogram search (``log2(bins - 2)`` bits of the
 #: k-th key per pass in one ``tl.histogram`` + suffix scan, 3-7 passes where the ternary search takes ~7-12
-#: on distinct scores): fewer passes but heavier ones, slower at every shape (11.7 vs 8.3 us at 4096 pages, 5.0 vs 3.8 at 1024).
+#: on distinct scores): fewer passes but heavier ones, slower at every shape (11.7 vs 8.3 us at 4096
+#: pages, 5.0 vs 3.8 at 1024).
 SELECT_WAYS = 2
 
 
