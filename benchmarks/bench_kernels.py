@@ -4,9 +4,8 @@
 
 Shapes: TinyLlama (32 q / 4 kv heads, d 64) and Llama-3-8B (32 / 8, d 128); batch 1 and 8; 4K, 16K, 64K
 and 128K cached tokens; token budgets 1024 / 2048 / 4096; page 16; bf16. Rows: dense SDPA decode
-(``enable_gqa``), each kernel alone (score, select, fused score+select, sparse attention), and the
-sparse pipelines (split: score + select + attend; fused: score_select + attend; staged: the three kernels
-of two row groups overlapped, ``ops/triton_pipeline.py``), the split pipeline with
+(``enable_gqa``), each kernel alone (score, select, fused score+select, sparse attention), and the two
+sparse pipelines (split: score + select + attend; fused: score_select + attend), the split pipeline with
 plain launches instead of programmatic dependent launches (``total_split_nopdl``, ``TINYSERVE_PDL=0``:
 what the launch overlap gains on Hopper) and with the attention's other way of merging its splits
 (``total_split_merge_inline`` or ``total_split_merge_kernel``, whichever is not
@@ -182,10 +181,6 @@ def correctness_check() -> None:
     expect = ref.sparse_decode_attention(q.float(), k.float(), v.float(), idx, start, end, PAGE, d**-0.5)
     err = ((out.float() - expect).norm() / expect.norm()).item()
     assert err < 1e-2, f"attention: relative error {err}"
-    from tinyserve_patch.ops.triton_pipeline import quest_decode_staged_triton
-
-    staged_out, staged_idx = quest_decode_staged_triton(q, k, v, meta, start, end, PAGE, n, 1, 1, "max", d**-0.5)
-    assert torch.equal(staged_idx, idx) and torch.equal(staged_out, out), "staged chain differs from the split chain"
     print(f"correctness check passed (attention rel err {err:.2e})")
 
 
@@ -195,7 +190,6 @@ def correctness_check() -> None:
 def run(args) -> dict:
     from tinyserve_patch.ops.triton_decode import DEFAULT_MERGE, sparse_decode_attention_triton
     from tinyserve_patch.ops.triton_fused_select import score_and_select_triton
-    from tinyserve_patch.ops.triton_pipeline import quest_decode_staged_triton
     from tinyserve_patch.ops.triton_score import page_scores_triton
     from tinyserve_patch.ops.triton_select import select_pages_triton
 
@@ -279,10 +273,6 @@ def run(args) -> dict:
                 c = copies.next()
                 return sparse_decode_attention_triton(c["q"], c["k"], c["v"], c["idx"], start, end, PAGE, scale, 0.0)
 
-            def staged_total():
-                c = copies.next()
-                return quest_decode_staged_triton(c["q"], c["k"], c["v"], c["meta"], start, end, PAGE, nsel, 1, 1, "max", scale)
-
             def fused_total():
                 c = copies.next()
                 i = score_and_select_triton(c["q"], c["meta"], start, end, PAGE, nsel, 1, 1, "max")
@@ -297,7 +287,6 @@ def run(args) -> dict:
             add("total_split_nopdl", budget, total_bytes, without_pdl(split_over("meta")), dense_ms)
             add(f"total_split_merge_{other_merge}", budget, total_bytes, split_over("meta", other_merge), dense_ms)
             add("total_fused", budget, total_bytes, fused_total, dense_ms)
-            add("total_staged", budget, total_bytes, staged_total, dense_ms)
             add("score_fp8meta", budget, meta_bytes // 2 + qo_bytes // 2 + score_bytes, scorer("meta8"))
             add("total_split_fp8meta", budget, total_bytes - meta_bytes // 2, split_over("meta8"), dense_ms)
         copies = None  # free this configuration's caches
@@ -322,17 +311,12 @@ def markdown(rows: list[dict], graph: bool) -> str:
     return "\n".join(lines)
 
 
-#: The decode chains judged by :func:`targets` (rows of these kinds, where the run has them).
-CHAINS = ("total_split", "total_staged")
-
-
 def targets(rows: list[dict]) -> list[str]:
     """The issue's kernel targets, judged on the CUDA-graph timings of ``rows`` (one run): ``PASS``/``FAIL``
     lines, ``N/A`` where the run lacks the shape. Speed-ups are against the same run's dense SDPA.
 
-    * Llama-3-8B, batch 8, 64K tokens, budget 2048: each chain of :data:`CHAINS` >= 8x dense (also shown:
-      fp8 metadata)
-    * batch 1, 16K tokens: each chain no slower than dense (every model and budget of the run)
+    * Llama-3-8B, batch 8, 64K tokens, budget 2048: the split pipeline >= 8x dense (also shown: fp8 metadata)
+    * batch 1, 16K tokens: the split pipeline no slower than dense (every model and budget of the run)
     * the score kernel at 64K+ tokens: >= 70% of its byte floor (every model, batch and length of the run)
     """
 
@@ -344,25 +328,23 @@ def targets(rows: list[dict]) -> list[str]:
         return "PASS" if ok else "FAIL"
 
     out = []
-    for chain in CHAINS:
-        name = chain.removeprefix("total_")
-        big = find("llama3-8b", 8, 64 * K, chain, 2048)
-        if big:
-            r = big[0]
-            line = f"{verdict(r['graph_speedup'] >= 8)}  llama3-8b B=8 64K budget 2048: {name} >= 8x dense: {r['graph_speedup']:.2f}x"
-            fp8 = find("llama3-8b", 8, 64 * K, f"{chain}_fp8meta", 2048)
-            if fp8:
-                line += f" (fp8 page metadata: {fp8[0]['graph_speedup']:.2f}x)"
-            out.append(line)
-        elif chain == "total_split":
-            out.append("N/A   llama3-8b B=8 64K budget 2048: not in this run")
-        small = sorted((r for r in rows if r["batch"] == 1 and r["tokens"] == 16 * K and r["kind"] == chain and "graph_ms" in r),
-                       key=lambda r: (r["model"], r["budget"]))
-        for r in small:
-            out.append(f"{verdict(r['graph_speedup'] >= 1)}  {r['model']} B=1 16K budget {r['budget']}: {name} no slower than dense: "
-                       f"{r['graph_speedup']:.2f}x ({r['graph_ms'] * 1e3:.1f} vs {r['graph_ms'] * r['graph_speedup'] * 1e3:.1f} us)")
-        if not small and chain == "total_split":
-            out.append("N/A   B=1 16K: not in this run")
+    big = find("llama3-8b", 8, 64 * K, "total_split", 2048)
+    if big:
+        r = big[0]
+        line = f"{verdict(r['graph_speedup'] >= 8)}  llama3-8b B=8 64K budget 2048: split >= 8x dense: {r['graph_speedup']:.2f}x"
+        fp8 = find("llama3-8b", 8, 64 * K, "total_split_fp8meta", 2048)
+        if fp8:
+            line += f" (fp8 page metadata: {fp8[0]['graph_speedup']:.2f}x)"
+        out.append(line)
+    else:
+        out.append("N/A   llama3-8b B=8 64K budget 2048: not in this run")
+    small = sorted((r for r in rows if r["batch"] == 1 and r["tokens"] == 16 * K and r["kind"] == "total_split" and "graph_ms" in r),
+                   key=lambda r: (r["model"], r["budget"]))
+    for r in small:
+        out.append(f"{verdict(r['graph_speedup'] >= 1)}  {r['model']} B=1 16K budget {r['budget']}: split no slower than dense: "
+                   f"{r['graph_speedup']:.2f}x ({r['graph_ms'] * 1e3:.1f} vs {r['graph_ms'] * r['graph_speedup'] * 1e3:.1f} us)")
+    if not small:
+        out.append("N/A   B=1 16K: not in this run")
     seen = set()
     for r in rows:
         key = (r["model"], r["batch"], r["tokens"])

@@ -53,17 +53,13 @@ class _Captured(Exception):
     pass
 
 
-def capture_launch(kernel, launcher, index: int = 0) -> dict:
-    """Run ``launcher()`` (a call into one of the ``triton_*`` launchers on meta tensors) and return its
-    launch number ``index`` (0: the first) of ``kernel``, as ``{"args": {name: value}, "options": {...},
-    "grid": ...}``, without running any."""
+def capture_launch(kernel, launcher) -> dict:
+    """Run ``launcher()`` (a call into one of the ``triton_*`` launchers on meta tensors) and return the
+    first launch of ``kernel`` it makes, as ``{"args": {name: value}, "options": {...}, "grid": ...}``,
+    without running it."""
     seen = {}
-    count = [0]
 
     def run(*args, grid, warmup, **kwargs):
-        count[0] += 1
-        if count[0] <= index:
-            return None
         names = [p.name for p in kernel.params]
         bound = dict(zip(names, args))
         options = {k: kwargs.pop(k) for k in list(kwargs) if k in ("num_warps", "num_stages", "launch_pdl", "num_ctas")}
@@ -144,10 +140,8 @@ def report(name: str, kernel, launch: dict) -> dict:
 
 
 def chain_launches(model: str, batch: int, tokens: int, budget: int) -> list[tuple[str, object, dict]]:
-    """The score -> select -> attention launches of one decode step of one layer, then the launches of the
-    staged chain (two row groups: score | select + score | select + attention | attention), captured on
-    meta tensors."""
-    from tinyserve_patch.ops import triton_decode, triton_pipeline, triton_score, triton_select
+    """The score -> select -> attention launches of one decode step of one layer, captured on meta tensors."""
+    from tinyserve_patch.ops import triton_decode, triton_score, triton_select
 
     hq, hkv, d = MODELS[model]
     dev, bf = torch.device("meta"), torch.bfloat16
@@ -167,11 +161,6 @@ def chain_launches(model: str, batch: int, tokens: int, budget: int) -> list[tup
         ("attention", triton_decode._decode_split_kernel,
          capture_launch(triton_decode._decode_split_kernel,
                         lambda: triton_decode.sparse_decode_attention_triton(q, k, k, idx, start, end, PAGE, d**-0.5))),
-    ] + [
-        (f"staged {i}: {parts}", triton_pipeline._stage_kernel,
-         capture_launch(triton_pipeline._stage_kernel, lambda: triton_pipeline.quest_decode_staged_triton(
-             q, k, k, meta, start, end, PAGE, budget // PAGE, 1, 1, "max", d**-0.5, groups=2), index=i))
-        for i, parts in enumerate(("score", "select+score", "select+attention", "attention"))
     ]
 
 

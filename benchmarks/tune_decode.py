@@ -139,31 +139,6 @@ def sweep(shape, bw: float, l2: int, rep: int, kernels, full_attention: bool = T
 
         rows.append(dict(base, kernel="fused", **kw, default=not kw, ok=bool(torch.equal(got, want_idx)),
                          graph_ms=_bench(ff, graph=True, rep=rep), floor_ms=meta_bytes / bw * 1e3))
-    # the whole chain: split (score -> select -> attention) against the staged chain over row groups x warps;
-    # every staged configuration must give the split chain's pages and output bit for bit
-    if "staged" in kernels:
-        from tinyserve_patch.ops.triton_pipeline import quest_decode_staged_triton
-
-        def split_chain(c):
-            i = select_pages_triton(page_scores_triton(c["q"], c["meta"], start, end, PAGE, "max"), start, end, PAGE, nsel, 1, 1)
-            return sparse_decode_attention_triton(c["q"], c["k"], c["v"], i, start, end, PAGE, d**-0.5), i
-
-        want_out, want_i = split_chain(c0)
-        chain_bytes = meta_bytes + sel_bytes
-        rows.append(dict(base, kernel="chain_split", default=True, ok=True, floor_ms=chain_bytes / bw * 1e3,
-                         graph_ms=_bench(lambda: split_chain(copies.next()), graph=True, rep=rep)))
-        for kw in [{}] + [dict(groups=gr, num_warps=w) for gr, w in itertools.product((1, 2, 3, 4, 8), (None, 8))]:
-            got_out, got_i = quest_decode_staged_triton(c0["q"], c0["k"], c0["v"], c0["meta"], start, end, PAGE, nsel,
-                                                        1, 1, "max", d**-0.5, **kw)
-
-            def fst(kw=kw):
-                c = copies.next()
-                return quest_decode_staged_triton(c["q"], c["k"], c["v"], c["meta"], start, end, PAGE, nsel, 1, 1, "max",
-                                                  d**-0.5, **kw)
-
-            rows.append(dict(base, kernel="chain_staged", **kw, default=not kw,
-                             ok=bool(torch.equal(got_i, want_i) and torch.equal(got_out, want_out)),
-                             graph_ms=_bench(fst, graph=True, rep=rep), floor_ms=chain_bytes / bw * 1e3))
     return rows
 
 
@@ -176,7 +151,7 @@ def summary(rows: list[dict]) -> str:
         bad = [r for r in group if not r["ok"]]
         lines.append(f"{key}: default {default['graph_ms'] * 1e3:.1f} us; {len(bad)} configs mismatched")
         for r in good[:6]:
-            cfg = {k: r.get(k) for k in ("num_splits", "block_n", "blocks_per_program", "block_p", "num_warps", "num_stages", "merge", "ways", "groups") if k in r}
+            cfg = {k: r.get(k) for k in ("num_splits", "block_n", "blocks_per_program", "block_p", "num_warps", "num_stages", "merge", "ways") if k in r}
             floor = f" ({100 * r['floor_ms'] / r['graph_ms']:.0f}% floor)" if "floor_ms" in r else ""
             lines.append(f"   {r['graph_ms'] * 1e3:7.1f} us{floor} {cfg}")
     return "\n".join(lines)
@@ -187,7 +162,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     p.add_argument("--rep", type=int, default=20)
     p.add_argument("--kernels", nargs="+", default=["attention", "score", "select"],
-                   choices=["attention", "score", "score_fp8meta", "select", "fused", "staged"])
+                   choices=["attention", "score", "score_fp8meta", "select", "fused"])
     p.add_argument("--attention-defaults", action="store_true",
                    help="attention: the default block / warps / stages only, over num_splits x merge")
     p.add_argument("--shapes", nargs="+", type=parse_shape, default=None,

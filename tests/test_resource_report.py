@@ -27,8 +27,7 @@ def test_resource_report_on_a_small_shape(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r["kernel"]: r for r in json.loads(out.read_text())["rows"]}
-    staged = ["staged 0: score", "staged 1: select+score", "staged 2: select+attention", "staged 3: attention"]
-    assert set(rows) == {"score", "select", "attention", *staged}
+    assert set(rows) == {"score", "select", "attention"}
     for r in rows.values():
         assert 0 < r["regs"] <= 255 and r["local_bytes"] == 0, r  # no spills
         assert r["ctas_per_sm"] >= 1 and r["sass_instructions"] > 0
@@ -39,9 +38,3 @@ def test_resource_report_on_a_small_shape(tmp_path):
     # (2 scores per thread here: 8 bytes; 16 at >= 4 per thread)
     assert rows["attention"]["ldgsts"] > 0 and rows["attention"]["hmma"] > 0
     assert rows["select"]["ldg_128"] + rows["select"]["ldg_64"] > 0
-    # the staged chain's grids carry the same programs: the score walk and the attention gathers still
-    # pipelined through cp.async, inside the branch of their part
-    assert rows[staged[1]]["ctas"] == rows["select"]["ctas"] // 2 + rows[staged[0]]["ctas"]
-    for name in staged:
-        assert rows[name]["hmma"] > 0, name
-    assert rows[staged[2]]["ldgsts"] > 0 and rows[staged[3]]["ldgsts"] > 0

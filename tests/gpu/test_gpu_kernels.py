@@ -15,7 +15,6 @@ from tinyserve_patch.ops import reference as ref
 from tinyserve_patch.ops.triton_append import append_kv_triton
 from tinyserve_patch.ops.triton_decode import sparse_decode_attention_triton
 from tinyserve_patch.ops.triton_fused_select import score_and_select_triton
-from tinyserve_patch.ops.triton_pipeline import quest_decode_staged_triton
 from tinyserve_patch.ops.triton_score import page_scores_triton
 from tinyserve_patch.ops.triton_select import select_pages_triton
 
@@ -220,32 +219,6 @@ def test_gpu_sparse_decode(name, length, batch, ps, dtype):
             assert err < 1e-2, (err, merge)
 
 
-@pytest.mark.parametrize("name,length,batch,ps,dtype,groups", [
-    ("llama3", 64 * K, 8, 16, torch.bfloat16, 2), ("llama3", 16 * K, 16, 8, torch.float16, 3),
-    ("tinyllama", 128 * K, 1, 16, torch.bfloat16, 2), ("tinyllama", 16 * K, 4, 64, torch.bfloat16, 4),
-    ("llama3", 128 * K, 2, 32, torch.bfloat16, 16),
-])
-def test_gpu_staged_chain_equals_split_chain(name, length, batch, ps, dtype, groups):
-    """The staged chain (three kernels of row groups overlapped) returns the split chain's pages and
-    output bit for bit, ragged rows included, at up to 128K tokens and batch 16."""
-    hq, hkv, d = SHAPES[name]
-    g = torch.Generator(device=DEV).manual_seed(length + batch)
-    k = torch.randn(batch, hkv, length, d, generator=g, device=DEV).to(dtype)
-    v = torch.randn(batch, hkv, length, d, generator=g, device=DEV).to(dtype)
-    q = torch.randn(batch, hq, d, generator=g, device=DEV).to(dtype)
-    start, end = _rows(batch, length - 3, torch.Generator().manual_seed(batch), ps)
-    meta = ref.build_meta(k, length, ps)
-    for budget, softcap in ((2048, 0.0), (4096, 30.0)):
-        n = budget // ps
-        scores = page_scores_triton(q, meta, start, end, ps, "max")
-        idx = select_pages_triton(scores, start, end, ps, n, 1, 1)
-        out = sparse_decode_attention_triton(q, k, v, idx, start, end, ps, d**-0.5, softcap)
-        _poison(batch * hq * d, dtype)
-        s_out, s_idx = quest_decode_staged_triton(q, k, v, meta, start, end, ps, n, 1, 1, "max", d**-0.5, softcap, groups=groups)
-        assert torch.equal(s_idx, idx), budget
-        assert torch.equal(s_out, out), budget
-
-
 @pytest.mark.parametrize("d", [80, 96, 256])
 @pytest.mark.parametrize("g_size", [1, 4, 7])
 def test_gpu_sparse_decode_odd_head_dims(d, g_size):
@@ -285,15 +258,12 @@ def test_gpu_fp32_paths():
 # ---------------------------------------------------------------------------------------------- CUDA graphs
 
 
-def _decode_step(k_cache, v_cache, meta, pos, k_new, v_new, q, seq_start, chain: str):
-    """Append one token per row at ``pos``, advance ``pos`` in place, score, select, attend (``chain``:
-    split kernels, fused score+select, or the one-op staged chain)."""
+def _decode_step(k_cache, v_cache, meta, pos, k_new, v_new, q, seq_start, fused: bool):
+    """Append one token per row at ``pos``, advance ``pos`` in place, score, select, attend."""
     ops.append_kv(k_cache, v_cache, meta, k_new, v_new, pos)
     pos.add_(1)
     seq_end = pos.clone()
-    if chain == "staged":
-        return ops.quest_decode(q, k_cache, v_cache, meta, seq_start, seq_end, 16, 8, 1, 1, "max", 0.125)
-    if chain == "fused":
+    if fused:
         idx = ops.score_and_select(q, meta, seq_start, seq_end, 16, 8, 1, 1, "max")
     else:
         scores = ops.page_scores(q, meta, seq_start, seq_end, 16, "max")
@@ -302,8 +272,8 @@ def _decode_step(k_cache, v_cache, meta, pos, k_new, v_new, q, seq_start, chain:
     return out, idx
 
 
-@pytest.mark.parametrize("chain", ["split", "fused", "staged"])
-def test_gpu_reduce_overhead_decode_loop_matches_eager(chain):
+@pytest.mark.parametrize("fused", [False, True])
+def test_gpu_reduce_overhead_decode_loop_matches_eager(fused):
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -327,9 +297,9 @@ def test_gpu_reduce_overhead_decode_loop_matches_eager(chain):
         k_new = torch.randn(b, hkv, 1, d, generator=g, device=DEV).to(torch.bfloat16)
         v_new = torch.randn(b, hkv, 1, d, generator=g, device=DEV).to(torch.bfloat16)
         q = torch.randn(b, hq, d, generator=g, device=DEV).to(torch.bfloat16)
-        out, idx = step(k, v, meta, pos, k_new, v_new, q, seq_start, chain)
+        out, idx = step(k, v, meta, pos, k_new, v_new, q, seq_start, fused)
         out, idx = out.clone(), idx.clone()
-        e_out, e_idx = _decode_step(*eager_bufs, k_new, v_new, q, seq_start, chain)
+        e_out, e_idx = _decode_step(*eager_bufs, k_new, v_new, q, seq_start, fused)
         assert torch.equal(idx, e_idx), i
         torch.testing.assert_close(out, e_out, rtol=0, atol=0)
     assert torch.equal(pos, eager_bufs[3]) and int(pos[0]) == 220
@@ -349,9 +319,7 @@ def _chain(k, v, meta, pos, k_new, v_new, q, seq_start, merge):
     idx = select_pages_triton(scores, seq_start, seq_end, 16, 24, 1, 2)
     fused = score_and_select_triton(q, meta, seq_start, seq_end, 16, 24, 1, 2, "max", blocks_per_program=1)  # 4 programs per row
     out = sparse_decode_attention_triton(q, k, v, idx, seq_start, seq_end, 16, 0.125, merge=merge)
-    staged_out, staged_idx = quest_decode_staged_triton(q, k, v, meta, seq_start, seq_end, 16, 24, 1, 2, "max", 0.125,
-                                                        groups=3, merge=merge)
-    return scores, idx, fused, out, staged_out, staged_idx
+    return scores, idx, fused, out
 
 
 @pytest.mark.parametrize("merge", ["kernel", "inline"])
@@ -391,7 +359,6 @@ def test_gpu_pdl_launches_equal_plain_launches_eager_and_graphed(monkeypatch, me
         return bufs, res
 
     base_bufs, base = run("0", False)
-    assert torch.equal(base[4], base[3]) and torch.equal(base[5], base[1])  # staged == split chain
     for pdl, graphed in (("1", False), ("1", True), ("0", True)):
         bufs, res = run(pdl, graphed)
         for x, y in zip(bufs + list(res), base_bufs + list(base)):

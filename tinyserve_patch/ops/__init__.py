@@ -22,7 +22,6 @@ __all__ = [
     "select_pages",
     "score_and_select",
     "sparse_decode_attention",
-    "quest_decode",
     "check_cache",
     "reference",
 ]
@@ -141,25 +140,3 @@ def sparse_decode_attention(q, k_cache, v_cache, indices, seq_start, seq_end, pa
         f"indices must be int32 [batch, kv_heads, n], got {indices.dtype} {tuple(indices.shape)}",
     )
     return torch.ops.tinyserve.sparse_decode(q, k_cache, v_cache, indices, seq_start, seq_end, page_size, float(scale), float(softcap or 0.0))
-
-
-def quest_decode(
-    q, k_cache, v_cache, meta, seq_start, seq_end, page_size: int, num_select: int, sink_pages: int = 1,
-    recent_pages: int = 1, gqa_reduction: str = "max", scale: float = 1.0, softcap: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole Quest decode step in one op: ``(out [batch, q_heads, head_dim] in q's dtype, indices int32
-    [batch, kv_heads, num_select])``, equal to ``page_scores`` -> ``select_pages`` ->
-    ``sparse_decode_attention``; on CUDA the staged chain (``ops/triton_pipeline.py``: the three kernels
-    of different row groups overlapped)."""
-    page = check_cache(k_cache, v_cache, meta)
-    _check(page == page_size, f"page_size {page_size} != the cache's {page} (capacity / pages)")
-    _check_query(q, meta.shape[1], meta.shape[-1], meta.dtype, meta.device)
-    _check_query(q, k_cache.shape[1], k_cache.shape[-1], k_cache.dtype, k_cache.device)
-    _check_rows(seq_start, seq_end, q.shape[0], q.device)
-    _check(num_select >= 1, f"num_select={num_select} must be >= 1")
-    _check(sink_pages >= 0 and recent_pages >= 0, f"sink_pages={sink_pages} / recent_pages={recent_pages} must be >= 0")
-    _check(gqa_reduction in ("max", "sum"), f"gqa_reduction={gqa_reduction!r}: allowed 'max' or 'sum'")
-    return torch.ops.tinyserve.quest_decode(
-        q, k_cache, v_cache, meta, seq_start, seq_end, page_size, num_select, sink_pages, recent_pages, gqa_reduction,
-        float(scale), float(softcap or 0.0),
-    )

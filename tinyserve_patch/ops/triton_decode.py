@@ -286,27 +286,15 @@ def plan_splits(batch_heads: int, num_select: int, page_size: int, block_n: int,
     return triton.cdiv(total, per), per
 
 
-#: Names of :func:`attend_split`'s runtime arguments after ``bh, split`` (:attr:`AttentionLaunch.args`).
-ATTEND_ARGS = (
-    "q", "k", "v", "indices", "seq_start", "seq_end", "out", "o_ws", "lse_ws", "counters", "num_select",
-    "kv_heads", "num_splits", "tokens_per_split", "qk_scale", "softcap", "stride_qb", "stride_qh",
-    "stride_cb", "stride_ch", "stride_ct", "stride_ib", "stride_ih", "stride_ob", "stride_oh",
-)
-
-
 class AttentionLaunch:
     """A checked, planned split-kernel launch: ``out`` ``[B, Hq, D]``, ``args`` (the runtime arguments of
-    :func:`attend_split` after ``bh, split``, named by :data:`ATTEND_ARGS`; :meth:`arg` by name),
-    ``consts`` (its constexprs), ``splits`` programs per (row, KV head), ``num_warps`` / ``num_stages``;
-    :meth:`merge` launches the merge kernel when one is needed (several splits, not merged inline).
-    ``splits == 0``: nothing to launch (``out`` is final)."""
+    :func:`attend_split` after ``bh, split``), ``consts`` (its constexprs), ``splits`` programs per
+    (row, KV head), ``num_warps`` / ``num_stages``; :meth:`merge` launches the merge kernel when one is
+    needed (several splits, not merged inline). ``splits == 0``: nothing to launch (``out`` is final)."""
 
     def __init__(self, out, args, consts, splits, num_warps, num_stages, merge_args):
         self.out, self.args, self.consts, self.splits = out, args, consts, splits
         self.num_warps, self.num_stages, self._merge_args = num_warps, num_stages, merge_args
-
-    def arg(self, name: str):
-        return self.args[ATTEND_ARGS.index(name)]
 
     def merge(self, pdl: bool) -> None:
         if self._merge_args is None:
