@@ -11,7 +11,9 @@ distributions with HF dense on the same (teacher-forced) prefixes.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import platform
 import sys
 import sysconfig
 import time
@@ -133,7 +135,12 @@ def main(argv=None) -> int:
     print("\nKV read: fraction of the context's keys/values attended per decode step (all layers). "
           "Agreement and KL: next-token distributions vs HF dense on the same prefixes.")
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "model": name, "rows": rows}, indent=2))
+        import transformers
+
+        env = {"device": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
+               "torch": torch.__version__, "transformers": transformers.__version__,
+               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        Path(args.json).write_text(json.dumps({"args": vars(args), "env": env, "model": name, "rows": rows}, indent=2))
     return 0
 
 
