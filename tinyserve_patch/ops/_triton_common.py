@@ -275,22 +275,10 @@ def kth_largest_key(key, k, lo, hi, WAYS: tl.constexpr):
 
 
 @triton.jit
-def select_from_scores(
-    scores,
-    offs,
-    num_pages,
-    start,
-    end,
-    out_ptr,
-    num_select,
-    page_size,
-    sink,
-    recent,
-    BLOCK: tl.constexpr,
-    WAYS: tl.constexpr,
-):
-    """Select from one row's float32 ``scores`` ``[BLOCK]`` (page ``offs``; lanes ``>= num_pages`` ignored)
-    and write ``num_select`` int32 page numbers at ``out_ptr`` (ascending, ``-1`` padded)."""
+def selection_keys(scores, offs, num_pages, start, end, num_select, page_size, sink, recent):
+    """The ranking of :func:`select_from_scores`: ``(key, k, lo, hi)``: int32 ``key`` per lane (``+inf``
+    key for forced pages, ``-inf`` for invalid ones, below every threshold for lanes ``>= num_pages``),
+    ``k`` pages to keep and the bracket ``[lo, hi]`` of the ``k``-th largest key."""
     in_range = offs < num_pages
     valid = page_valid(offs, start, end, page_size) & in_range
     first = start // page_size  # start >= 0
@@ -315,10 +303,14 @@ def select_from_scores(
     lo, hi = tl.reduce((tl.where(scored, key, KEY_POS_INF), tl.where(scored, key, KEY_NEG_INF)), 0, _min_max)
     lo = tl.where(k <= n_forced, KEY_POS_INF, lo)
     hi = tl.where(k <= n_forced, KEY_POS_INF, hi)
-    t = kth_largest_key(key, tl.maximum(k, 1), lo, hi, WAYS)
+    return key, k, lo, hi
 
-    # keep every key > t and the first (k - count(key > t)) keys == t (ties to the lower page); one scan
-    # counts both (gt + eq << 16) and gives each kept page its output slot: the kept pages before it
+
+@triton.jit
+def write_selection(key, t, k, offs, out_ptr, num_select, BLOCK: tl.constexpr):
+    """Write the ``k`` pages kept at threshold ``t`` (every key ``> t``, then the first keys ``== t`` in
+    index order) ascending at ``out_ptr``, ``-1`` padded to ``num_select``. One scan counts both (gt +
+    eq << 16) and gives each kept page its output slot: the kept pages before it."""
     gt = (key > t).to(tl.int32)
     eq = (key == t).to(tl.int32)
     both = tl.cumsum(gt + (eq << 16), axis=0)  # inclusive
@@ -331,3 +323,25 @@ def select_from_scores(
     for c in range(0, num_select, BLOCK):
         o = c + tl.arange(0, BLOCK)
         tl.store(out_ptr + o, tl.full([BLOCK], -1, tl.int32), mask=(o >= k) & (o < num_select))
+
+
+@triton.jit
+def select_from_scores(
+    scores,
+    offs,
+    num_pages,
+    start,
+    end,
+    out_ptr,
+    num_select,
+    page_size,
+    sink,
+    recent,
+    BLOCK: tl.constexpr,
+    WAYS: tl.constexpr,
+):
+    """Select from one row's float32 ``scores`` ``[BLOCK]`` (page ``offs``; lanes ``>= num_pages`` ignored)
+    and write ``num_select`` int32 page numbers at ``out_ptr`` (ascending, ``-1`` padded)."""
+    key, k, lo, hi = selection_keys(scores, offs, num_pages, start, end, num_select, page_size, sink, recent)
+    t = kth_largest_key(key, tl.maximum(k, 1), lo, hi, WAYS)
+    write_selection(key, t, k, offs, out_ptr, num_select, BLOCK)
