@@ -7,7 +7,7 @@ at 4096 pages on an H100 / H200 while its bytes take well under 1 us. This times
 same program stopped after each part of :func:`_triton_common.select_from_scores`:
 
 * ``load``: the scores row loaded, one reduction (the launch, the load and one barrier round);
-* ``keys``: + :func:`selection_keys` (validity, forced pages, int keys, two reductions for k and the
+* ``keys``: + :func:`selection_keys` (validity, forced pages, int keys, one reduction for k and the
   bracket);
 * ``search``: + :func:`kth_largest_key` (the threshold search);
 * ``full``: + :func:`write_selection` (the scan that compacts the kept pages, the stores): the kernel.
@@ -56,11 +56,12 @@ def _cut_kernel(scores_ptr, start_ptr, end_ptr, out_ptr, aux_ptr, num_pages, num
     if PART == 0:
         tl.store(aux_ptr + bh, tl.max(scores, axis=0).to(tl.int32, bitcast=True))
     elif PART == 1:
-        key, k, lo, hi = selection_keys(scores, offs, num_pages, start, end, num_select, page_size, sink, recent)
-        tl.store(aux_ptr + bh, k ^ lo ^ hi)
+        key, k, lo, hi, above = selection_keys(scores, offs, num_pages, start, end, num_select, page_size, sink, recent)
+        tl.store(aux_ptr + bh, k ^ lo ^ hi ^ above)
     elif PART == 2:
-        key, k, lo, hi = selection_keys(scores, offs, num_pages, start, end, num_select, page_size, sink, recent)
-        tl.store(aux_ptr + bh, kth_largest_key(key, tl.maximum(k, 1), lo, hi, WAYS))
+        key, k, lo, hi, above = selection_keys(scores, offs, num_pages, start, end, num_select, page_size, sink, recent)
+        t, need = kth_largest_key(key, tl.maximum(k, 1), lo, hi, above, WAYS)
+        tl.store(aux_ptr + bh, t ^ need)
     else:
         select_from_scores(scores, offs, num_pages, start, end, out, num_select, page_size, sink, recent, BLOCK, WAYS)
 

@@ -233,25 +233,28 @@ def sortable_key(x):
 
 
 @triton.jit
-def _min_max(a_min, a_max, b_min, b_max):
-    return tl.minimum(a_min, b_min), tl.maximum(a_max, b_max)
+def _sum_min_max(a_sum, a_min, a_max, b_sum, b_min, b_max):
+    return a_sum + b_sum, tl.minimum(a_min, b_min), tl.maximum(a_max, b_max)
 
 
 @triton.jit
-def kth_largest_key(key, k, lo, hi, WAYS: tl.constexpr):
-    """A threshold ``t`` with ``count(key > t) <= k <= count(key >= t)`` (equal on the left when the search
-    stops on a ``t`` that is no key), so that the keys above ``t`` plus the first ties at ``t`` are exactly
-    the ``k`` largest (``k >= 1``; the ``k``-th largest key lies in ``[lo, hi]``, int32 scalars, and at
-    least ``k`` keys are ``>= lo``; keys outside that bracket are fine; at most 65535 keys are counted).
+def kth_largest_key(key, k, lo, hi, above, WAYS: tl.constexpr):
+    """``(t, need)``: a threshold ``t`` such that the keys above ``t`` plus the first ``need`` keys equal to
+    ``t`` (in index order) are exactly the ``k`` largest (``k >= 1``; the ``k``-th largest key lies in
+    ``[lo, hi]``, int32 scalars, at least ``k`` keys are ``>= lo`` and ``above`` keys are ``> hi``; keys
+    outside that bracket are fine; at most 65535 keys are counted).
 
     A ``(WAYS + 1)``-ary search for the largest ``t`` with ``count(key >= t) >= k``: each pass splits
     ``[lo, hi]`` at ``WAYS`` thresholds and counts the keys at or above each in *one* reduction, the
     counts packed in 16-bit fields of an int32 (``WAYS <= 2``) or int64 (``WAYS <= 4``); it stops as soon
-    as a count equals ``k`` (that threshold is then an answer). With ``lo``/``hi`` the score range this
-    takes ~log_(WAYS+1)(pages) + a few passes instead of 32."""
+    as a count equals ``k`` (every key ``>= t`` is then kept: ``need = k`` covers all its ties). Otherwise
+    the bracket closes on a key ``t`` and ``count(key > t)`` is the count last seen at ``hi + 1`` (or
+    ``above``), so ``need = k - count(key > t)`` costs no further reduction. With ``lo``/``hi`` the score
+    range this takes ~log_(WAYS+1)(pages) + a few passes instead of 32."""
     lo = lo.to(tl.int64)
     hi = hi.to(tl.int64)
     PACK: tl.constexpr = tl.int32 if WAYS <= 2 else tl.int64
+    found = lo > hi  # (an empty bracket: the loop does not run)
     while lo < hi:
         step = (hi - lo + 1 + WAYS) // (WAYS + 1)  # ceil(width / (WAYS + 1)): 1 <= step < width
         packed = tl.zeros_like(key).to(PACK)
@@ -266,19 +269,22 @@ def kth_largest_key(key, k, lo, hi, WAYS: tl.constexpr):
             c = tl.minimum(lo + (i + 1) * step, hi)
             n = ((cnt >> (16 * i)) & 0xFFFF).to(tl.int32)
             new_lo = tl.where(n >= k, c, new_lo)
-            new_hi = tl.where(n < k, tl.minimum(new_hi, c - 1), new_hi)
+            lower = (n < k) & (c - 1 < new_hi)  # the first (lowest) threshold counting fewer than k
+            above = tl.where(lower, n, above)
+            new_hi = tl.where(lower, c - 1, new_hi)
             hit = tl.where(n == k, c, hit)
         found = hit >= lo
         lo = tl.where(found, hit, new_lo)
         hi = tl.where(found, hit, new_hi)
-    return lo.to(tl.int32)
+    return lo.to(tl.int32), tl.where(found, k, k - above)
 
 
 @triton.jit
 def selection_keys(scores, offs, num_pages, start, end, num_select, page_size, sink, recent):
-    """The ranking of :func:`select_from_scores`: ``(key, k, lo, hi)``: int32 ``key`` per lane (``+inf``
-    key for forced pages, ``-inf`` for invalid ones, below every threshold for lanes ``>= num_pages``),
-    ``k`` pages to keep and the bracket ``[lo, hi]`` of the ``k``-th largest key."""
+    """The ranking of :func:`select_from_scores`: ``(key, k, lo, hi, above)``: int32 ``key`` per lane
+    (``+inf`` key for forced pages, ``-inf`` for invalid ones, below every threshold for lanes
+    ``>= num_pages``), ``k`` pages to keep, the bracket ``[lo, hi]`` of the ``k``-th largest key and the
+    count of keys above ``hi``."""
     in_range = offs < num_pages
     valid = page_valid(offs, start, end, page_size) & in_range
     first = start // page_size  # start >= 0
@@ -286,37 +292,42 @@ def selection_keys(scores, offs, num_pages, start, end, num_select, page_size, s
     forced = valid & ((offs < first + sink) | (offs > last - recent))
     # scores made finite first (NaN, -inf -> lowest finite; +inf -> largest finite), so forced pages rank
     # strictly above every score and invalid pages strictly below
-    scores = tl.where(scores != scores, -3.4028234663852886e38, scores)
-    scores = tl.where(scores < -3.4028234663852886e38, -3.4028234663852886e38, scores)
-    scores = tl.where(scores > 3.4028234663852886e38, 3.4028234663852886e38, scores)
+    scores = tl.where(
+        scores != scores, -3.4028234663852886e38,
+        tl.minimum(tl.maximum(scores, -3.4028234663852886e38), 3.4028234663852886e38),
+    )
     key = sortable_key(scores)
     key = tl.where(forced, KEY_POS_INF, key)
     key = tl.where(valid, key, KEY_NEG_INF)
     key = tl.where(in_range, key, -2147483648)  # below every threshold tried: never counted
-    # one reduction per pair: counts packed as valid + forced << 16 (P <= 16384 < 2^16), min and max together
-    counts = tl.sum(valid.to(tl.int32) + (forced.to(tl.int32) << 16), axis=0)
+    # one reduction: the counts packed as valid + forced << 16 (P <= 16384 < 2^16), and the scored pages'
+    # key range
+    scored = valid & (forced == 0)
+    counts, lo, hi = tl.reduce(
+        (valid.to(tl.int32) + (forced.to(tl.int32) << 16), tl.where(scored, key, KEY_POS_INF),
+         tl.where(scored, key, KEY_NEG_INF)), 0, _sum_min_max,
+    )
     n_valid = counts & 0xFFFF
     n_forced = counts >> 16
     k = tl.minimum(n_valid, num_select)
-    # bracket of the k-th largest key: +inf when the forced pages fill k, else the scored pages' range
-    scored = valid & (forced == 0)
-    lo, hi = tl.reduce((tl.where(scored, key, KEY_POS_INF), tl.where(scored, key, KEY_NEG_INF)), 0, _min_max)
-    lo = tl.where(k <= n_forced, KEY_POS_INF, lo)
-    hi = tl.where(k <= n_forced, KEY_POS_INF, hi)
-    return key, k, lo, hi
+    # bracket of the k-th largest key: +inf when the forced pages fill k (no key above it), else the
+    # scored pages' range (the forced pages above it)
+    fill = k <= n_forced
+    lo = tl.where(fill, KEY_POS_INF, lo)
+    hi = tl.where(fill, KEY_POS_INF, hi)
+    return key, k, lo, hi, tl.where(fill, 0, n_forced)
 
 
 @triton.jit
-def write_selection(key, t, k, offs, out_ptr, num_select, BLOCK: tl.constexpr):
-    """Write the ``k`` pages kept at threshold ``t`` (every key ``> t``, then the first keys ``== t`` in
-    index order) ascending at ``out_ptr``, ``-1`` padded to ``num_select``. One scan counts both (gt +
-    eq << 16) and gives each kept page its output slot: the kept pages before it."""
+def write_selection(key, t, need, k, offs, out_ptr, num_select, BLOCK: tl.constexpr):
+    """Write the ``k`` pages kept at threshold ``t`` (every key ``> t``, then the first ``need`` keys
+    ``== t`` in index order) ascending at ``out_ptr``, ``-1`` padded to ``num_select``. One scan counts
+    both (gt + eq << 16) and gives each kept page its output slot: the kept pages before it."""
     gt = (key > t).to(tl.int32)
     eq = (key == t).to(tl.int32)
     both = tl.cumsum(gt + (eq << 16), axis=0)  # inclusive
     gt_before = (both & 0xFFFF) - gt
     eq_before = (both >> 16) - eq
-    need = k - tl.sum(gt, axis=0)
     sel = (gt > 0) | ((eq > 0) & (eq_before < need))
     slot = gt_before + tl.minimum(eq_before, need)
     tl.store(out_ptr + slot, offs, mask=sel)
@@ -342,6 +353,6 @@ def select_from_scores(
 ):
     """Select from one row's float32 ``scores`` ``[BLOCK]`` (page ``offs``; lanes ``>= num_pages`` ignored)
     and write ``num_select`` int32 page numbers at ``out_ptr`` (ascending, ``-1`` padded)."""
-    key, k, lo, hi = selection_keys(scores, offs, num_pages, start, end, num_select, page_size, sink, recent)
-    t = kth_largest_key(key, tl.maximum(k, 1), lo, hi, WAYS)
-    write_selection(key, t, k, offs, out_ptr, num_select, BLOCK)
+    key, k, lo, hi, above = selection_keys(scores, offs, num_pages, start, end, num_select, page_size, sink, recent)
+    t, need = kth_largest_key(key, tl.maximum(k, 1), lo, hi, above, WAYS)
+    write_selection(key, t, need, k, offs, out_ptr, num_select, BLOCK)
