@@ -53,6 +53,7 @@ def sweep(shape, bw: float, l2: int, rep: int, kernels, full_attention: bool = T
     from tinyserve_patch.ops.triton_score import page_scores_triton
     from tinyserve_patch.ops.triton_select import select_pages_triton
 
+    torch.manual_seed(0)  # the same caches run to run: the selection's time depends on the scores
     model, batch, length, budget = shape
     hq, hkv, d = MODELS[model]
     nsel = budget // PAGE
