@@ -32,9 +32,7 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def attend_split(
-    bh,
-    split,
+def _decode_split_kernel(
     q_ptr,
     k_ptr,
     v_ptr,
@@ -70,11 +68,11 @@ def attend_split(
     SINGLE: tl.constexpr,
     F32: tl.constexpr,
     INLINE_MERGE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
-    """Program ``split`` of (row, KV head) ``bh`` of the split kernel (see the module docstring): attends
-    its chunk of the selected-token list and writes the output (``SINGLE``) or its partial to the
-    workspace (merged inline by the last split with ``INLINE_MERGE``). Shared with the staged chain
-    (:mod:`triton_pipeline`)."""
+    pdl_enter(PDL)
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
     b = bh // kv_heads
     h = bh % kv_heads
     start = tl.load(start_ptr + b).to(tl.int32)
@@ -173,54 +171,6 @@ def attend_split(
 
 
 @triton.jit
-def _decode_split_kernel(
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    idx_ptr,
-    start_ptr,
-    end_ptr,
-    out_ptr,
-    o_ws_ptr,
-    lse_ws_ptr,
-    counter_ptr,
-    num_select,
-    kv_heads,
-    num_splits,
-    tokens_per_split,
-    qk_scale,
-    softcap,
-    stride_qb,
-    stride_qh,
-    stride_cb,
-    stride_ch,
-    stride_ct,
-    stride_ib,
-    stride_ih,
-    stride_ob,
-    stride_oh,
-    G: tl.constexpr,
-    G_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    PAGE_SIZE: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-    SINGLE: tl.constexpr,
-    F32: tl.constexpr,
-    INLINE_MERGE: tl.constexpr,
-    PDL: tl.constexpr,
-):
-    pdl_enter(PDL)
-    attend_split(
-        tl.program_id(0), tl.program_id(1), q_ptr, k_ptr, v_ptr, idx_ptr, start_ptr, end_ptr, out_ptr, o_ws_ptr,
-        lse_ws_ptr, counter_ptr, num_select, kv_heads, num_splits, tokens_per_split, qk_scale, softcap,
-        stride_qb, stride_qh, stride_cb, stride_ch, stride_ct, stride_ib, stride_ih, stride_ob, stride_oh,
-        G, G_PAD, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, SOFTCAP, SINGLE, F32, INLINE_MERGE,
-    )
-
-
-@triton.jit
 def _decode_merge_kernel(
     o_ws_ptr,
     lse_ws_ptr,
@@ -286,24 +236,7 @@ def plan_splits(batch_heads: int, num_select: int, page_size: int, block_n: int,
     return triton.cdiv(total, per), per
 
 
-class AttentionLaunch:
-    """A checked, planned split-kernel launch: ``out`` ``[B, Hq, D]``, ``args`` (the runtime arguments of
-    :func:`attend_split` after ``bh, split``), ``consts`` (its constexprs), ``splits`` programs per
-    (row, KV head), ``num_warps`` / ``num_stages``; :meth:`merge` launches the merge kernel when one is
-    needed (several splits, not merged inline). ``splits == 0``: nothing to launch (``out`` is final)."""
-
-    def __init__(self, out, args, consts, splits, num_warps, num_stages, merge_args):
-        self.out, self.args, self.consts, self.splits = out, args, consts, splits
-        self.num_warps, self.num_stages, self._merge_args = num_warps, num_stages, merge_args
-
-    def merge(self, pdl: bool) -> None:
-        if self._merge_args is None:
-            return
-        grid, args, consts = self._merge_args
-        _decode_merge_kernel[grid](*args, **consts, num_warps=4, PDL=pdl, launch_pdl=pdl)
-
-
-def plan_attention(
+def sparse_decode_attention_triton(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -318,10 +251,10 @@ def plan_attention(
     num_warps: int | None = None,
     num_stages: int = 2,
     merge: str | None = None,
-    plan_rows: int | None = None,
-) -> AttentionLaunch:
-    """Checks and plans :func:`sparse_decode_attention_triton` (same arguments); ``plan_rows``: the
-    (row, KV head) pairs one launch covers when choosing ``num_splits`` (default all of them)."""
+) -> torch.Tensor:
+    """``[B, Hq, D]`` attention over the selected pages (see module docstring). ``num_splits``,
+    ``block_n``, ``num_warps``, ``num_stages`` and ``merge`` (``"kernel"`` / ``"inline"``, see
+    :data:`DEFAULT_MERGE`) override the tuned defaults (tests, tuning)."""
     merge = merge or DEFAULT_MERGE
     check(merge in ("kernel", "inline"), f"merge={merge!r}: allowed 'kernel' or 'inline'")
     check(k_cache.dim() == 4 and v_cache.shape == k_cache.shape, "k_cache / v_cache must be [B, Hkv, cap, D] alike")
@@ -349,13 +282,15 @@ def plan_attention(
     g = hq // hkv
     out = torch.empty((b, hq, d), dtype=q.dtype, device=q.device)
     n_sel = indices.shape[2]
-    if out.numel() == 0 or n_sel == 0:
-        return AttentionLaunch(out.zero_(), (), {}, 0, 0, 0, None)
+    if out.numel() == 0:
+        return out
+    if n_sel == 0:
+        return out.zero_()
 
     block_d = max(16, triton.next_power_of_2(d))
     block_n = block_n or (128 if block_d <= 128 else 32)  # H100: 128 tokens, 4 warps, 2 stages were best
     if num_splits is None:
-        splits, per = plan_splits(plan_rows or b * hkv, n_sel, page_size, block_n, sm_count(q.device))
+        splits, per = plan_splits(b * hkv, n_sel, page_size, block_n, sm_count(q.device))
     else:
         per = triton.cdiv(triton.cdiv(n_sel * page_size, num_splits), block_n) * block_n
         splits = triton.cdiv(n_sel * page_size, per)
@@ -367,58 +302,21 @@ def plan_attention(
     else:
         o_ws = torch.empty((b * hkv * splits * g, d), dtype=torch.float32, device=q.device)
         lse_ws = torch.empty((b * hkv * splits * g,), dtype=torch.float32, device=q.device)
-    args = (
+    pdl = use_pdl(q.device)
+    _decode_split_kernel[(b * hkv, splits)](
         q, k_cache, v_cache, indices, seq_start, seq_end, out, o_ws, lse_ws, counters if inline else out,
         n_sel, hkv, splits, per,
         float(scale) / softcap if softcap else float(scale) * LOG2E, float(softcap) * LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         indices.stride(0), indices.stride(1), out.stride(0), out.stride(1),
-    )
-    consts = dict(
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=block_n,
         PAGE_SIZE=page_size, SOFTCAP=bool(softcap), SINGLE=single, F32=f32_dot(q.dtype), INLINE_MERGE=inline,
+        num_warps=num_warps or (4 if block_d <= 128 else 8), num_stages=num_stages, PDL=pdl, launch_pdl=pdl,
     )
-    merge_args = None
     if not single and not inline:
-        merge_args = (
-            (b * hq,),
-            (o_ws, lse_ws, out, hq, hkv, splits, out.stride(0), out.stride(1)),
-            dict(G=g, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits),
-                 CHUNK_S=min(16, triton.next_power_of_2(splits))),
+        _decode_merge_kernel[(b * hq,)](
+            o_ws, lse_ws, out, hq, hkv, splits, out.stride(0), out.stride(1),
+            G=g, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits),
+            CHUNK_S=min(16, triton.next_power_of_2(splits)), num_warps=4, PDL=pdl, launch_pdl=pdl,
         )
-    warps = num_warps or (4 if block_d <= 128 else 8)
-    return AttentionLaunch(out, args, consts, splits, warps, num_stages, merge_args)
-
-
-def sparse_decode_attention_triton(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    indices: torch.Tensor,
-    seq_start: torch.Tensor,
-    seq_end: torch.Tensor,
-    page_size: int,
-    scale: float,
-    softcap: float = 0.0,
-    num_splits: int | None = None,
-    block_n: int | None = None,
-    num_warps: int | None = None,
-    num_stages: int = 2,
-    merge: str | None = None,
-) -> torch.Tensor:
-    """``[B, Hq, D]`` attention over the selected pages (see module docstring). ``num_splits``,
-    ``block_n``, ``num_warps``, ``num_stages`` and ``merge`` (``"kernel"`` / ``"inline"``, see
-    :data:`DEFAULT_MERGE`) override the tuned defaults (tests, tuning)."""
-    launch = plan_attention(
-        q, k_cache, v_cache, indices, seq_start, seq_end, page_size, scale, softcap, num_splits, block_n,
-        num_warps, num_stages, merge,
-    )
-    if launch.splits == 0:
-        return launch.out
-    pdl = use_pdl(q.device)
-    b, hkv = indices.shape[:2]
-    _decode_split_kernel[(b * hkv, launch.splits)](
-        *launch.args, **launch.consts, num_warps=launch.num_warps, num_stages=launch.num_stages, PDL=pdl, launch_pdl=pdl,
-    )
-    launch.merge(pdl)
-    return launch.out
+    return out

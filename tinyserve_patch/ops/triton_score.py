@@ -116,51 +116,6 @@ def score_blocks(
 
 
 @triton.jit
-def score_program(
-    bh,
-    pb,
-    q_ptr,
-    meta_ptr,
-    start_ptr,
-    end_ptr,
-    out_ptr,
-    num_pages,
-    kv_heads,
-    D,
-    stride_qb,
-    stride_qh,
-    stride_mb,
-    stride_mh,
-    stride_mp,
-    stride_mm,
-    page_size,
-    blocks_per_program,
-    G: tl.constexpr,
-    G_PAD: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    GQA_SUM: tl.constexpr,
-    F32: tl.constexpr,
-    STAGES: tl.constexpr,
-    WALK: tl.constexpr,
-):
-    """Program ``pb`` of (row, KV head) ``bh``: scores its ``blocks_per_program`` page blocks into
-    ``out_ptr`` (float32 ``[B * Hkv, P]``). Shared with the staged chain (:mod:`triton_pipeline`)."""
-    b = bh // kv_heads
-    h = bh % kv_heads
-    start = tl.load(start_ptr + b).to(tl.int32)
-    end = tl.load(end_ptr + b).to(tl.int32)
-    q_pos, q_neg = load_group_query(q_ptr, b, h, stride_qb, stride_qh, G, G_PAD, D, BLOCK_D)
-    meta_bh = meta_ptr + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
-    first = pb * blocks_per_program
-    last = tl.minimum(first + blocks_per_program, tl.cdiv(num_pages, BLOCK_P))
-    score_blocks(
-        q_pos, q_neg, meta_bh, out_ptr + bh.to(tl.int64) * num_pages, first, last, num_pages, start, end,
-        stride_mp, stride_mm, D, page_size, G, G_PAD, BLOCK_D, BLOCK_P, GQA_SUM, F32, STAGES, WALK,
-    )
-
-
-@triton.jit
 def _score_kernel(
     q_ptr,
     meta_ptr,
@@ -189,10 +144,19 @@ def _score_kernel(
     PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
-    score_program(
-        tl.program_id(0), tl.program_id(1), q_ptr, meta_ptr, start_ptr, end_ptr, out_ptr, num_pages, kv_heads, D,
-        stride_qb, stride_qh, stride_mb, stride_mh, stride_mp, stride_mm, page_size, blocks_per_program,
-        G, G_PAD, BLOCK_D, BLOCK_P, GQA_SUM, F32, STAGES, WALK,
+    bh = tl.program_id(0)
+    pb = tl.program_id(1)
+    b = bh // kv_heads
+    h = bh % kv_heads
+    start = tl.load(start_ptr + b).to(tl.int32)
+    end = tl.load(end_ptr + b).to(tl.int32)
+    q_pos, q_neg = load_group_query(q_ptr, b, h, stride_qb, stride_qh, G, G_PAD, D, BLOCK_D)
+    meta_bh = meta_ptr + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+    first = pb * blocks_per_program
+    last = tl.minimum(first + blocks_per_program, tl.cdiv(num_pages, BLOCK_P))
+    score_blocks(
+        q_pos, q_neg, meta_bh, out_ptr + bh.to(tl.int64) * num_pages, first, last, num_pages, start, end,
+        stride_mp, stride_mm, D, page_size, G, G_PAD, BLOCK_D, BLOCK_P, GQA_SUM, F32, STAGES, WALK,
     )
 
 
@@ -289,21 +253,12 @@ def page_scores_triton(
     if b * hkv * pages == 0:
         return out
     walk = plan_walk(consts, pages, b * hkv, meta.device, meta.dtype, block_p, blocks_per_program, num_warps, num_stages)
+    per = walk.pop("blocks_per_program")
     grid = (b * hkv, walk.pop("programs_per_row"))
-    warps = walk.pop("num_warps")
     pdl = use_pdl(meta.device)
     _score_kernel[grid](
-        *score_args(q, meta, seq_start, seq_end, out, page_size, walk.pop("blocks_per_program")),
-        PDL=pdl, launch_pdl=pdl, num_warps=warps, **walk, **consts,
+        q, meta, seq_start, seq_end, out, pages, hkv, d,
+        q.stride(0), q.stride(1), meta.stride(0), meta.stride(1), meta.stride(2), meta.stride(3), page_size,
+        per, PDL=pdl, launch_pdl=pdl, **walk, **consts,
     )
     return out
-
-
-def score_args(q, meta, seq_start, seq_end, out, page_size: int, blocks_per_program: int) -> tuple:
-    """The runtime arguments of :func:`score_program` after ``bh, pb`` (``q`` / ``meta`` as checked by
-    :func:`score_meta`, ``out`` float32 ``[B, Hkv, P]``)."""
-    return (
-        q, meta, seq_start, seq_end, out, meta.shape[2], meta.shape[1], meta.shape[4],
-        q.stride(0), q.stride(1), meta.stride(0), meta.stride(1), meta.stride(2), meta.stride(3), page_size,
-        blocks_per_program,
-    )

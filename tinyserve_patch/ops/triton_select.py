@@ -26,40 +26,6 @@ from ._triton_common import (
 
 
 @triton.jit
-def select_row(
-    bh,
-    scores_ptr,
-    start_ptr,
-    end_ptr,
-    out_ptr,
-    num_pages,
-    num_select,
-    kv_heads,
-    stride_sb,
-    stride_sh,
-    stride_sp,
-    page_size,
-    sink,
-    recent,
-    BLOCK: tl.constexpr,
-    WAYS: tl.constexpr,
-):
-    """Select (row, KV head) ``bh``'s pages into ``out_ptr`` (int32 ``[B * Hkv, num_select]``). Shared with
-    the staged chain (:mod:`triton_pipeline`)."""
-    b = bh // kv_heads
-    h = bh % kv_heads
-    start = tl.load(start_ptr + b).to(tl.int32)
-    end = tl.load(end_ptr + b).to(tl.int32)
-    offs = tl.arange(0, BLOCK)
-    base = scores_ptr + b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh
-    scores = tl.load(base + offs * stride_sp, mask=offs < num_pages, other=float("-inf"))
-    select_from_scores(
-        scores, offs, num_pages, start, end, out_ptr + bh.to(tl.int64) * num_select, num_select,
-        page_size, sink, recent, BLOCK, WAYS,
-    )
-
-
-@triton.jit
 def _select_kernel(
     scores_ptr,
     start_ptr,
@@ -79,9 +45,17 @@ def _select_kernel(
     PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
-    select_row(
-        tl.program_id(0), scores_ptr, start_ptr, end_ptr, out_ptr, num_pages, num_select, kv_heads,
-        stride_sb, stride_sh, stride_sp, page_size, sink, recent, BLOCK, WAYS,
+    bh = tl.program_id(0)
+    b = bh // kv_heads
+    h = bh % kv_heads
+    start = tl.load(start_ptr + b).to(tl.int32)
+    end = tl.load(end_ptr + b).to(tl.int32)
+    offs = tl.arange(0, BLOCK)
+    base = scores_ptr + b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh
+    scores = tl.load(base + offs * stride_sp, mask=offs < num_pages, other=float("-inf"))
+    select_from_scores(
+        scores, offs, num_pages, start, end, out_ptr + bh.to(tl.int64) * num_select, num_select,
+        page_size, sink, recent, BLOCK, WAYS,
     )
 
 
