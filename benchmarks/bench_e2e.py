@@ -29,7 +29,7 @@ step, as it does for HF's static cache (a patched model's TinyServeCache is stat
 
 Method (one timed generate() per row):
 * Warm-up: one generate() on a SHORT prompt (64 tokens) with a cache of the SAME capacity as the timed run
-  (HF static: ``max_cache_len``; tinyserve: ``past_key_values=tinyserve_patch.make_cache(...)``), so the
+  (HF static: ``max_cache_len``; tinyserve: ``cache=tinyserve_patch.make_cache(...)``, ``past_key_values=`` before transformers 5.24), so the
   compiled decode graph (which depends on batch and cache capacity, not on the prompt: HF builds the 4D mask
   outside the graph) is compiled and CUDA-graph-recorded before timing. Compiled rows warm up with all
   ``--new-tokens`` steps, eager rows with 3. Before every compiled row ``torch._dynamo.reset()`` frees the
@@ -490,6 +490,7 @@ def generate_kwargs(row: Row, new_tokens: int) -> dict:
 @torch.no_grad()
 def run_row(model, row: Row, args, device: torch.device, bandwidth: float) -> None:
     import tinyserve_patch as tp
+    from tinyserve_patch.hf_compat import CACHE_KWARG
     from transformers import LogitsProcessorList
 
     cuda = device.type == "cuda"
@@ -522,11 +523,11 @@ def run_row(model, row: Row, args, device: torch.device, bandwidth: float) -> No
     if not row.compiled:
         warm_kw.update(max_new_tokens=min(3, n), min_new_tokens=min(3, n))
     if is_tinyserve(row.mode):
-        warm_kw["past_key_values"] = tp.make_cache(model, row.batch, row.context + n)
+        warm_kw[CACHE_KWARG] = tp.make_cache(model, row.batch, row.context + n)
     warm_timer = StepTimer(cuda=False, reset_peak_after_prefill=False)  # host clock: where compile time goes
     warm_timer.mark()
     model.generate(warm_ids, attention_mask=torch.ones_like(warm_ids), logits_processor=LogitsProcessorList([warm_timer]), **warm_kw)
-    warm_kw.pop("past_key_values", None)
+    warm_kw.pop(CACHE_KWARG, None)
     if is_tinyserve(row.mode):
         model._tinyserve_state.last_cache = None
     if cuda:

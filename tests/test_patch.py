@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import tinyserve_patch as tp
 from tinyserve_patch.cache import TinyServeCache
+from tinyserve_patch.hf_compat import CACHE_KWARG
 
 COMMON = dict(
     vocab_size=128,
@@ -205,9 +206,9 @@ def test_cache_overflow_and_foreign_cache():
     model = tp.patch_model(tiny_model("llama"), token_budget=32, page_size=8)
     ids, mask = batch()
     cache = tp.make_cache(model, 2, PROMPT)
-    model(ids, attention_mask=mask, past_key_values=cache)
+    model(ids, attention_mask=mask, **{CACHE_KWARG: cache})
     with pytest.raises(ValueError, match="overflow"):
-        model(ids[:, :3], past_key_values=cache)  # capacity 72 = 70 rounded up to a page
+        model(ids[:, :3], **{CACHE_KWARG: cache})  # capacity 72 = 70 rounded up to a page
     # without a TinyServeCache (plain forward): exact dense attention
     out = model(ids, attention_mask=mask).logits
     tp.unpatch_model(model)
@@ -223,8 +224,8 @@ def test_compiled_decode_step_fullgraph():
     steps = 5
     cache = tp.make_cache(model, 2, PROMPT + steps + 8)
     eager_cache = tp.make_cache(model, 2, PROMPT + steps + 8)
-    model(ids, attention_mask=mask, past_key_values=cache)
-    model(ids, attention_mask=mask, past_key_values=eager_cache)
+    model(ids, attention_mask=mask, **{CACHE_KWARG: cache})
+    model(ids, attention_mask=mask, **{CACHE_KWARG: eager_cache})
     torch._dynamo.reset()
     step = torch.compile(model.forward, fullgraph=True)
     token = torch.full((2, 1), 5)
@@ -233,8 +234,8 @@ def test_compiled_decode_step_fullgraph():
     graphs = []
     for i in range(steps):
         am = torch.cat([mask, torch.ones(2, i + 1, dtype=mask.dtype)], dim=1)
-        compiled = step(input_ids=token, attention_mask=am, past_key_values=cache).logits
-        eager = model(input_ids=token, attention_mask=am, past_key_values=eager_cache).logits
+        compiled = step(input_ids=token, attention_mask=am, **{CACHE_KWARG: cache}).logits
+        eager = model(input_ids=token, attention_mask=am, **{CACHE_KWARG: eager_cache}).logits
         torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-4)
         token = eager[:, -1].argmax(-1, keepdim=True)
         graphs.append(counters["stats"]["unique_graphs"])

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from .cache import make_cache
+from .hf_compat import CACHE_KWARG, output_cache
 
 
 @torch.no_grad()
@@ -39,17 +40,17 @@ def decode_steps(
     mask = attention_mask
     if prompt > 0:
         position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-        out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, **{CACHE_KWARG: cache},
                     use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+        cache = output_cache(out)
         on_logits(0, out.logits[:, -1])
     seen = mask.sum(-1)  # real tokens so far per row: the position of the next one
     ones = torch.ones((batch, 1), dtype=mask.dtype, device=mask.device)
     for j in range(feed.shape[1]):
         mask = torch.cat([mask, ones], dim=1)
         out = model(input_ids=feed[:, j : j + 1], attention_mask=mask, position_ids=seen[:, None],
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+                    **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1)
+        cache = output_cache(out)
         on_logits(j + 1, out.logits[:, -1])
         seen = seen + 1
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import SparseConfig
+from .hf_compat import CACHE_KWARG, cache_in
 
 SUPPORTED_FAMILIES = {
     "llama": "Llama",
@@ -75,7 +76,7 @@ def _inject_cache_layer(module, args, kwargs):
     keys are written."""
     from .cache import TinyServeCache
 
-    cache = kwargs.get("past_key_values")
+    cache = cache_in(kwargs)
     if not isinstance(cache, TinyServeCache):
         return None
     layer = cache.layers[module.layer_idx]
@@ -189,14 +190,14 @@ def install_generate_hook() -> None:
             patch_model(self)
         if generation_config.prefill_chunk_size is None:  # the config's chunking, unless the call sets its own
             generation_config.prefill_chunk_size = self._tinyserve_state.config.prefill_chunk_size
-        if model_kwargs.get("past_key_values") is not None:
+        if cache_in(model_kwargs) is not None:
             return original(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length, *args, **kwargs)
         if generation_config.cache_implementation is not None:
             raise ValueError(
                 f"cache_implementation={generation_config.cache_implementation!r} cannot be combined with tinyserve, "
                 "which brings its own static, page-aligned cache"
             )
-        model_kwargs["past_key_values"] = make_cache(self, batch_size, int(max_cache_length) + 1)
+        model_kwargs[CACHE_KWARG] = make_cache(self, batch_size, int(max_cache_length) + 1)
         return None
 
     GenerationMixin._prepare_cache_for_generation = _prepare_cache_for_generation

@@ -8,6 +8,7 @@ import torch
 
 import tinyserve_patch as tp
 from tinyserve_patch.decode import decode_logits
+from tinyserve_patch.hf_compat import CACHE_KWARG
 from tests.test_patch import FAMILIES, GEN, PROMPT, batch, tiny_model
 
 pytestmark = pytest.mark.gpu
@@ -108,8 +109,8 @@ def test_gpu_compiled_forward_reduce_overhead_no_recompile():
     # room beyond the last step, as generate() sizes it: a mask as long as the cache would be a new shape
     cache = tp.make_cache(model, 2, PROMPT + steps + 8)
     eager_cache = tp.make_cache(model, 2, PROMPT + steps + 8)
-    model(ids, attention_mask=mask, past_key_values=cache)
-    model(ids, attention_mask=mask, past_key_values=eager_cache)
+    model(ids, attention_mask=mask, **{CACHE_KWARG: cache})
+    model(ids, attention_mask=mask, **{CACHE_KWARG: eager_cache})
     torch._dynamo.reset()
     step = torch.compile(model.forward, fullgraph=True, mode="reduce-overhead")
     full_mask = torch.cat([mask, torch.ones(2, steps, dtype=mask.dtype, device="cuda")], dim=1)
@@ -119,8 +120,8 @@ def test_gpu_compiled_forward_reduce_overhead_no_recompile():
     graphs = []
     for i in range(steps):
         am = full_mask[:, : PROMPT + i + 1].contiguous()  # as generate() passes it (a slice is strided until the last step)
-        compiled = step(input_ids=token, attention_mask=am, past_key_values=cache).logits.clone()
-        eager = model(input_ids=token, attention_mask=am, past_key_values=eager_cache).logits
+        compiled = step(input_ids=token, attention_mask=am, **{CACHE_KWARG: cache}).logits.clone()
+        eager = model(input_ids=token, attention_mask=am, **{CACHE_KWARG: eager_cache}).logits
         torch.testing.assert_close(compiled.float(), eager.float(), atol=3e-2, rtol=3e-2)
         token = eager[:, -1].argmax(-1, keepdim=True)
         graphs.append(counters["stats"]["unique_graphs"])
@@ -155,7 +156,7 @@ def test_gpu_cpu_layer_split_keeps_each_cache_on_its_layer():
     cpu = tp.patch_model(tiny_model("llama", torch.float32), **cfg)
     split = tiny_model("llama", torch.float32).cuda()
     layer = split.model.layers[1].cpu()
-    add_hook_to_module(layer, AlignDevicesHook(execution_device="cpu", io_same_device=True, skip_keys="past_key_values"))
+    add_hook_to_module(layer, AlignDevicesHook(execution_device="cpu", io_same_device=True, skip_keys=CACHE_KWARG))
     tp.patch_model(split, **cfg)
     ids, mask = batch(pad=9)
     cont = torch.randint(1, 100, (2, GEN["max_new_tokens"]), generator=torch.Generator().manual_seed(4))
