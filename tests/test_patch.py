@@ -79,7 +79,8 @@ def test_family_full_budget_sparse_budget_unpatch(family):
     assert model.config._attn_implementation == "tinyserve"
     full = model.generate(ids, attention_mask=mask, output_logits=True, return_dict_in_generate=True, **GEN)
     assert torch.equal(full.sequences, dense)
-    torch.testing.assert_close(model(ids, attention_mask=mask).logits, dense_logits)
+    real = mask.bool()  # padded positions' outputs are unspecified (HF's own differ between releases)
+    torch.testing.assert_close(model(ids, attention_mask=mask).logits[real], dense_logits[real])
 
     tp.patch_model(model, token_budget=40, page_size=8, dense_layers=0)
     sparse = model.generate(ids, attention_mask=mask, **GEN)
