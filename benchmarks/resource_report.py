@@ -53,10 +53,10 @@ class _Captured(Exception):
     pass
 
 
-def capture_launch(kernel, launcher) -> dict:
+def capture_launch(kernel, launcher, skip=()) -> dict:
     """Run ``launcher()`` (a call into one of the ``triton_*`` launchers on meta tensors) and return the
     first launch of ``kernel`` it makes, as ``{"args": {name: value}, "options": {...}, "grid": ...}``,
-    without running it."""
+    without running it; launches of the kernels in ``skip`` (made before it) are dropped."""
     seen = {}
 
     def run(*args, grid, warmup, **kwargs):
@@ -67,14 +67,17 @@ def capture_launch(kernel, launcher) -> dict:
         seen.update(args=bound, options=options, grid=grid)
         raise _Captured
 
-    original = kernel.run
+    originals = {k: k.run for k in (kernel, *skip)}
+    for k in skip:
+        k.run = lambda *args, **kwargs: None
     kernel.run = run
     try:
         launcher()
     except _Captured:
         pass
     finally:
-        kernel.run = original
+        for k, original in originals.items():
+            k.run = original
     if not seen:
         raise RuntimeError(f"{kernel.fn.__name__} was not launched")
     return seen
@@ -140,8 +143,9 @@ def report(name: str, kernel, launch: dict) -> dict:
 
 
 def chain_launches(model: str, batch: int, tokens: int, budget: int) -> list[tuple[str, object, dict]]:
-    """The score -> select -> attention launches of one decode step of one layer, captured on meta tensors."""
-    from tinyserve_patch.ops import triton_decode, triton_score, triton_select
+    """The score -> select -> attention launches of one decode step of one layer, then the same three in
+    the row-chained mode (``ops/triton_chain.py``), captured on meta tensors."""
+    from tinyserve_patch.ops import triton_chain, triton_decode, triton_score, triton_select
 
     hq, hkv, d = MODELS[model]
     dev, bf = torch.device("meta"), torch.bfloat16
@@ -161,6 +165,11 @@ def chain_launches(model: str, batch: int, tokens: int, budget: int) -> list[tup
         ("attention", triton_decode._decode_split_kernel,
          capture_launch(triton_decode._decode_split_kernel,
                         lambda: triton_decode.sparse_decode_attention_triton(q, k, k, idx, start, end, PAGE, d**-0.5))),
+    ] + [
+        (f"{name} (chained)", kernel, capture_launch(kernel, lambda: triton_chain.quest_decode_chained_triton(
+            q, k, k, meta, start, end, PAGE, budget // PAGE, 1, 1, "max", d**-0.5), skip=chain[:i]))
+        for chain in [(triton_score._score_kernel, triton_select._select_kernel, triton_decode._decode_split_kernel)]
+        for i, (name, kernel) in enumerate(zip(("score", "select", "attention"), chain))
     ]
 
 

@@ -27,7 +27,8 @@ def test_resource_report_on_a_small_shape(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r["kernel"]: r for r in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {"score", "select", "attention"}
+    chained = ["score (chained)", "select (chained)", "attention (chained)"]
+    assert set(rows) == {"score", "select", "attention", *chained}
     for r in rows.values():
         assert 0 < r["regs"] <= 255 and r["local_bytes"] == 0, r  # no spills
         assert r["ctas_per_sm"] >= 1 and r["sass_instructions"] > 0
@@ -38,3 +39,8 @@ def test_resource_report_on_a_small_shape(tmp_path):
     # (2 scores per thread here: 8 bytes; 16 at >= 4 per thread)
     assert rows["attention"]["ldgsts"] > 0 and rows["attention"]["hmma"] > 0
     assert rows["select"]["ldg_128"] + rows["select"]["ldg_64"] > 0
+    # the row-chained mode (ops/triton_chain.py) keeps each kernel's launch and occupancy: its spin-waits and
+    # counters cost no CTA per SM
+    for name in chained:
+        split = rows[name.removesuffix(" (chained)")]
+        assert rows[name]["ctas"] == split["ctas"] and rows[name]["ctas_per_sm"] == split["ctas_per_sm"], name

@@ -70,19 +70,22 @@ def use_pdl(device: torch.device) -> bool:
 _TICKETS: dict = {}
 
 
-def ticket_counters(device: torch.device, n: int) -> torch.Tensor | None:
-    """A persistent zeroed int32 buffer of at least ``n`` ticket counters on ``device`` for the "last program
-    finishes the row" kernels (fused selection, inline merge), each of which leaves its counters zeroed
-    again; None when the buffer would have to be allocated during CUDA-graph capture (a buffer first
-    allocated then lives in the graph's pool, which CUDA-graph trees reject): the caller then falls back
-    (the fused selection to a zeroed buffer of its own, the inline merge to the merge kernel). One decode
-    stream per device at a time: concurrent launches would share it."""
-    buf = _TICKETS.get(device)
+def ticket_counters(device: torch.device, n: int, pool: str = "tickets") -> torch.Tensor | None:
+    """A persistent zeroed int32 buffer of at least ``n`` counters on ``device`` (one buffer per ``pool``)
+    for the kernels that count programs through the memory (``"tickets"``: the "last program finishes the
+    row" kernels, fused selection and inline merge; ``"chain"``: the row-chained decode,
+    :mod:`triton_chain`), each of which leaves its counters zeroed again; None when the buffer would have to
+    be allocated during CUDA-graph capture (a buffer first allocated then lives in the graph's pool, which
+    CUDA-graph trees reject): the caller then falls back (the fused selection to a zeroed buffer of its own,
+    the inline merge to the merge kernel, the chained decode to the split kernels). One decode stream per
+    device at a time: concurrent launches would share it."""
+    key = (device, pool)
+    buf = _TICKETS.get(key)
     if buf is None or buf.numel() < n:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return None
         buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-        _TICKETS[device] = buf
+        _TICKETS[key] = buf
     return buf
 
 
@@ -167,6 +170,32 @@ def pdl_enter(PDL: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_trigger(PDL: tl.constexpr):
+    """First statement of a row-chained kernel (:mod:`triton_chain`): let the next PDL launch start
+    scheduling, without waiting for the previous grid; its inputs from that grid are flagged per row
+    (:func:`wait_row`), and everything older was complete before that grid's programs triggered."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def signal_row(counter_ptr):
+    """After a program's stores: make them visible and count the program in ``counter_ptr`` (the CTA
+    barrier orders every thread's stores before the one release add at GPU scope)."""
+    tl.debug_barrier()
+    tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def wait_row(counter_ptr, target):
+    """Spin until ``counter_ptr`` reaches ``target`` (acquire: the counted programs' stores are visible
+    after it; read them with ``cache_modifier=".cg"``, past a possibly stale L1)."""
+    n = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+    while n < target:
+        n = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
 
 
 @triton.jit

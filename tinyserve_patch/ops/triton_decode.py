@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import check, check_float_dtype, check_head_dim, check_page_size, check_rows, f32_dot, mm, pdl_enter, sm_count, ticket_counters, use_pdl
+from ._triton_common import check, check_float_dtype, check_head_dim, check_page_size, check_rows, f32_dot, mm, pdl_enter, pdl_trigger, sm_count, ticket_counters, use_pdl, wait_row
 from .reference import FP8_DTYPES
 
 LOG2E = 1.4426950408889634
@@ -58,6 +58,8 @@ def _decode_split_kernel(
     stride_ih,
     stride_ob,
     stride_oh,
+    flag_ptr,
+    done_ptr,
     G: tl.constexpr,
     G_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -68,11 +70,18 @@ def _decode_split_kernel(
     SINGLE: tl.constexpr,
     F32: tl.constexpr,
     INLINE_MERGE: tl.constexpr,
+    CHAIN: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    pdl_enter(PDL)
-    bh = tl.program_id(0)
-    split = tl.program_id(1)
+    if CHAIN:  # row-chained (triton_chain): grid (num_splits, B * Hkv); wait for this row's selection only
+        pdl_trigger(PDL)
+        split = tl.program_id(0)
+        bh = tl.program_id(1)
+        wait_row(flag_ptr + bh, 1)
+    else:
+        pdl_enter(PDL)
+        bh = tl.program_id(0)
+        split = tl.program_id(1)
     b = bh // kv_heads
     h = bh % kv_heads
     start = tl.load(start_ptr + b).to(tl.int32)
@@ -101,7 +110,10 @@ def _decode_split_kernel(
     # pipeliner already hides them; benchmarks/results/tune_decode_h100_prefetch.json)
     for j0 in range(tok0, tok_end, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
-        page = tl.load(idx_base + j // PAGE_SIZE, mask=j < tok_end, other=-1)
+        if CHAIN:  # written by a grid still running: past L1
+            page = tl.load(idx_base + j // PAGE_SIZE, mask=j < tok_end, other=-1, cache_modifier=".cg")
+        else:
+            page = tl.load(idx_base + j // PAGE_SIZE, mask=j < tok_end, other=-1)
         pos = page * PAGE_SIZE + j % PAGE_SIZE
         valid = (page >= 0) & (pos >= start) & (pos < end)
         k_t = tl.load(
@@ -168,6 +180,12 @@ def _decode_split_kernel(
                 out_ptrs = out_ptr + b.to(tl.int64) * stride_ob + (h * G + rows)[:, None].to(tl.int64) * stride_oh + offs_d[None, :]
                 tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & dmask[None, :])
                 tl.atomic_xchg(counter_ptr + bh, 0)
+    if CHAIN:  # the last program of the row re-arms its flag for the next launch
+        tl.debug_barrier()
+        done = tl.atomic_add(done_ptr + bh, 1, sem="acq_rel", scope="gpu")
+        if done == num_splits - 1:
+            tl.atomic_xchg(done_ptr + bh, 0)
+            tl.atomic_xchg(flag_ptr + bh, 0)
 
 
 @triton.jit
@@ -251,10 +269,13 @@ def sparse_decode_attention_triton(
     num_warps: int | None = None,
     num_stages: int = 2,
     merge: str | None = None,
+    chain: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``[B, Hq, D]`` attention over the selected pages (see module docstring). ``num_splits``,
     ``block_n``, ``num_warps``, ``num_stages`` and ``merge`` (``"kernel"`` / ``"inline"``, see
-    :data:`DEFAULT_MERGE`) override the tuned defaults (tests, tuning)."""
+    :data:`DEFAULT_MERGE`) override the tuned defaults (tests, tuning). ``chain``: ``(flags, done)``, the
+    row-chained mode (:mod:`triton_chain`): a row's programs wait until its flag is set (by its selection)
+    instead of waiting for the previous grid, and the row's last program zeroes its flag again."""
     merge = merge or DEFAULT_MERGE
     check(merge in ("kernel", "inline"), f"merge={merge!r}: allowed 'kernel' or 'inline'")
     check(k_cache.dim() == 4 and v_cache.shape == k_cache.shape, "k_cache / v_cache must be [B, Hkv, cap, D] alike")
@@ -303,14 +324,16 @@ def sparse_decode_attention_triton(
         o_ws = torch.empty((b * hkv * splits * g, d), dtype=torch.float32, device=q.device)
         lse_ws = torch.empty((b * hkv * splits * g,), dtype=torch.float32, device=q.device)
     pdl = use_pdl(q.device)
-    _decode_split_kernel[(b * hkv, splits)](
+    flags, done = chain if chain is not None else (out, out)
+    _decode_split_kernel[(splits, b * hkv) if chain is not None else (b * hkv, splits)](
         q, k_cache, v_cache, indices, seq_start, seq_end, out, o_ws, lse_ws, counters if inline else out,
         n_sel, hkv, splits, per,
         float(scale) / softcap if softcap else float(scale) * LOG2E, float(softcap) * LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        indices.stride(0), indices.stride(1), out.stride(0), out.stride(1),
+        indices.stride(0), indices.stride(1), out.stride(0), out.stride(1), flags, done,
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=block_n,
         PAGE_SIZE=page_size, SOFTCAP=bool(softcap), SINGLE=single, F32=f32_dot(q.dtype), INLINE_MERGE=inline,
+        CHAIN=chain is not None,
         num_warps=num_warps or (4 if block_d <= 128 else 8), num_stages=num_stages, PDL=pdl, launch_pdl=pdl,
     )
     if not single and not inline:

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import check, check_float_dtype, check_head_dim, check_page_size, check_rows, f32_dot, mm, page_valid, pdl_enter, sm_count, use_pdl
+from ._triton_common import check, check_float_dtype, check_head_dim, check_page_size, check_rows, f32_dot, mm, page_valid, pdl_enter, signal_row, sm_count, use_pdl
 from .reference import FP8_DTYPES
 
 
@@ -133,6 +133,7 @@ def _score_kernel(
     stride_mm,
     page_size,
     blocks_per_program,
+    signal_ptr,
     G: tl.constexpr,
     G_PAD: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -141,11 +142,16 @@ def _score_kernel(
     F32: tl.constexpr,
     STAGES: tl.constexpr,
     WALK: tl.constexpr,
+    CHAIN: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
-    bh = tl.program_id(0)
-    pb = tl.program_id(1)
+    if CHAIN:  # grid (programs_per_row, B * Hkv): a row's programs adjacent, rows finish in order
+        pb = tl.program_id(0)
+        bh = tl.program_id(1)
+    else:
+        bh = tl.program_id(0)
+        pb = tl.program_id(1)
     b = bh // kv_heads
     h = bh % kv_heads
     start = tl.load(start_ptr + b).to(tl.int32)
@@ -158,6 +164,8 @@ def _score_kernel(
         q_pos, q_neg, meta_bh, out_ptr + bh.to(tl.int64) * num_pages, first, last, num_pages, start, end,
         stride_mp, stride_mm, D, page_size, G, G_PAD, BLOCK_D, BLOCK_P, GQA_SUM, F32, STAGES, WALK,
     )
+    if CHAIN:
+        signal_row(signal_ptr + bh)  # the row's selection waits for programs_per_row of these
 
 
 def score_meta(q: torch.Tensor, meta: torch.Tensor, seq_start, seq_end, page_size: int, gqa_reduction: str):
@@ -244,9 +252,12 @@ def page_scores_triton(
     num_warps: int | None = None,
     blocks_per_program: int | None = None,
     num_stages: int | None = None,
+    signal: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """float32 ``[B, Hkv, P]`` Quest upper bounds (see module docstring). ``block_p``, ``num_warps``,
-    ``blocks_per_program`` and ``num_stages`` override the tuned defaults."""
+    ``blocks_per_program`` and ``num_stages`` override the tuned defaults. ``signal`` (int32 ``[>= B * Hkv]``,
+    zeroed): row-chained mode (:mod:`triton_chain`), each program adds 1 to its row's counter once its
+    scores are stored."""
     q, meta, consts = score_meta(q, meta, seq_start, seq_end, page_size, gqa_reduction)
     b, hkv, pages, _, d = meta.shape
     out = torch.empty((b, hkv, pages), dtype=torch.float32, device=meta.device)
@@ -254,11 +265,13 @@ def page_scores_triton(
         return out
     walk = plan_walk(consts, pages, b * hkv, meta.device, meta.dtype, block_p, blocks_per_program, num_warps, num_stages)
     per = walk.pop("blocks_per_program")
-    grid = (b * hkv, walk.pop("programs_per_row"))
+    nprog = walk.pop("programs_per_row")
+    chain = signal is not None
+    grid = (nprog, b * hkv) if chain else (b * hkv, nprog)
     pdl = use_pdl(meta.device)
     _score_kernel[grid](
         q, meta, seq_start, seq_end, out, pages, hkv, d,
         q.stride(0), q.stride(1), meta.stride(0), meta.stride(1), meta.stride(2), meta.stride(3), page_size,
-        per, PDL=pdl, launch_pdl=pdl, **walk, **consts,
+        per, signal if chain else out, CHAIN=chain, PDL=pdl, launch_pdl=pdl, **walk, **consts,
     )
     return out

@@ -18,10 +18,13 @@ from ._triton_common import (
     check_select_pages,
     check_ways,
     pdl_enter,
+    pdl_trigger,
     select_from_scores,
     SELECT_WAYS,
     select_num_warps,
+    signal_row,
     use_pdl,
+    wait_row,
 )
 
 
@@ -40,23 +43,37 @@ def _select_kernel(
     page_size,
     sink,
     recent,
+    count_ptr,
+    flag_ptr,
+    programs_per_row,
     BLOCK: tl.constexpr,
     WAYS: tl.constexpr,
+    CHAIN: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    pdl_enter(PDL)
     bh = tl.program_id(0)
+    if CHAIN:  # row-chained (triton_chain): wait for this row's score programs only, then re-arm
+        pdl_trigger(PDL)
+        wait_row(count_ptr + bh, programs_per_row)
+        tl.atomic_xchg(count_ptr + bh, 0)
+    else:
+        pdl_enter(PDL)
     b = bh // kv_heads
     h = bh % kv_heads
     start = tl.load(start_ptr + b).to(tl.int32)
     end = tl.load(end_ptr + b).to(tl.int32)
     offs = tl.arange(0, BLOCK)
     base = scores_ptr + b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh
-    scores = tl.load(base + offs * stride_sp, mask=offs < num_pages, other=float("-inf"))
+    if CHAIN:  # written by a grid still running: past L1
+        scores = tl.load(base + offs * stride_sp, mask=offs < num_pages, other=float("-inf"), cache_modifier=".cg")
+    else:
+        scores = tl.load(base + offs * stride_sp, mask=offs < num_pages, other=float("-inf"))
     select_from_scores(
         scores, offs, num_pages, start, end, out_ptr + bh.to(tl.int64) * num_select, num_select,
         page_size, sink, recent, BLOCK, WAYS,
     )
+    if CHAIN:
+        signal_row(flag_ptr + bh)  # this row's attention programs wait for it
 
 
 def select_pages_triton(
@@ -69,9 +86,13 @@ def select_pages_triton(
     recent_pages: int,
     ways: int | None = None,
     num_warps: int | None = None,
+    chain: tuple[torch.Tensor, torch.Tensor, int] | None = None,
 ) -> torch.Tensor:
     """``scores`` float32 ``[B, Hkv, P]`` -> int32 ``[B, Hkv, num_select]`` (see module docstring).
-    ``ways`` (thresholds per search pass) and ``num_warps`` override the tuned defaults."""
+    ``ways`` (thresholds per search pass) and ``num_warps`` override the tuned defaults. ``chain``:
+    ``(counts, flags, programs_per_row)``, the row-chained mode (:mod:`triton_chain`): each program waits
+    until its row's count reaches ``programs_per_row`` (then zeroes it) instead of waiting for the
+    previous grid, and adds 1 to its row's flag once its pages are stored."""
     check(scores.dim() == 3 and scores.dtype == torch.float32, f"scores must be float32 [B, Hkv, P], got {scores.dtype} {tuple(scores.shape)}")
     check(num_select >= 1, f"num_select={num_select} must be >= 1")
     check(sink_pages >= 0 and recent_pages >= 0, "sink_pages / recent_pages must be >= 0")
@@ -84,10 +105,11 @@ def select_pages_triton(
     if b * hkv == 0:
         return out
     pdl = use_pdl(scores.device)
+    counts, flags, nprog = chain if chain is not None else (out, out, 0)
     _select_kernel[(b * hkv,)](
         scores, seq_start, seq_end, out, pages, num_select, hkv,
         scores.stride(0), scores.stride(1), scores.stride(2), page_size, sink_pages, recent_pages,
-        BLOCK=block, WAYS=ways,
+        counts, flags, nprog, BLOCK=block, WAYS=ways, CHAIN=chain is not None,
         num_warps=num_warps or select_num_warps(block), PDL=pdl, launch_pdl=pdl,
     )
     return out

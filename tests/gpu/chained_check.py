@@ -1,0 +1,81 @@
+"""Row-chained decode vs the split chain on a GPU, eager and replayed from a CUDA graph (run by
+``test_gpu_kernels.py::test_gpu_chained_decode_equals_split_eager_and_graphed`` in a subprocess with a
+timeout: a wrong wait hangs the GPU rather than failing). Prints one line per case, exits non-zero on a
+mismatch."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tinyserve_patch.ops import reference as ref  # noqa: E402
+from tinyserve_patch.ops._triton_common import ticket_counters, use_pdl  # noqa: E402
+from tinyserve_patch.ops.triton_chain import quest_decode_chained_triton  # noqa: E402
+from tinyserve_patch.ops.triton_decode import sparse_decode_attention_triton  # noqa: E402
+from tinyserve_patch.ops.triton_score import page_scores_triton  # noqa: E402
+from tinyserve_patch.ops.triton_select import select_pages_triton  # noqa: E402
+
+CASES = [  # q heads, kv heads, head_dim, batch, tokens, budget, page, softcap, ragged
+    (32, 8, 128, 8, 65536, 2048, 16, 0.0, False),
+    (32, 4, 64, 1, 16384, 4096, 16, 0.0, False),
+    (32, 8, 128, 3, 4096, 1024, 8, 30.0, True),
+    (32, 4, 64, 16, 32768, 2048, 64, 0.0, True),
+]
+
+
+def split(q, k, v, meta, start, end, ps, n, scale, softcap):
+    scores = page_scores_triton(q, meta, start, end, ps, "max")
+    idx = select_pages_triton(scores, start, end, ps, n, 1, 1)
+    return sparse_decode_attention_triton(q, k, v, idx, start, end, ps, scale, softcap), idx
+
+
+def main() -> int:
+    dev = torch.device("cuda")
+    print(f"PDL {use_pdl(dev)}")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for hq, hkv, d, b, length, budget, ps, softcap, ragged in CASES:
+        k = torch.randn(b, hkv, length, d, device=dev, generator=g).to(torch.bfloat16)
+        v = torch.randn(b, hkv, length, d, device=dev, generator=g).to(torch.bfloat16)
+        q = torch.randn(b, hq, d, device=dev, generator=g).to(torch.bfloat16)
+        meta = ref.build_meta(k, length, ps)
+        end = torch.full((b,), length, dtype=torch.int32, device=dev)
+        start = torch.zeros(b, dtype=torch.int32, device=dev)
+        if ragged:
+            end[1::2] = length // 2 + 3
+            start[1::2] = ps * 2 + 1
+        n, scale = budget // ps, d**-0.5
+        want_out, want_idx = split(q, k, v, meta, start, end, ps, n, scale, softcap)
+        for _ in range(3):
+            out, idx = quest_decode_chained_triton(q, k, v, meta, start, end, ps, n, 1, 1, "max", scale, softcap)
+            torch.cuda.synchronize()
+            if not (torch.equal(idx, want_idx) and torch.equal(out, want_out)):
+                print(f"MISMATCH eager {hq}/{hkv}/{d} B={b} L={length} budget={budget}")
+                return 1
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            quest_decode_chained_triton(q, k, v, meta, start, end, ps, n, 1, 1, "max", scale, softcap)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            g_out, g_idx = quest_decode_chained_triton(q, k, v, meta, start, end, ps, n, 1, 1, "max", scale, softcap)
+        for _ in range(5):
+            graph.replay()
+        torch.cuda.synchronize()
+        if not (torch.equal(g_idx, want_idx) and torch.equal(g_out, want_out)):
+            print(f"MISMATCH graphed {hq}/{hkv}/{d} B={b} L={length} budget={budget}")
+            return 1
+        if int(ticket_counters(dev, 1, pool="chain").count_nonzero()):
+            print("counters left armed")
+            return 1
+        print(f"ok {hq}/{hkv}/{d} B={b} L={length} budget={budget} page={ps}: eager x3, graph x5")
+    print("chained == split")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,112 @@
+"""quest_decode_chained_triton == the split chain (score -> select -> attention), bit for bit, and leaves its
+row counters zeroed (re-armed) after every call, a failed one included.
+
+Under the CPU interpreter the three grids run one after another, so every wait passes at once: these
+tests pin the results and the counter protocol; the overlap itself is a GPU matter
+(``tests/gpu/test_gpu_kernels.py``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tinyserve_patch.ops import reference as ref
+from tinyserve_patch.ops import triton_chain
+from tinyserve_patch.ops._triton_common import ticket_counters
+from tinyserve_patch.ops.triton_chain import quest_decode_chained_triton
+from tinyserve_patch.ops.triton_decode import sparse_decode_attention_triton
+from tinyserve_patch.ops.triton_score import page_scores_triton
+from tinyserve_patch.ops.triton_select import select_pages_triton
+from tests.ops.kernel_cases import cache, gen, randn, rows
+
+# The interpreter runs only where there is no CUDA (tests/conftest.py); on a GPU machine the chained
+# kernels are tested in tests/gpu, in a subprocess with a timeout (a wrong wait hangs rather than fails).
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU interpreter only; GPU runs: tests/gpu")
+
+
+def _split(q, k, v, meta, start, end, ps, n, sink, recent, red, scale, softcap=0.0, merge=None):
+    scores = page_scores_triton(q, meta, start, end, ps, red)
+    idx = select_pages_triton(scores, start, end, ps, n, sink, recent)
+    return sparse_decode_attention_triton(q, k, v, idx, start, end, ps, scale, softcap, merge=merge), idx
+
+
+def _case(b, h, g, d, ps, cap, dtype, seed, meta_dtype=None):
+    gn = gen(seed)
+    k, v, _ = cache(b, h, cap, d, ps, dtype, gn, device="cpu")
+    start, end = rows(b, cap, gn, empty_row=b > 2, device="cpu")
+    meta = ref.build_meta(k, cap, ps, dtype=meta_dtype) if meta_dtype else ref.build_meta(k, cap, ps)
+    return randn((b, h * g, d), dtype, gn, device="cpu"), k, v, meta, start, end
+
+
+def _armed(device) -> int:
+    """Non-zero chain counters left behind (0: every row re-armed)."""
+    return int(ticket_counters(torch.device(device), 1, pool="chain").count_nonzero())
+
+
+@pytest.mark.parametrize("b,h,g,d,ps,cap,n", [(3, 2, 4, 32, 8, 256, 5), (1, 2, 2, 64, 16, 96, 2), (2, 1, 1, 16, 64, 512, 3)])
+@pytest.mark.parametrize("merge", ["kernel", "inline"])
+def test_chained_equals_split_chain(b, h, g, d, ps, cap, n, merge):
+    q, k, v, meta, start, end = _case(b, h, g, d, ps, cap, torch.float32, 3 + n)
+    for _ in range(2):  # a second call on the re-armed counters
+        out, idx = quest_decode_chained_triton(q, k, v, meta, start, end, ps, n, 1, 1, "max", d**-0.5, merge=merge)
+        expect_out, expect_idx = _split(q, k, v, meta, start, end, ps, n, 1, 1, "max", d**-0.5, merge=merge)
+        assert torch.equal(idx, expect_idx)
+        assert torch.equal(out, expect_out)
+        assert _armed(q.device) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_chained_half_precision_sum_softcap_fp8_meta(dtype):
+    for meta_dtype in (None, torch.float8_e4m3fn):
+        q, k, v, meta, start, end = _case(3, 2, 2, 32, 8, 128, dtype, 11, meta_dtype)
+        out, idx = quest_decode_chained_triton(q, k, v, meta, start, end, 8, 4, 1, 2, "sum", 0.2, softcap=30.0)
+        expect_out, expect_idx = _split(q, k, v, meta, start, end, 8, 4, 1, 2, "sum", 0.2, 30.0)
+        assert torch.equal(idx, expect_idx) and torch.equal(out, expect_out)
+        assert _armed(q.device) == 0
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    b=st.integers(1, 3), h=st.integers(1, 3), g=st.sampled_from([1, 2, 4]), pages=st.integers(2, 40),
+    n=st.integers(1, 14), seed=st.integers(0, 2**16),
+)
+def test_chained_equals_split_chain_random_shapes(b, h, g, pages, n, seed):
+    q, k, v, meta, start, end = _case(b, h, g, 16, 8, pages * 8, torch.float32, seed)
+    out, idx = quest_decode_chained_triton(q, k, v, meta, start, end, 8, n, 1, 1, "max", 0.25)
+    expect_out, expect_idx = _split(q, k, v, meta, start, end, 8, n, 1, 1, "max", 0.25)
+    assert torch.equal(idx, expect_idx) and torch.equal(out, expect_out)
+    assert _armed(q.device) == 0
+
+
+def test_chained_failure_part_way_leaves_no_row_armed(monkeypatch):
+    """A launch that fails after the score grid counted its rows must not leave a counter set (the next
+    call's selection would pass its wait too early)."""
+    q, k, v, meta, start, end = _case(2, 2, 2, 16, 8, 128, torch.float32, 7)
+
+    def broken_select(*args, **kwargs):
+        raise RuntimeError("launch failed")
+
+    monkeypatch.setattr(triton_chain, "select_pages_triton", broken_select)
+    with pytest.raises(RuntimeError, match="launch failed"):
+        quest_decode_chained_triton(q, k, v, meta, start, end, 8, 3, 1, 1, "max", 0.25)
+    assert _armed(q.device) == 0
+    monkeypatch.undo()
+    out, idx = quest_decode_chained_triton(q, k, v, meta, start, end, 8, 3, 1, 1, "max", 0.25)
+    expect_out, expect_idx = _split(q, k, v, meta, start, end, 8, 3, 1, 1, "max", 0.25)
+    assert torch.equal(idx, expect_idx) and torch.equal(out, expect_out)
+
+
+def test_chained_without_counters_runs_the_split_chain(monkeypatch):
+    """No persistent counters (a first call inside a CUDA-graph capture): the split chain, same results."""
+    q, k, v, meta, start, end = _case(2, 2, 2, 16, 8, 128, torch.float32, 9)
+    monkeypatch.setattr(triton_chain, "ticket_counters", lambda *args, **kwargs: None)
+    out, idx = quest_decode_chained_triton(q, k, v, meta, start, end, 8, 3, 1, 1, "max", 0.25)
+    expect_out, expect_idx = _split(q, k, v, meta, start, end, 8, 3, 1, 1, "max", 0.25)
+    assert torch.equal(idx, expect_idx) and torch.equal(out, expect_out)
+
+
+def test_chain_counters_are_their_own_pool():
+    dev = torch.device("cpu")
+    assert ticket_counters(dev, 8, pool="chain").data_ptr() != ticket_counters(dev, 8).data_ptr()

@@ -1,0 +1,83 @@
+"""Row-chained decode: the score, select and attention kernels synchronised per (row, KV head) instead of
+grid by grid. Experimental (the split chain stays the default until this is measured faster on a GPU).
+
+Inputs as the split chain's: ``q`` ``[B, Hq, D]``, ``k_cache`` / ``v_cache`` ``[B, Hkv, cap, D]``, ``meta``
+``[B, Hkv, P, 2, D]``, ``seq_start`` / ``seq_end`` ``[B]``. Returns the attention ``[B, Hq, D]`` (q's dtype)
+and the selected pages int32 ``[B, Hkv, num_select]``, equal bit for bit to the split chain's (the same
+kernels, the same launch plans; only the waits differ).
+
+In the split chain each kernel waits for the whole previous grid (``griddepcontrol.wait``), so the
+selection (latency-bound, ~8 us) and the attention's start-up run while the memory system idles. Here,
+with the same three launches (the ``CHAIN`` mode of each kernel):
+
+* the score grid is row-major (a row's programs adjacent, so rows finish in order); each program adds 1
+  to its row's counter after its stores (CTA barrier + release add);
+* each selection program waits until its row's counter reaches the row's program count (acquire spin),
+  zeroes it, reads the scores past L1 (``.cg``), selects, and adds 1 to its row's flag;
+* each attention program (grid ``(num_splits, rows)``) waits for its row's flag, reads the pages past L1,
+  and the row's last program to finish zeroes the flag (a done ticket); the merge kernel waits for the
+  whole attention grid as before.
+
+So early rows' selection and attention run beside later rows' scoring. The selection and attention
+programs trigger the next launch at once and never wait for the previous grid: everything older than
+the score grid was complete before its programs triggered. The waits cannot deadlock: a PDL launch may
+start only once every program of the previous grid has triggered or exited, so every score program is
+scheduled before any selection program takes an SM, and every selection program before any attention
+program; a spinning program only waits for programs already resident or finished. Without PDL (before
+Hopper, ``TINYSERVE_PDL=0``, the CPU interpreter) the grids run one after another and every wait passes at
+once. The counters are a persistent per-device buffer (:func:`_triton_common.ticket_counters`, pool
+``"chain"``) that every launch leaves zeroed; where it cannot exist (first allocation inside a CUDA-graph
+capture) the split chain runs instead.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._triton_common import check, ticket_counters
+from .triton_decode import sparse_decode_attention_triton
+from .triton_score import page_scores_triton, plan_walk, score_meta
+from .triton_select import select_pages_triton
+
+
+def quest_decode_chained_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: torch.Tensor,
+    seq_start: torch.Tensor,
+    seq_end: torch.Tensor,
+    page_size: int,
+    num_select: int,
+    sink_pages: int,
+    recent_pages: int,
+    gqa_reduction: str,
+    scale: float,
+    softcap: float = 0.0,
+    merge: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out [B, Hq, D], indices int32 [B, Hkv, num_select])``: the split chain's results, row-chained
+    (see module docstring)."""
+    q, meta, consts = score_meta(q, meta, seq_start, seq_end, page_size, gqa_reduction)
+    check(num_select >= 1, f"num_select={num_select} must be >= 1")
+    b, hkv, pages = meta.shape[:3]
+    rows = b * hkv
+    buf = ticket_counters(q.device, 3 * rows, pool="chain") if rows * pages * q.shape[1] > 0 else None
+    if buf is None:  # nothing to chain, or no persistent counters (inside a first capture): the split chain
+        scores = page_scores_triton(q, meta, seq_start, seq_end, page_size, gqa_reduction)
+        idx = select_pages_triton(scores, seq_start, seq_end, page_size, num_select, sink_pages, recent_pages)
+        out = sparse_decode_attention_triton(q, k_cache, v_cache, idx, seq_start, seq_end, page_size, scale, softcap,
+                                             merge=merge)
+        return out, idx
+    counts, flags, done = buf[:rows], buf[rows : 2 * rows], buf[2 * rows : 3 * rows]
+    nprog = plan_walk(consts, pages, rows, q.device, meta.dtype)["programs_per_row"]  # the score launch's plan
+    try:
+        scores = page_scores_triton(q, meta, seq_start, seq_end, page_size, gqa_reduction, signal=counts)
+        idx = select_pages_triton(scores, seq_start, seq_end, page_size, num_select, sink_pages, recent_pages,
+                                  chain=(counts, flags, nprog))
+        out = sparse_decode_attention_triton(q, k_cache, v_cache, idx, seq_start, seq_end, page_size, scale, softcap,
+                                             merge=merge, chain=(flags, done))
+    except BaseException:
+        buf[: 3 * rows].zero_()  # a launch that failed part-way must not leave a row armed for the next call
+        raise
+    return out, idx
