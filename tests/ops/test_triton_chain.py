@@ -45,7 +45,10 @@ def _armed(device) -> int:
     return int(ticket_counters(torch.device(device), 1, pool="chain").count_nonzero())
 
 
-@pytest.mark.parametrize("b,h,g,d,ps,cap,n", [(3, 2, 4, 32, 8, 256, 5), (1, 2, 2, 64, 16, 96, 2), (2, 1, 1, 16, 64, 512, 3)])
+@pytest.mark.parametrize("b,h,g,d,ps,cap,n", [
+    (3, 2, 4, 32, 8, 256, 5), (1, 2, 2, 64, 16, 96, 2), (2, 1, 1, 16, 64, 512, 3),
+    (2, 1, 2, 16, 8, 2048, 10),  # 256 pages: 4 score programs per row, each counted before the selection
+])
 @pytest.mark.parametrize("merge", ["kernel", "inline"])
 def test_chained_equals_split_chain(b, h, g, d, ps, cap, n, merge):
     q, k, v, meta, start, end = _case(b, h, g, d, ps, cap, torch.float32, 3 + n)
