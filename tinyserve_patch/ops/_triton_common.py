@@ -182,11 +182,11 @@ def pdl_trigger(PDL: tl.constexpr):
 
 
 @triton.jit
-def signal_row(counter_ptr):
-    """After a program's stores: make them visible and count the program in ``counter_ptr`` (the CTA
-    barrier orders every thread's stores before the one release add at GPU scope)."""
+def signal_row(counter_ptr, amount):
+    """After a program's stores: make them visible and add ``amount`` (what they covered) to
+    ``counter_ptr`` (the CTA barrier orders every thread's stores before the one release add at GPU scope)."""
     tl.debug_barrier()
-    tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
+    tl.atomic_add(counter_ptr, amount, sem="release", scope="gpu")
 
 
 @triton.jit

@@ -10,10 +10,11 @@ In the split chain each kernel waits for the whole previous grid (``griddepcontr
 selection (latency-bound, ~8 us) and the attention's start-up run while the memory system idles. Here,
 with the same three launches (the ``CHAIN`` mode of each kernel):
 
-* the score grid is row-major (a row's programs adjacent, so rows finish in order); each program adds 1
-  to its row's counter after its stores (CTA barrier + release add);
-* each selection program waits until its row's counter reaches the row's program count (acquire spin),
-  zeroes it, reads the scores past L1 (``.cg``), selects, and adds 1 to its row's flag;
+* the score grid is row-major (a row's programs adjacent, so rows finish in order); each program adds the
+  number of pages it scored to its row's counter after its stores (CTA barrier + release add);
+* each selection program waits until its row's counter reaches the row's page count (acquire spin: no
+  launch plan to share with the score kernel), zeroes it, reads the scores past L1 (``.cg``), selects,
+  and adds 1 to its row's flag;
 * each attention program (grid ``(num_splits, rows)``) waits for its row's flag, reads the pages past L1,
   and the row's last program to finish zeroes the flag (a done ticket); the merge kernel waits for the
   whole attention grid as before.
@@ -36,7 +37,7 @@ import torch
 
 from ._triton_common import check, ticket_counters
 from .triton_decode import sparse_decode_attention_triton
-from .triton_score import page_scores_triton, plan_walk, score_meta
+from .triton_score import page_scores_triton, score_meta
 from .triton_select import select_pages_triton
 
 
@@ -58,26 +59,21 @@ def quest_decode_chained_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out [B, Hq, D], indices int32 [B, Hkv, num_select])``: the split chain's results, row-chained
     (see module docstring)."""
-    q, meta, consts = score_meta(q, meta, seq_start, seq_end, page_size, gqa_reduction)
+    q, meta, _ = score_meta(q, meta, seq_start, seq_end, page_size, gqa_reduction)
     check(num_select >= 1, f"num_select={num_select} must be >= 1")
     b, hkv, pages = meta.shape[:3]
     rows = b * hkv
+    # no persistent counters (nothing to chain, or a first call inside a capture): the split chain
     buf = ticket_counters(q.device, 3 * rows, pool="chain") if rows * pages * q.shape[1] > 0 else None
-    if buf is None:  # nothing to chain, or no persistent counters (inside a first capture): the split chain
-        scores = page_scores_triton(q, meta, seq_start, seq_end, page_size, gqa_reduction)
-        idx = select_pages_triton(scores, seq_start, seq_end, page_size, num_select, sink_pages, recent_pages)
-        out = sparse_decode_attention_triton(q, k_cache, v_cache, idx, seq_start, seq_end, page_size, scale, softcap,
-                                             merge=merge)
-        return out, idx
-    counts, flags, done = buf[:rows], buf[rows : 2 * rows], buf[2 * rows : 3 * rows]
-    nprog = plan_walk(consts, pages, rows, q.device, meta.dtype)["programs_per_row"]  # the score launch's plan
+    counts, flags, done = (None,) * 3 if buf is None else (buf[:rows], buf[rows : 2 * rows], buf[2 * rows : 3 * rows])
     try:
         scores = page_scores_triton(q, meta, seq_start, seq_end, page_size, gqa_reduction, signal=counts)
         idx = select_pages_triton(scores, seq_start, seq_end, page_size, num_select, sink_pages, recent_pages,
-                                  chain=(counts, flags, nprog))
+                                  chain=None if buf is None else (counts, flags))
         out = sparse_decode_attention_triton(q, k_cache, v_cache, idx, seq_start, seq_end, page_size, scale, softcap,
-                                             merge=merge, chain=(flags, done))
+                                             merge=merge, chain=None if buf is None else (flags, done))
     except BaseException:
-        buf[: 3 * rows].zero_()  # a launch that failed part-way must not leave a row armed for the next call
+        if buf is not None:  # a launch that failed part-way must not leave a row armed for the next call
+            buf[: 3 * rows].zero_()
         raise
     return out, idx

@@ -164,8 +164,8 @@ def _score_kernel(
         q_pos, q_neg, meta_bh, out_ptr + bh.to(tl.int64) * num_pages, first, last, num_pages, start, end,
         stride_mp, stride_mm, D, page_size, G, G_PAD, BLOCK_D, BLOCK_P, GQA_SUM, F32, STAGES, WALK,
     )
-    if CHAIN:
-        signal_row(signal_ptr + bh)  # the row's selection waits for programs_per_row of these
+    if CHAIN:  # count the pages scored: the row's selection waits until all num_pages are
+        signal_row(signal_ptr + bh, tl.minimum(last * BLOCK_P, num_pages) - first * BLOCK_P)
 
 
 def score_meta(q: torch.Tensor, meta: torch.Tensor, seq_start, seq_end, page_size: int, gqa_reduction: str):
@@ -256,8 +256,8 @@ def page_scores_triton(
 ) -> torch.Tensor:
     """float32 ``[B, Hkv, P]`` Quest upper bounds (see module docstring). ``block_p``, ``num_warps``,
     ``blocks_per_program`` and ``num_stages`` override the tuned defaults. ``signal`` (int32 ``[>= B * Hkv]``,
-    zeroed): row-chained mode (:mod:`triton_chain`), each program adds 1 to its row's counter once its
-    scores are stored."""
+    zeroed): row-chained mode (:mod:`triton_chain`), each program adds the number of pages it scored to
+    its row's counter once their scores are stored."""
     q, meta, consts = score_meta(q, meta, seq_start, seq_end, page_size, gqa_reduction)
     b, hkv, pages, _, d = meta.shape
     out = torch.empty((b, hkv, pages), dtype=torch.float32, device=meta.device)

@@ -45,16 +45,15 @@ def _select_kernel(
     recent,
     count_ptr,
     flag_ptr,
-    programs_per_row,
     BLOCK: tl.constexpr,
     WAYS: tl.constexpr,
     CHAIN: tl.constexpr,
     PDL: tl.constexpr,
 ):
     bh = tl.program_id(0)
-    if CHAIN:  # row-chained (triton_chain): wait for this row's score programs only, then re-arm
+    if CHAIN:  # row-chained (triton_chain): wait until this row's pages are all scored, then re-arm
         pdl_trigger(PDL)
-        wait_row(count_ptr + bh, programs_per_row)
+        wait_row(count_ptr + bh, num_pages)
         tl.atomic_xchg(count_ptr + bh, 0)
     else:
         pdl_enter(PDL)
@@ -73,7 +72,7 @@ def _select_kernel(
         page_size, sink, recent, BLOCK, WAYS,
     )
     if CHAIN:
-        signal_row(flag_ptr + bh)  # this row's attention programs wait for it
+        signal_row(flag_ptr + bh, 1)  # this row's attention programs wait for it
 
 
 def select_pages_triton(
@@ -86,13 +85,13 @@ def select_pages_triton(
     recent_pages: int,
     ways: int | None = None,
     num_warps: int | None = None,
-    chain: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+    chain: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``scores`` float32 ``[B, Hkv, P]`` -> int32 ``[B, Hkv, num_select]`` (see module docstring).
     ``ways`` (thresholds per search pass) and ``num_warps`` override the tuned defaults. ``chain``:
-    ``(counts, flags, programs_per_row)``, the row-chained mode (:mod:`triton_chain`): each program waits
-    until its row's count reaches ``programs_per_row`` (then zeroes it) instead of waiting for the
-    previous grid, and adds 1 to its row's flag once its pages are stored."""
+    ``(counts, flags)``, the row-chained mode (:mod:`triton_chain`): each program waits until its row's
+    count reaches ``P`` (every page scored; then zeroes it) instead of waiting for the previous grid, and
+    adds 1 to its row's flag once its pages are stored."""
     check(scores.dim() == 3 and scores.dtype == torch.float32, f"scores must be float32 [B, Hkv, P], got {scores.dtype} {tuple(scores.shape)}")
     check(num_select >= 1, f"num_select={num_select} must be >= 1")
     check(sink_pages >= 0 and recent_pages >= 0, "sink_pages / recent_pages must be >= 0")
@@ -105,11 +104,11 @@ def select_pages_triton(
     if b * hkv == 0:
         return out
     pdl = use_pdl(scores.device)
-    counts, flags, nprog = chain if chain is not None else (out, out, 0)
+    counts, flags = chain if chain is not None else (out, out)
     _select_kernel[(b * hkv,)](
         scores, seq_start, seq_end, out, pages, num_select, hkv,
         scores.stride(0), scores.stride(1), scores.stride(2), page_size, sink_pages, recent_pages,
-        counts, flags, nprog, BLOCK=block, WAYS=ways, CHAIN=chain is not None,
+        counts, flags, BLOCK=block, WAYS=ways, CHAIN=chain is not None,
         num_warps=num_warps or select_num_warps(block), PDL=pdl, launch_pdl=pdl,
     )
     return out
