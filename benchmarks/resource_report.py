@@ -147,6 +147,7 @@ def chain_launches(model: str, batch: int, tokens: int, budget: int) -> list[tup
     the row-chained mode (``ops/triton_chain.py``), captured on meta tensors."""
     from tinyserve_patch.ops import triton_chain, triton_decode, triton_score, triton_select
 
+    chained = (triton_score._score_kernel, triton_select._select_kernel, triton_decode._decode_split_kernel)
     hq, hkv, d = MODELS[model]
     dev, bf = torch.device("meta"), torch.bfloat16
     q = torch.empty(batch, hq, d, dtype=bf, device=dev)
@@ -167,9 +168,8 @@ def chain_launches(model: str, batch: int, tokens: int, budget: int) -> list[tup
                         lambda: triton_decode.sparse_decode_attention_triton(q, k, k, idx, start, end, PAGE, d**-0.5))),
     ] + [
         (f"{name} (chained)", kernel, capture_launch(kernel, lambda: triton_chain.quest_decode_chained_triton(
-            q, k, k, meta, start, end, PAGE, budget // PAGE, 1, 1, "max", d**-0.5), skip=chain[:i]))
-        for chain in [(triton_score._score_kernel, triton_select._select_kernel, triton_decode._decode_split_kernel)]
-        for i, (name, kernel) in enumerate(zip(("score", "select", "attention"), chain))
+            q, k, k, meta, start, end, PAGE, budget // PAGE, 1, 1, "max", d**-0.5), skip=chained[:i]))
+        for i, (name, kernel) in enumerate(zip(("score", "select", "attention"), chained))
     ]
 
 

@@ -21,6 +21,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import transformers
 
 import tinyserve_patch as tp
 from tinyserve_patch.decode import decode_logits, mean_kl
@@ -135,8 +136,6 @@ def main(argv=None) -> int:
     print("\nKV read: fraction of the context's keys/values attended per decode step (all layers). "
           "Agreement and KL: next-token distributions vs HF dense on the same prefixes.")
     if args.json:
-        import transformers
-
         env = {"device": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
                "torch": torch.__version__, "transformers": transformers.__version__,
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
