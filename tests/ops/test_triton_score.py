@@ -123,3 +123,27 @@ def test_scores_fp8_meta_match_reference(dtype, red):
     q = randn((2, 8, 64), dtype, gn)
     start, end = rows(2, 120, gn, empty_row=True)
     _check(q, meta, start, end, 8, red)
+
+
+@pytest.mark.parametrize("red", ["max", "sum"])
+def test_scores_fp8_meta_bf16_query_any_magnitude(red):
+    """A bfloat16 query against fp8 metadata is scored in fp16 scaled by a power of two per query group
+    (the cheap fp8 -> fp16 upcast): groups whose |q| span 2^-40 .. 2^40, including bf16 subnormals and
+    an all-zero group (scores exactly 0), give the reference's scores."""
+    gn = gen(12)
+    k, _, _ = cache(2, 2, 128, 64, 8, torch.bfloat16, gn)
+    meta = ref.build_meta(k, 128, 8, dtype=torch.float8_e4m3fn)
+    q = randn((2, 8, 64), torch.float32, gn)
+    q = q * torch.exp2(torch.randint(-12, 12, q.shape, generator=gn).float()).to(q.device)  # per-element magnitudes
+    q[0, :4] *= 2.0**28  # group (0, 0) near the top of fp16's range after no scaling
+    q[0, 4:] *= 2.0**-28
+    q[1, :4] = 0.0  # group (1, 0): all zero
+    q[1, 4:, :8] = 1e-39  # bf16 subnormals beside normal values
+    q = q.to(torch.bfloat16)
+    start = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    end = torch.full((2,), 128, dtype=torch.int32, device=DEVICE)
+    out = page_scores_triton(q, meta, start, end, 8, red)
+    expect = ref.page_scores(q, meta, start, end, 8, red)
+    assert torch.equal(out[1, 0], torch.zeros_like(out[1, 0]))
+    scale = ref.page_scores(q.abs(), meta.abs(), start, end, 8, "sum")  # sum of |terms|: the rounding's scale
+    assert ((out - expect).abs() <= 1e-6 * scale + 1e-30).all()

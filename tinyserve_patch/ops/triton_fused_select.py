@@ -56,6 +56,7 @@ def _fused_kernel(
     BLOCK_P: tl.constexpr,
     GQA_SUM: tl.constexpr,
     F32: tl.constexpr,
+    SCALED_F16: tl.constexpr,
     STAGES: tl.constexpr,
     WALK: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -70,14 +71,14 @@ def _fused_kernel(
     h = bh % kv_heads
     start = tl.load(start_ptr + b).to(tl.int32)
     end = tl.load(end_ptr + b).to(tl.int32)
-    q_pos, q_neg = load_group_query(q_ptr, b, h, stride_qb, stride_qh, G, G_PAD, D, BLOCK_D)
+    q_pos, q_neg, inv_scale = load_group_query(q_ptr, b, h, stride_qb, stride_qh, G, G_PAD, D, BLOCK_D, SCALED_F16)
     meta_bh = meta_ptr + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
     ws = ws_ptr + bh.to(tl.int64) * num_pages
     first = pid * blocks_per_program
     last = tl.minimum(first + blocks_per_program, tl.cdiv(num_pages, BLOCK_P))
     score_blocks(
-        q_pos, q_neg, meta_bh, ws, first, last, num_pages, start, end, stride_mp, stride_mm, D, page_size,
-        G, G_PAD, BLOCK_D, BLOCK_P, GQA_SUM, F32, STAGES, WALK,
+        q_pos, q_neg, inv_scale, meta_bh, ws, first, last, num_pages, start, end, stride_mp, stride_mm, D, page_size,
+        G, G_PAD, BLOCK_D, BLOCK_P, GQA_SUM, F32, SCALED_F16, STAGES, WALK,
     )
     tl.debug_barrier()  # every thread's scores stored before the row is re-read / the ticket is taken
 

@@ -23,20 +23,36 @@ from .reference import FP8_DTYPES
 
 
 @triton.jit
-def load_group_query(q_ptr, b, h, stride_qb, stride_qh, G: tl.constexpr, G_PAD: tl.constexpr, D, BLOCK_D: tl.constexpr):
-    """``(relu(q), min(q, 0))`` of KV head ``h``'s query group, each ``[G_PAD, BLOCK_D]`` in q's dtype."""
+def load_group_query(q_ptr, b, h, stride_qb, stride_qh, G: tl.constexpr, G_PAD: tl.constexpr, D, BLOCK_D: tl.constexpr,
+                     SCALED_F16: tl.constexpr):
+    """``(relu(q), min(q, 0), inv_scale)`` of KV head ``h``'s query group, the halves ``[G_PAD, BLOCK_D]`` in
+    q's dtype and ``inv_scale`` 1.0; with ``SCALED_F16`` (a bfloat16 q against fp8 metadata) the halves
+    are float16, scaled by a power of two ``2^k`` that puts the group's largest ``|q|`` in
+    ``[2^14, 2^15)``, and ``inv_scale = 2^-k``: the metadata then needs only the exact fp8 -> fp16 upcast
+    (one conversion instruction per 2 elements on sm_90; fp8 -> bf16 takes 3), the bf16 values are exact
+    in fp16 at that scale (only elements below ``2^-38`` of the largest round) and the products and their
+    fp32 sums are the unscaled ones times ``2^k`` exactly."""
     rows = tl.arange(0, G_PAD)
     offs_d = tl.arange(0, BLOCK_D)
     ptrs = q_ptr + b.to(tl.int64) * stride_qb + (h * G + rows)[:, None].to(tl.int64) * stride_qh + offs_d[None, :]
     q = tl.load(ptrs, mask=(rows[:, None] < G) & (offs_d[None, :] < D), other=0.0)
     qf = q.to(tl.float32)  # (exact; also keeps the CPU interpreter off bfloat16 arithmetic)
-    return tl.maximum(qf, 0.0).to(q.dtype), tl.minimum(qf, 0.0).to(q.dtype)
+    if SCALED_F16:
+        amax = tl.max(tl.max(tl.abs(qf), axis=1), axis=0)
+        e = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # unbiased exponent (-127: zero / subnormal)
+        k = tl.minimum(tl.maximum(14 - e, -126), 126)
+        qs = qf * ((k + 127) << 23).to(tl.float32, bitcast=True)
+        inv_scale = ((127 - k) << 23).to(tl.float32, bitcast=True)
+        return tl.maximum(qs, 0.0).to(tl.float16), tl.minimum(qs, 0.0).to(tl.float16), inv_scale
+    else:
+        return tl.maximum(qf, 0.0).to(q.dtype), tl.minimum(qf, 0.0).to(q.dtype), 1.0
 
 
 @triton.jit
 def score_block(
     q_pos,
     q_neg,
+    inv_scale,
     meta_bh,
     pages,
     num_pages,
@@ -51,9 +67,11 @@ def score_block(
     BLOCK_D: tl.constexpr,
     GQA_SUM: tl.constexpr,
     F32: tl.constexpr,
+    SCALED_F16: tl.constexpr,
 ):
     """float32 scores ``[BLOCK_P]`` of ``pages`` (``-inf`` where invalid) for one (row, KV head);
-    ``meta_bh`` points at that head's ``[P, 2, D]`` metadata (innermost stride 1)."""
+    ``meta_bh`` points at that head's ``[P, 2, D]`` metadata (innermost stride 1); ``q_pos`` / ``q_neg`` /
+    ``inv_scale`` from :func:`load_group_query`."""
     offs_d = tl.arange(0, BLOCK_D)
     in_range = pages < num_pages
     mask = in_range[None, :] & (offs_d[:, None] < D)
@@ -67,6 +85,8 @@ def score_block(
         red = tl.sum(tl.where(rows < G, s, 0.0), axis=0)
     else:
         red = tl.max(tl.where(rows < G, s, float("-inf")), axis=0)
+    if SCALED_F16:
+        red = red * inv_scale
     valid = page_valid(pages, start, end, page_size) & in_range
     return tl.where(valid, red, float("-inf"))
 
@@ -75,6 +95,7 @@ def score_block(
 def score_blocks(
     q_pos,
     q_neg,
+    inv_scale,
     meta_bh,
     out_row,
     first,
@@ -92,6 +113,7 @@ def score_blocks(
     BLOCK_P: tl.constexpr,
     GQA_SUM: tl.constexpr,
     F32: tl.constexpr,
+    SCALED_F16: tl.constexpr,
     STAGES: tl.constexpr,
     WALK: tl.constexpr,
 ):
@@ -102,15 +124,15 @@ def score_blocks(
         for blk in tl.range(first, last, num_stages=STAGES):
             pages = blk * BLOCK_P + tl.arange(0, BLOCK_P)
             s = score_block(
-                q_pos, q_neg, meta_bh, pages, num_pages, start, end, stride_mp, stride_mm, D, page_size,
-                G, G_PAD, BLOCK_D, GQA_SUM, F32,
+                q_pos, q_neg, inv_scale, meta_bh, pages, num_pages, start, end, stride_mp, stride_mm, D, page_size,
+                G, G_PAD, BLOCK_D, GQA_SUM, F32, SCALED_F16,
             )
             tl.store(out_row + pages, s, mask=pages < num_pages)
     else:
         pages = first * BLOCK_P + tl.arange(0, BLOCK_P)
         s = score_block(
-            q_pos, q_neg, meta_bh, pages, num_pages, start, end, stride_mp, stride_mm, D, page_size,
-            G, G_PAD, BLOCK_D, GQA_SUM, F32,
+            q_pos, q_neg, inv_scale, meta_bh, pages, num_pages, start, end, stride_mp, stride_mm, D, page_size,
+            G, G_PAD, BLOCK_D, GQA_SUM, F32, SCALED_F16,
         )
         tl.store(out_row + pages, s, mask=pages < num_pages)
 
@@ -140,6 +162,7 @@ def _score_kernel(
     BLOCK_P: tl.constexpr,
     GQA_SUM: tl.constexpr,
     F32: tl.constexpr,
+    SCALED_F16: tl.constexpr,
     STAGES: tl.constexpr,
     WALK: tl.constexpr,
     CHAIN: tl.constexpr,
@@ -156,13 +179,13 @@ def _score_kernel(
     h = bh % kv_heads
     start = tl.load(start_ptr + b).to(tl.int32)
     end = tl.load(end_ptr + b).to(tl.int32)
-    q_pos, q_neg = load_group_query(q_ptr, b, h, stride_qb, stride_qh, G, G_PAD, D, BLOCK_D)
+    q_pos, q_neg, inv_scale = load_group_query(q_ptr, b, h, stride_qb, stride_qh, G, G_PAD, D, BLOCK_D, SCALED_F16)
     meta_bh = meta_ptr + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
     first = pb * blocks_per_program
     last = tl.minimum(first + blocks_per_program, tl.cdiv(num_pages, BLOCK_P))
     score_blocks(
-        q_pos, q_neg, meta_bh, out_ptr + bh.to(tl.int64) * num_pages, first, last, num_pages, start, end,
-        stride_mp, stride_mm, D, page_size, G, G_PAD, BLOCK_D, BLOCK_P, GQA_SUM, F32, STAGES, WALK,
+        q_pos, q_neg, inv_scale, meta_bh, out_ptr + bh.to(tl.int64) * num_pages, first, last, num_pages, start, end,
+        stride_mp, stride_mm, D, page_size, G, G_PAD, BLOCK_D, BLOCK_P, GQA_SUM, F32, SCALED_F16, STAGES, WALK,
     )
     if CHAIN:  # count the pages scored: the row's selection waits until all num_pages are
         signal_row(signal_ptr + bh, tl.minimum(last * BLOCK_P, num_pages) - first * BLOCK_P)
@@ -191,6 +214,7 @@ def score_meta(q: torch.Tensor, meta: torch.Tensor, seq_start, seq_end, page_siz
         BLOCK_D=max(16, triton.next_power_of_2(d)),
         GQA_SUM=gqa_reduction == "sum",
         F32=f32_dot(q.dtype),
+        SCALED_F16=meta.dtype in FP8_DTYPES and q.dtype == torch.bfloat16,
     )
     return q, meta, consts
 
