@@ -16,6 +16,7 @@ import json
 import platform
 import sys
 import sysconfig
+import statistics
 import time
 import warnings
 from pathlib import Path
@@ -71,20 +72,24 @@ def prompt_ids(tokenizer, vocab: int, context: int, batch: int, device: str) -> 
     return torch.tensor(rows, device=device)
 
 
-def timed_generate(model, ids, new_tokens: int, device: str) -> tuple[torch.Tensor, float]:
-    """Tokens generated and tokens/s of the second of two identical ``generate()`` calls: the first one
-    compiles the decode step on CUDA (a patched model's cache is sized to prompt + new tokens, so a
-    shorter warm-up would leave a recompilation inside the timed call)."""
+def timed_generate(model, ids, new_tokens: int, device: str, repeats: int = 1) -> tuple[torch.Tensor, float, list[float]]:
+    """``(tokens generated, median tokens/s, every timed call's tokens/s)`` over ``repeats`` identical
+    ``generate()`` calls after an untimed one that compiles the decode step on CUDA (a patched model's
+    cache is sized to prompt + new tokens, so a shorter warm-up would leave a recompilation inside a
+    timed call). A single timed call of this small model at batch 1 is host-bound and varied by up to
+    ~1.7x between runs on the H200 (``benchmarks/results/quickstart_h200_spread.json``): hence the median."""
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    return out[:, ids.shape[1] :], ids.shape[0] * new_tokens / seconds
+    rates = []
+    for _ in range(max(1, repeats)):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        rates.append(ids.shape[0] * new_tokens / (time.perf_counter() - start))
+    return out[:, ids.shape[1] :], statistics.median(rates), rates
 
 
 def main(argv=None) -> int:
@@ -97,6 +102,7 @@ def main(argv=None) -> int:
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", default="bfloat16" if gpu else "float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--repeats", type=int, default=5 if gpu else 1, help="timed generate() calls per mode (median)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
 
@@ -111,18 +117,18 @@ def main(argv=None) -> int:
           f"context={args.context} new_tokens={args.new_tokens} budget={args.budget} page_size={args.page_size}")
 
     rows = []
-    dense_tokens, dense_tps = timed_generate(model, ids, args.new_tokens, device)
+    dense_tokens, dense_tps, dense_rates = timed_generate(model, ids, args.new_tokens, device, args.repeats)
     reference_logits = decode_logits(model, ids, dense_tokens)
-    rows.append({"mode": "HF dense", "tokens_per_s": dense_tps, "kv_read": 1.0, "agreement": 1.0, "mean_kl": 0.0})
+    rows.append({"mode": "HF dense", "tokens_per_s": dense_tps, "timed_tokens_per_s": dense_rates, "kv_read": 1.0, "agreement": 1.0, "mean_kl": 0.0})
 
     for label, budget in (("tinyserve dense", "dense"), (f"tinyserve sparse ({args.budget})", args.budget)):
         tp.patch_model(model, token_budget=budget, page_size=args.page_size)
-        tokens, tps = timed_generate(model, ids, args.new_tokens, device)
+        tokens, tps, rates = timed_generate(model, ids, args.new_tokens, device, args.repeats)
         kv_read = tp.stats(model)["fraction_read"]
         logits = decode_logits(model, ids, dense_tokens)  # same prefixes as HF dense
         agreement = float((logits.argmax(-1) == reference_logits.argmax(-1)).float().mean())
         rows.append({
-            "mode": label, "tokens_per_s": tps, "kv_read": kv_read, "agreement": agreement,
+            "mode": label, "tokens_per_s": tps, "timed_tokens_per_s": rates, "kv_read": kv_read, "agreement": agreement,
             "mean_kl": mean_kl(reference_logits, logits),
             "generated_equal": float((tokens == dense_tokens).float().mean()),
         })
@@ -133,7 +139,8 @@ def main(argv=None) -> int:
         kv = "n/a" if r["kv_read"] is None else f"{100 * r['kv_read']:.0f}%"
         print(f"{r['mode']:<26}{r['tokens_per_s']:>10.1f}{r['tokens_per_s'] / dense_tps:>9.2f}x{kv:>9}"
               f"{100 * r['agreement']:>12.1f}%{r['mean_kl']:>10.4f}")
-    print("\nKV read: fraction of the context's keys/values attended per decode step (all layers). "
+    print(f"\ntokens/s: median of {args.repeats} timed generate() calls (prompt + new tokens). "
+          "KV read: fraction of the context's keys/values attended per decode step (all layers). "
           "Agreement and KL: next-token distributions vs HF dense on the same prefixes.")
     if args.json:
         env = {"device": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
