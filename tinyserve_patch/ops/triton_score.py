@@ -6,8 +6,8 @@ computed as two tensor-core products ``[G_PAD, D] x [D, BLOCK_P]`` (G query head
 to 16 rows; fp32 accumulation; exact products for fp16/bf16, IEEE fp32 for fp32), reduced over the group
 by ``max`` or ``sum``; ``-inf`` for pages without a valid token. Grid ``(B * Hkv, cdiv(blocks, per))``:
 a program walks ``per`` consecutive blocks of ``BLOCK_P`` pages (``BLOCK_P * 2 * D`` contiguous metadata
-elements each), software-pipelined over ``STAGES`` when ``per > 1``; :func:`default_launch` picks ``per``, the
-warps and the stages from the H100 / H200 sweeps.
+elements each), software-pipelined over ``STAGES`` when ``per > 1``; :func:`default_launch` picks ``per``
+and the warps from the H100 sweep.
 
 The summation order differs from the reference's, so a score may differ from it in the last ulp.
 """
@@ -224,23 +224,24 @@ def default_block_p(block_d: int) -> int:
     return 64 if block_d <= 128 else 32
 
 
-def default_launch(blocks: int, sms: int, meta_dtype: torch.dtype) -> tuple[int, int, int]:
-    """``(blocks_per_program, num_warps, num_stages)`` of a launch walking ``blocks`` page blocks in all
-    (rows x KV heads x blocks) on ``sms`` SMs: about one program per SM, walking at most 4 blocks each,
-    4 warps, software-pipelined over 3 stages (2 for fp8 metadata). Chosen on the decode chain (score ->
-    select -> attention with PDL), where it counts, over three H100 runs of ``bench_kernels.py``
-    (2026-11-23, ``kernels_h100.json`` and ``kernels_h100_score_plan_old*.json``): against the earlier ~2
-    programs per SM with up to 8 blocks each, Llama-3-8B B=8 / 16K 58.7 -> 48.4 us, B=8 / 64K 89.0-92.1 ->
-    87.4, B=1 / 64K 30.3 -> 25.1, TinyLlama B=8 / 128K 55.3 -> 52.1 (a score grid of 1-2 waves followed by
-    a PDL launch loses up to 9 us). The score kernel timed alone is 1.5-2 us slower with it at 1024-2048
-    blocks (14.0 -> 16.2 us at 34 MB of metadata) and faster at batch 1 / 64K (8.4 -> 7.8) and 4096 blocks
-    (TinyLlama B=8 / 128K 30.2 -> 25.8). The fused score + select kernel (same walk) measured best at 4
-    blocks too (Llama-3-8B B=8 / 64K 56.6 us vs 60.1 with 8, B=1 / 64K 15.0 vs 19.7 with 1;
-    ``tune_decode_h100_fused.json``). fp8 metadata took 8 warps while its upcast went through fp32; with
-    the fp16 products (:func:`load_group_query`) 4 warps and 2 stages are fastest on the H200 (Llama-3-8B
-    B=8 / 64K 20.8 us against 23.9 with 8 warps and 3 stages; ``tune_decode_h200_fp8meta.json``)."""
-    fp8 = meta_dtype in FP8_DTYPES
-    return min(4, triton.cdiv(blocks, sms)), 4, 2 if fp8 else 3
+def default_launch(blocks: int, sms: int, meta_dtype: torch.dtype) -> tuple[int, int]:
+    """``(blocks_per_program, num_warps)`` of a launch walking ``blocks`` page blocks in all (rows x KV
+    heads x blocks) on ``sms`` SMs: about one program per SM, walking at most 4 blocks each
+    (software-pipelined); 8 warps for fp8 metadata (chosen when its upcast went through fp32), 4 for
+    the model's dtype. Chosen on the decode chain (score -> select -> attention with PDL), where it counts,
+    over three H100 runs of ``bench_kernels.py`` (2026-11-23, ``kernels_h100.json`` and
+    ``kernels_h100_score_plan_old*.json``): against the earlier ~2 programs per SM with up to 8
+    blocks each, Llama-3-8B B=8 / 16K 58.7 -> 48.4 us, B=8 / 64K 89.0-92.1 -> 87.4, B=1 / 64K 30.3 -> 25.1,
+    TinyLlama B=8 / 128K 55.3 -> 52.1 (a score grid of 1-2 waves followed by a PDL launch loses up to 9 us).
+    The score kernel timed alone is 1.5-2 us slower with it at 1024-2048 blocks (14.0 -> 16.2 us at 34 MB
+    of metadata) and faster at batch 1 / 64K (8.4 -> 7.8) and 4096 blocks (TinyLlama B=8 / 128K 30.2 ->
+    25.8). The fused score + select kernel (same walk) measured best at 4 blocks too (Llama-3-8B B=8 / 64K
+    56.6 us vs 60.1 with 8, B=1 / 64K 15.0 vs 19.7 with 1; ``tune_decode_h100_fused.json``). fp8
+    metadata, timed alone on the H200 with the fp16 products of :func:`load_group_query`: 4 warps and 2
+    stages beat these 8 warps and 3 stages, 20.8 vs 23.9 us at Llama-3-8B B=8 / 64K
+    (``tune_decode_h200_fp8meta.json``); not yet timed in the chain, where this plan was chosen, so not
+    yet the default."""
+    return min(4, triton.cdiv(blocks, sms)), 8 if meta_dtype in FP8_DTYPES else 4
 
 
 def plan_walk(
@@ -259,12 +260,12 @@ def plan_walk(
     unless overridden; shared by the score and the fused score + select launches)."""
     block_p = block_p or default_block_p(consts["BLOCK_D"])
     blocks = triton.cdiv(pages, block_p)
-    per, warps, stages = default_launch(batch_heads * blocks, sm_count(device), meta_dtype)
+    per, warps = default_launch(batch_heads * blocks, sm_count(device), meta_dtype)
     per = blocks_per_program or per
     check(per >= 1, f"blocks_per_program={per} must be >= 1")
     return dict(
         BLOCK_P=block_p, blocks_per_program=per, programs_per_row=triton.cdiv(blocks, per),
-        num_warps=num_warps or warps, STAGES=num_stages or (1 if per == 1 else stages), WALK=per > 1,
+        num_warps=num_warps or warps, STAGES=num_stages or (1 if per == 1 else 3), WALK=per > 1,
     )
 
 
