@@ -1,5 +1,7 @@
 """Row-chained decode: the score, select and attention kernels synchronised per (row, KV head) instead of
-grid by grid. Experimental (the split chain stays the default until this is measured faster on a GPU).
+grid by grid. Experimental and off by default: on the H200 (commit 2a4f45d) it equals the split chain
+eager and from CUDA graphs, gains 1.4 us at Llama-3-8B B=8/64K/2048 (67.9 vs 69.3 us) and loses 2.5-3.5 us
+at batch 1 (``benchmarks/results/kernels_h200_chained_2a4f45d.json``).
 
 Inputs as the split chain's: ``q`` ``[B, Hq, D]``, ``k_cache`` / ``v_cache`` ``[B, Hkv, cap, D]``, ``meta``
 ``[B, Hkv, P, 2, D]``, ``seq_start`` / ``seq_end`` ``[B]``. Returns the attention ``[B, Hq, D]`` (q's dtype)
