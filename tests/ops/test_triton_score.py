@@ -147,3 +147,25 @@ def test_scores_fp8_meta_bf16_query_any_magnitude(red):
     assert torch.equal(out[1, 0], torch.zeros_like(out[1, 0]))
     scale = ref.page_scores(q.abs(), meta.float().abs(), start, end, 8, "sum")  # sum of |terms|: the rounding's scale
     assert ((out - expect).abs() <= 1e-6 * scale + 1e-30).all()
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+@pytest.mark.parametrize("meta_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_scores_query_inf_nan(meta_dtype):
+    """A non-finite query element gives the reference's inf / NaN pattern: a NaN query scores every page
+    NaN under both head reductions (relu / min and the group's max keep it), and an infinite one passes
+    through the power-of-two scaling of a bf16 query against fp8 metadata."""
+    gn = gen(13)
+    k, _, _ = cache(1, 2, 64, 32, 8, torch.bfloat16, gn)
+    meta = ref.build_meta(k, 64, 8, dtype=meta_dtype)
+    q = randn((1, 4, 32), torch.bfloat16, gn)
+    q[0, 0, 3] = float("inf")  # KV group 0: an infinite element
+    q[0, 2, 5] = float("nan")  # KV group 1: a NaN element
+    start = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    end = torch.full((1,), 64, dtype=torch.int32, device=DEVICE)
+    for red in ("max", "sum"):
+        out = page_scores_triton(q, meta, start, end, 8, red)
+        expect = ref.page_scores(q, meta, start, end, 8, red)
+        assert torch.equal(torch.isnan(out), torch.isnan(expect))
+        assert torch.equal(torch.isposinf(out), torch.isposinf(expect))
+        assert torch.equal(torch.isneginf(out), torch.isneginf(expect))

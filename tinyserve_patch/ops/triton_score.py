@@ -23,6 +23,20 @@ from .reference import FP8_DTYPES
 
 
 @triton.jit
+def _relu_halves(x, dtype: tl.constexpr):
+    """``(max(x, 0), min(x, 0))`` in ``dtype``, a NaN kept in both (the reference's products propagate it;
+    a plain max / min would drop it and score the pages as if that element were 0)."""
+    pos = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    neg = tl.minimum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    return pos.to(dtype), neg.to(dtype)
+
+
+@triton.jit
+def _max_keep_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def load_group_query(q_ptr, b, h, stride_qb, stride_qh, G: tl.constexpr, G_PAD: tl.constexpr, D, BLOCK_D: tl.constexpr,
                      SCALED_F16: tl.constexpr):
     """``(relu(q), min(q, 0), inv_scale)`` of KV head ``h``'s query group, the halves ``[G_PAD, BLOCK_D]`` in
@@ -43,9 +57,11 @@ def load_group_query(q_ptr, b, h, stride_qb, stride_qh, G: tl.constexpr, G_PAD: 
         k = tl.minimum(tl.maximum(14 - e, -126), 126)
         qs = qf * ((k + 127) << 23).to(tl.float32, bitcast=True)
         inv_scale = ((127 - k) << 23).to(tl.float32, bitcast=True)
-        return tl.maximum(qs, 0.0).to(tl.float16), tl.minimum(qs, 0.0).to(tl.float16), inv_scale
+        pos, neg = _relu_halves(qs, tl.float16)
+        return pos, neg, inv_scale
     else:
-        return tl.maximum(qf, 0.0).to(q.dtype), tl.minimum(qf, 0.0).to(q.dtype), 1.0
+        pos, neg = _relu_halves(qf, q.dtype)
+        return pos, neg, 1.0
 
 
 @triton.jit
@@ -84,7 +100,7 @@ def score_block(
     if GQA_SUM:
         red = tl.sum(tl.where(rows < G, s, 0.0), axis=0)
     else:
-        red = tl.max(tl.where(rows < G, s, float("-inf")), axis=0)
+        red = tl.reduce(tl.where(rows < G, s, float("-inf")), 0, _max_keep_nan)  # a NaN head's score stays NaN
     if SCALED_F16:
         red = red * inv_scale
     valid = page_valid(pages, start, end, page_size) & in_range
