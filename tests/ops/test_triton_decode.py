@@ -123,6 +123,29 @@ def test_decode_fp8_cache_matches_reference(dtype):
     assert rel_err(out, expect) < TOL[dtype], rel_err(out, expect)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2")  # the soft-cap's tanh saturating (interpreter)
+@pytest.mark.parametrize("softcap", [0.0, 5.0])
+def test_decode_fp8_cache_bf16_query_any_magnitude(softcap):
+    """A bfloat16 query against an fp8 cache runs its products in fp16 on a power-of-two-scaled query:
+    query groups scaled by 2^-30 .. 2^20 (near-uniform to one-hot attention), bf16 subnormals among the
+    elements, still the reference's output."""
+    gn = gen(14)
+    b, h, g, d, ps, cap = 2, 2, 4, 32, 8, 128
+    k, v, _ = cache(b, h, cap, d, ps, torch.float32, gn)
+    k8, v8 = ref.to_storage(k, torch.float8_e4m3fn), ref.to_storage(v, torch.float8_e4m3fn)
+    q = randn((b, h * g, d), torch.float32, gn)
+    q[0, :g] *= 2.0**-30
+    q[0, g:] *= 2.0**20
+    q[1, :g, :4] = 1e-39
+    q = q.to(torch.bfloat16)
+    idx = random_indices(b, h, cap // ps, 6, gn, pad=1)
+    start, end = rows(b, cap, gn)
+    out = sparse_decode_attention_triton(q, k8, v8, idx, start, end, ps, d**-0.5, softcap)
+    expect = ref.sparse_decode_attention(q.float(), k8, v8, idx, start, end, ps, d**-0.5, softcap)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, expect) < TOL[torch.bfloat16], rel_err(out, expect)
+
+
 @pytest.mark.parametrize("g,d,n_sel,num_splits", [(4, 32, 12, 2), (4, 32, 12, 3), (4, 32, 12, 5), (5, 128, 20, 10)])
 def test_decode_inline_merge_equals_reference_call_after_call(g, d, n_sel, num_splits):
     """merge="inline": the last split of each (row, KV head) merges (up to 10 splits of 5 heads x 128

@@ -199,6 +199,22 @@ def wait_row(counter_ptr, target):
 
 
 @triton.jit
+def scaled_f16_query(q, dtype: tl.constexpr = tl.float16):
+    """``(q * 2^k in dtype, 2^-k)`` for a query tile whose largest ``|q|`` (finite, nonzero) lands in
+    ``[2^14, 2^15)``: a bfloat16 q is then exact in float16 (only elements below ``2^-38`` of the largest
+    round), so its products with fp8 data upcast to float16 — exact, and one conversion instruction per
+    2 values on sm_90 where fp8 -> bfloat16 takes 3 — are the bfloat16 products times ``2^k``, and the
+    fp32 sums of them times ``2^-k`` are the unscaled sums exactly. ``k`` is clamped to +-126 (zero,
+    subnormal, inf or NaN maxima). One reduction over the tile per program."""
+    qf = q.to(tl.float32)
+    amax = tl.max(tl.max(tl.abs(qf), axis=1), axis=0)
+    e = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # unbiased exponent (-127: zero / subnormal)
+    k = tl.minimum(tl.maximum(14 - e, -126), 126)
+    scaled = qf * ((k + 127) << 23).to(tl.float32, bitcast=True)
+    return scaled.to(dtype), ((127 - k) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def mm(a, b, acc, F32: tl.constexpr):
     """``acc + a @ b`` with fp32 accumulation; ``F32``: both operands as IEEE fp32 (see :func:`f32_dot`)."""
     if F32:

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import check, check_float_dtype, check_head_dim, check_page_size, check_rows, f32_dot, mm, page_valid, pdl_enter, signal_row, sm_count, use_pdl
+from ._triton_common import check, check_float_dtype, check_head_dim, check_page_size, check_rows, f32_dot, mm, page_valid, pdl_enter, scaled_f16_query, signal_row, sm_count, use_pdl
 from .reference import FP8_DTYPES
 
 
@@ -41,22 +41,15 @@ def load_group_query(q_ptr, b, h, stride_qb, stride_qh, G: tl.constexpr, G_PAD: 
                      SCALED_F16: tl.constexpr):
     """``(relu(q), min(q, 0), inv_scale)`` of KV head ``h``'s query group, the halves ``[G_PAD, BLOCK_D]`` in
     q's dtype and ``inv_scale`` 1.0; with ``SCALED_F16`` (a bfloat16 q against fp8 metadata) the halves
-    are float16, scaled by a power of two ``2^k`` that puts the group's largest ``|q|`` in
-    ``[2^14, 2^15)``, and ``inv_scale = 2^-k``: the metadata then needs only the exact fp8 -> fp16 upcast
-    (one conversion instruction per 2 elements on sm_90; fp8 -> bf16 takes 3), the bf16 values are exact
-    in fp16 at that scale (only elements below ``2^-38`` of the largest round) and the products and their
-    fp32 sums are the unscaled ones times ``2^k`` exactly."""
+    in float16 scaled by ``2^k`` and ``inv_scale = 2^-k`` (:func:`_triton_common.scaled_f16_query`), so the
+    metadata needs only the exact fp8 -> fp16 upcast and the scores times ``inv_scale`` are unchanged."""
     rows = tl.arange(0, G_PAD)
     offs_d = tl.arange(0, BLOCK_D)
     ptrs = q_ptr + b.to(tl.int64) * stride_qb + (h * G + rows)[:, None].to(tl.int64) * stride_qh + offs_d[None, :]
     q = tl.load(ptrs, mask=(rows[:, None] < G) & (offs_d[None, :] < D), other=0.0)
     qf = q.to(tl.float32)  # (exact; also keeps the CPU interpreter off bfloat16 arithmetic)
     if SCALED_F16:
-        amax = tl.max(tl.max(tl.abs(qf), axis=1), axis=0)
-        e = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # unbiased exponent (-127: zero / subnormal)
-        k = tl.minimum(tl.maximum(14 - e, -126), 126)
-        qs = qf * ((k + 127) << 23).to(tl.float32, bitcast=True)
-        inv_scale = ((127 - k) << 23).to(tl.float32, bitcast=True)
+        qs, inv_scale = scaled_f16_query(qf, tl.float32)
         pos, neg = _relu_halves(qs, tl.float16)
         return pos, neg, inv_scale
     else:
