@@ -98,10 +98,11 @@ def copy_bandwidth(rep: int) -> float:
 
 
 class Copies:
-    """``n`` independent caches of one configuration (k, v, meta, its fp8 form meta8, q), rotated call by call."""
+    """``n`` independent caches of one configuration (k, v, meta, its fp8 form meta8, q; with ``fp8_kv``
+    also k8 / v8, the cache stored as float8_e4m3fn), rotated call by call."""
 
-    def __init__(self, batch, hq, hkv, d, length, n):
-        from tinyserve_patch.ops.reference import meta_to_fp8
+    def __init__(self, batch, hq, hkv, d, length, n, fp8_kv=False):
+        from tinyserve_patch.ops.reference import meta_to_fp8, to_storage
 
         self.items = []
         for _ in range(n):
@@ -111,6 +112,8 @@ class Copies:
             meta = torch.stack([paged.amin(3), paged.amax(3)], dim=3).contiguous()
             q = torch.randn(batch, hq, d, device="cuda", dtype=DTYPE)
             self.items.append({"k": k, "v": v, "meta": meta, "meta8": meta_to_fp8(meta), "q": q})
+            if fp8_kv:
+                self.items[-1].update(k8=to_storage(k, torch.float8_e4m3fn), v8=to_storage(v, torch.float8_e4m3fn))
         self._it = itertools.cycle(range(n))
 
     def next(self) -> dict:
@@ -143,9 +146,9 @@ def _n_copies(touched: int, per_copy: int, l2: int) -> int:
 # ---------------------------------------------------------------------------------------------- checks
 
 
-def correctness_check(chained: bool = False) -> None:
+def correctness_check(chained: bool = False, fp8_kv: bool = False) -> None:
     """Every kernel vs the reference on one small shape (aborts the benchmark on a mismatch); ``chained``:
-    the row-chained decode against the split kernels too."""
+    the row-chained decode against the split kernels too; ``fp8_kv``: the attention over an fp8 cache."""
     from tinyserve_patch.ops import reference as ref
     from tinyserve_patch.ops.triton_decode import sparse_decode_attention_triton
     from tinyserve_patch.ops.triton_fused_select import score_and_select_triton
@@ -182,6 +185,12 @@ def correctness_check(chained: bool = False) -> None:
     expect = ref.sparse_decode_attention(q.float(), k.float(), v.float(), idx, start, end, PAGE, d**-0.5)
     err = ((out.float() - expect).norm() / expect.norm()).item()
     assert err < 1e-2, f"attention: relative error {err}"
+    if fp8_kv:
+        k8, v8 = ref.to_storage(k, torch.float8_e4m3fn), ref.to_storage(v, torch.float8_e4m3fn)
+        out8 = sparse_decode_attention_triton(q, k8, v8, idx, start, end, PAGE, d**-0.5, 0.0)
+        expect8 = ref.sparse_decode_attention(q.float(), k8, v8, idx, start, end, PAGE, d**-0.5)
+        err8 = ((out8.float() - expect8).norm() / expect8.norm()).item()
+        assert err8 < 1e-2, f"attention over an fp8 cache: relative error {err8}"
     if chained:
         from tinyserve_patch.ops.triton_chain import quest_decode_chained_triton
 
@@ -217,8 +226,8 @@ def run(args) -> dict:
         meta_bytes = batch * hkv * pages * 2 * d * 2
         qo_bytes = 2 * batch * hq * d * 2
         min_touched = meta_bytes + 2 * batch * hkv * min(args.budgets) * d * 2
-        n = _n_copies(min_touched, kv_bytes + meta_bytes, l2)
-        copies = Copies(batch, hq, hkv, d, length, n)
+        n = _n_copies(min_touched, kv_bytes * (3 if args.fp8_kv else 2) // 2 + meta_bytes, l2)
+        copies = Copies(batch, hq, hkv, d, length, n, args.fp8_kv)
         start = torch.zeros(batch, dtype=torch.int32, device="cuda")
         end = torch.full((batch,), length, dtype=torch.int32, device="cuda")
         scale = d**-0.5
@@ -260,12 +269,12 @@ def run(args) -> dict:
 
                 return score
 
-            def split_over(key, merge=None):  # score (over c[key]) + select + attend (merge: the default)
+            def split_over(key, merge=None, kv=("k", "v")):  # score (over c[key]) + select + attend (over c[kv])
                 def split_total():
                     c = copies.next()
                     s = page_scores_triton(c["q"], c[key], start, end, PAGE, "max")
                     i = select_pages_triton(s, start, end, PAGE, nsel, 1, 1)
-                    return sparse_decode_attention_triton(c["q"], c["k"], c["v"], i, start, end, PAGE, scale, 0.0, merge=merge)
+                    return sparse_decode_attention_triton(c["q"], c[kv[0]], c[kv[1]], i, start, end, PAGE, scale, 0.0, merge=merge)
 
                 return split_total
 
@@ -277,9 +286,9 @@ def run(args) -> dict:
                 c = copies.next()
                 return score_and_select_triton(c["q"], c["meta"], start, end, PAGE, nsel, 1, 1, "max")
 
-            def attend():
+            def attend(kv=("k", "v")):
                 c = copies.next()
-                return sparse_decode_attention_triton(c["q"], c["k"], c["v"], c["idx"], start, end, PAGE, scale, 0.0)
+                return sparse_decode_attention_triton(c["q"], c[kv[0]], c[kv[1]], c["idx"], start, end, PAGE, scale, 0.0)
 
             def chained_total():
                 c = copies.next()
@@ -303,6 +312,10 @@ def run(args) -> dict:
                 add("total_chained", budget, total_bytes, chained_total, dense_ms)
             add("score_fp8meta", budget, meta_bytes // 2 + qo_bytes // 2 + score_bytes, scorer("meta8"))
             add("total_split_fp8meta", budget, total_bytes - meta_bytes // 2, split_over("meta8"), dense_ms)
+            if args.fp8_kv:  # K/V stored as float8_e4m3fn (kv_cache_dtype="fp8_e4m3"): half the page bytes
+                fp8 = ("k8", "v8")
+                add("sparse_attention_fp8kv", budget, sel_kv // 2 + qo_bytes + idx_bytes, lambda: attend(fp8), dense_ms)
+                add("total_split_fp8kv", budget, total_bytes - sel_kv // 2, split_over("meta", kv=fp8), dense_ms)
         copies = None  # free this configuration's caches
         torch.cuda.empty_cache()
         print(f"  {model} batch {batch} {length // K}K done ({time.time() - t_start:.0f} s)", flush=True)
@@ -402,6 +415,9 @@ def parse_args(argv=None):
     p.add_argument("--chained", action="store_true",
                    help="also time the row-chained decode (ops/triton_chain.py) as total_chained; run its GPU test "
                         "first: a wrong wait hangs instead of failing")
+    p.add_argument("--fp8-kv", action="store_true",
+                   help="also time the attention and the split chain over an fp8 K/V cache (sparse_attention_fp8kv, "
+                        "total_split_fp8kv)")
     p.add_argument("--report", metavar="JSON", help="no run: print the targets and write JSON.md next to a recorded run (CPU)")
     args = p.parse_args(argv)
     if args.quick:
@@ -425,7 +441,7 @@ def main(argv=None) -> int:
         return 2
     out = Path(args.out) if args.out else (Path(os.environ["OUT"]) / "kernels.json" if os.environ.get("OUT") else ROOT / "benchmarks/results/kernels.json")
     t0 = time.time()
-    correctness_check(args.chained)
+    correctness_check(args.chained, args.fp8_kv)
     result = run(args)
     table = markdown(result["rows"], args.graph)
     print(table)
