@@ -46,6 +46,7 @@ SASS_OPS = {
     "ldg_128": r"\bLDG\.E\.128\b", "ldg_64": r"\bLDG\.E\.64\b", "ldg_narrow": r"\bLDG\.E(\.(U8|S8|U16|S16))?\s",
     "ldgsts": r"\bLDGSTS\b", "hmma": r"\bHMMA\b", "hgmma": r"\bHGMMA\b", "bar_sync": r"\bBAR\.SYNC\b",
     "shfl": r"\bSHFL\b", "redux": r"\bREDUX\b", "stg": r"\bSTG\b",
+    "f2f": r"\bF2F\.",  # scalar conversions (16 per clock per SM): none per value when fp8 data is upcast to fp16
 }
 
 
@@ -144,7 +145,8 @@ def report(name: str, kernel, launch: dict) -> dict:
 
 def chain_launches(model: str, batch: int, tokens: int, budget: int) -> list[tuple[str, object, dict]]:
     """The score -> select -> attention launches of one decode step of one layer, then the same three in
-    the row-chained mode (``ops/triton_chain.py``), captured on meta tensors."""
+    the row-chained mode (``ops/triton_chain.py``), then the score over fp8 page metadata and the attention
+    over an fp8 K/V cache (``page_meta_dtype`` / ``kv_cache_dtype="fp8_e4m3"``), captured on meta tensors."""
     from tinyserve_patch.ops import triton_chain, triton_decode, triton_score, triton_select
 
     chained = (triton_score._score_kernel, triton_select._select_kernel, triton_decode._decode_split_kernel)
@@ -153,6 +155,8 @@ def chain_launches(model: str, batch: int, tokens: int, budget: int) -> list[tup
     q = torch.empty(batch, hq, d, dtype=bf, device=dev)
     meta = torch.empty(batch, hkv, tokens // PAGE, 2, d, dtype=bf, device=dev)
     k = torch.empty(batch, hkv, tokens, d, dtype=bf, device=dev)
+    meta8 = torch.empty(meta.shape, dtype=torch.float8_e4m3fn, device=dev)
+    k8 = torch.empty(k.shape, dtype=torch.float8_e4m3fn, device=dev)
     start = torch.empty(batch, dtype=torch.int32, device=dev)
     end = torch.empty(batch, dtype=torch.int32, device=dev)
     scores = torch.empty(batch, hkv, tokens // PAGE, dtype=torch.float32, device=dev)
@@ -170,6 +174,12 @@ def chain_launches(model: str, batch: int, tokens: int, budget: int) -> list[tup
         (f"{name} (chained)", kernel, capture_launch(kernel, lambda: triton_chain.quest_decode_chained_triton(
             q, k, k, meta, start, end, PAGE, budget // PAGE, 1, 1, "max", d**-0.5), skip=chained[:i]))
         for i, (name, kernel) in enumerate(zip(("score", "select", "attention"), chained))
+    ] + [
+        ("score (fp8 metadata)", triton_score._score_kernel,
+         capture_launch(triton_score._score_kernel, lambda: triton_score.page_scores_triton(q, meta8, start, end, PAGE, "max"))),
+        ("attention (fp8 K/V)", triton_decode._decode_split_kernel,
+         capture_launch(triton_decode._decode_split_kernel,
+                        lambda: triton_decode.sparse_decode_attention_triton(q, k8, k8, idx, start, end, PAGE, d**-0.5))),
     ]
 
 
@@ -184,7 +194,7 @@ def main(argv=None) -> int:
     rows = [report(name, kernel, launch) for name, kernel, launch in chain_launches(args.model, args.batch, args.tokens, args.budget)]
     print(f"{args.model} B={args.batch} {args.tokens} tokens, budget {args.budget}; sm_90, triton {triton.__version__}")
     cols = ["kernel", "ctas", "num_warps", "num_stages", "regs", "local_bytes", "smem_bytes", "ctas_per_sm", "sass_instructions",
-            "ldg_128", "ldg_64", "ldg_narrow", "ldgsts", "hmma", "bar_sync", "shfl", "redux"]
+            "ldg_128", "ldg_64", "ldg_narrow", "ldgsts", "hmma", "bar_sync", "shfl", "redux", "f2f"]
     print(" | ".join(cols))
     for r in rows:
         print(" | ".join(str(r.get(c, "")) for c in cols))
