@@ -14,9 +14,9 @@ import argparse
 import datetime
 import json
 import platform
+import statistics
 import sys
 import sysconfig
-import statistics
 import time
 import warnings
 from pathlib import Path

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .reference import FP8_DTYPES
+
 #: Largest number of pages a selection kernel holds in one program (``BLOCK = next_pow2(P)``).
 MAX_SELECT_PAGES = 16384
 INT32_MAX = 2147483647
@@ -38,6 +40,12 @@ def f32_dot(dtype: torch.dtype) -> bool:
     """Whether ``mm`` must run in IEEE fp32: for fp32 data (no TF32 rounding), and under the interpreter,
     whose ``tl.dot`` mishandles bfloat16 operands (fp16/bf16 products are exact in fp32 either way)."""
     return dtype == torch.float32 or interpreting()
+
+
+def scaled_f16(q_dtype: torch.dtype, data_dtype: torch.dtype) -> bool:
+    """Whether a kernel multiplies ``data_dtype`` data by a ``q_dtype`` query in fp16 on a power-of-two-scaled
+    query (:func:`scaled_f16_query`): fp8 data against a bfloat16 query."""
+    return data_dtype in FP8_DTYPES and q_dtype == torch.bfloat16
 
 
 _PROPS: dict = {}

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import check, check_float_dtype, check_head_dim, check_page_size, check_rows, f32_dot, mm, pdl_enter, pdl_trigger, scaled_f16_query, sm_count, ticket_counters, use_pdl, wait_row
+from ._triton_common import check, check_float_dtype, check_head_dim, check_page_size, check_rows, f32_dot, mm, pdl_enter, pdl_trigger, scaled_f16, scaled_f16_query, sm_count, ticket_counters, use_pdl, wait_row
 from .reference import FP8_DTYPES
 
 LOG2E = 1.4426950408889634
@@ -337,7 +337,7 @@ def sparse_decode_attention_triton(
         indices.stride(0), indices.stride(1), out.stride(0), out.stride(1), flags, done,
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=block_n,
         PAGE_SIZE=page_size, SOFTCAP=bool(softcap), SINGLE=single, F32=f32_dot(q.dtype), INLINE_MERGE=inline,
-        CHAIN=chain is not None, SCALED_F16=k_cache.dtype in FP8_DTYPES and q.dtype == torch.bfloat16,
+        CHAIN=chain is not None, SCALED_F16=scaled_f16(q.dtype, k_cache.dtype),
         num_warps=num_warps or (4 if block_d <= 128 else 8), num_stages=num_stages, PDL=pdl, launch_pdl=pdl,
     )
     if not single and not inline:

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import check, check_float_dtype, check_head_dim, check_page_size, check_rows, f32_dot, mm, page_valid, pdl_enter, scaled_f16_query, signal_row, sm_count, use_pdl
+from ._triton_common import check, check_float_dtype, check_head_dim, check_page_size, check_rows, f32_dot, mm, page_valid, pdl_enter, scaled_f16, scaled_f16_query, signal_row, sm_count, use_pdl
 from .reference import FP8_DTYPES
 
 
@@ -223,7 +223,7 @@ def score_meta(q: torch.Tensor, meta: torch.Tensor, seq_start, seq_end, page_siz
         BLOCK_D=max(16, triton.next_power_of_2(d)),
         GQA_SUM=gqa_reduction == "sum",
         F32=f32_dot(q.dtype),
-        SCALED_F16=meta.dtype in FP8_DTYPES and q.dtype == torch.bfloat16,
+        SCALED_F16=scaled_f16(q.dtype, meta.dtype),
     )
     return q, meta, consts
 
