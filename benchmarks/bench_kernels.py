@@ -262,17 +262,17 @@ def run(args) -> dict:
                 c["scores"] = page_scores_triton(c["q"], c["meta"], start, end, PAGE, "max")
                 c["idx"] = select_pages_triton(c["scores"], start, end, PAGE, nsel, 1, 1)
 
-            def scorer(key):  # the score kernel over c[key]: "meta" (model dtype) or "meta8" (fp8)
+            def scorer(key, **plan):  # the score kernel over c[key]: "meta" (model dtype) or "meta8" (fp8)
                 def score():
                     c = copies.next()
-                    return page_scores_triton(c["q"], c[key], start, end, PAGE, "max")
+                    return page_scores_triton(c["q"], c[key], start, end, PAGE, "max", **plan)
 
                 return score
 
-            def split_over(key, merge=None, kv=("k", "v")):  # score (over c[key]) + select + attend (over c[kv])
+            def split_over(key, merge=None, kv=("k", "v"), **plan):  # score (over c[key], launch plan) + select + attend (over c[kv])
                 def split_total():
                     c = copies.next()
-                    s = page_scores_triton(c["q"], c[key], start, end, PAGE, "max")
+                    s = page_scores_triton(c["q"], c[key], start, end, PAGE, "max", **plan)
                     i = select_pages_triton(s, start, end, PAGE, nsel, 1, 1)
                     return sparse_decode_attention_triton(c["q"], c[kv[0]], c[kv[1]], i, start, end, PAGE, scale, 0.0, merge=merge)
 
@@ -312,6 +312,12 @@ def run(args) -> dict:
                 add("total_chained", budget, total_bytes, chained_total, dense_ms)
             add("score_fp8meta", budget, meta_bytes // 2 + qo_bytes // 2 + score_bytes, scorer("meta8"))
             add("total_split_fp8meta", budget, total_bytes - meta_bytes // 2, split_over("meta8"), dense_ms)
+            if args.fp8_score_plan:  # another launch plan of the fp8-metadata score, alone and in the chain
+                warps, stages = args.fp8_score_plan
+                plan = dict(num_warps=warps, num_stages=stages)
+                tag = f"w{warps}s{stages}"
+                add(f"score_fp8meta_{tag}", budget, meta_bytes // 2 + qo_bytes // 2 + score_bytes, scorer("meta8", **plan))
+                add(f"total_split_fp8meta_{tag}", budget, total_bytes - meta_bytes // 2, split_over("meta8", **plan), dense_ms)
             if args.fp8_kv:  # K/V stored as float8_e4m3fn (kv_cache_dtype="fp8_e4m3"): half the page bytes
                 fp8 = ("k8", "v8")
                 add("sparse_attention_fp8kv", budget, sel_kv // 2 + qo_bytes + idx_bytes, lambda: attend(fp8), dense_ms)
@@ -415,6 +421,8 @@ def parse_args(argv=None):
     p.add_argument("--chained", action="store_true",
                    help="also time the row-chained decode (ops/triton_chain.py) as total_chained; run its GPU test "
                         "first: a wrong wait hangs instead of failing")
+    p.add_argument("--fp8-score-plan", nargs=2, type=int, metavar=("WARPS", "STAGES"),
+                   help="also time the fp8-metadata score with this launch plan, alone and in the split chain")
     p.add_argument("--fp8-kv", action="store_true",
                    help="also time the attention and the split chain over an fp8 K/V cache (sparse_attention_fp8kv, "
                         "total_split_fp8kv)")

@@ -4,7 +4,8 @@
 
 For each shape (model, batch, tokens, budget) it times ``sparse_decode_attention_triton`` under CUDA
 graphs (``do_bench_cudagraph``, median, caches rotated beyond the L2 as in ``bench_kernels.py``) over
-``num_splits`` x ``block_n`` x ``num_warps`` x ``num_stages`` x ``merge`` (second kernel or inline),
+``num_splits`` x ``block_n`` x ``num_warps`` x ``num_stages`` x ``merge`` (second kernel or inline;
+``attention_fp8kv`` over the cache stored as fp8),
 ``page_scores_triton`` over ``blocks_per_program`` x ``block_p`` x ``num_warps`` x ``num_stages``
 (``score``; ``score_fp8meta`` over fp8 page metadata), ``select_pages_triton`` over ``num_warps`` x
 ``ways`` (thresholds per search pass), and ``score_and_select_triton`` (``fused``) over
@@ -59,7 +60,8 @@ def sweep(shape, bw: float, l2: int, rep: int, kernels, full_attention: bool = T
     nsel = budget // PAGE
     kv_bytes = 2 * batch * hkv * length * d * 2
     sel_bytes = 2 * batch * hkv * budget * d * 2 + 2 * batch * hq * d * 2 + batch * hkv * nsel * 4
-    copies = Copies(batch, hq, hkv, d, length, _n_copies(sel_bytes, kv_bytes, l2))
+    fp8_kv = "attention_fp8kv" in kernels  # also the cache stored as float8_e4m3fn (kv_cache_dtype="fp8_e4m3")
+    copies = Copies(batch, hq, hkv, d, length, _n_copies(sel_bytes, kv_bytes * (3 if fp8_kv else 2) // 2, l2), fp8_kv)
     start = torch.zeros(batch, dtype=torch.int32, device="cuda")
     end = torch.full((batch,), length, dtype=torch.int32, device="cuda")
     for c in copies.items:
@@ -74,27 +76,36 @@ def sweep(shape, bw: float, l2: int, rep: int, kernels, full_attention: bool = T
     rows = [dict(base, kernel="dense_sdpa", default=True, ok=True, graph_ms=_bench(dense, graph=True, rep=rep),
                  floor_ms=(kv_bytes + 2 * batch * hq * d * 2) / bw * 1e3)]
     c0 = copies.items[0]
-    want = sparse_decode_attention_triton(c0["q"], c0["k"], c0["v"], c0["idx"], start, end, PAGE, d**-0.5).float()
     splits_grid = [None, 2, 4, 8, 16, 32] if batch * hkv >= 32 else [None, 4, 8, 16, 32, 64]
     # (the 2026-11-23 H100 sweep over warps 2/4/8 and stages 2/3/4 found 4 warps, 2 stages: kept narrow)
     attention_grid = [{}] + [dict(num_splits=s, merge=m) for s, m in itertools.product(splits_grid, ("kernel", "inline"))]
     if full_attention:
         attention_grid += [dict(num_splits=s, block_n=n, num_warps=w, num_stages=st, merge=m) for s, n, w, st, m in
                            itertools.product(splits_grid, (64, 128), (4, 8), (2, 3), ("kernel", "inline"))]
-    for kw in attention_grid if "attention" in kernels else ():
-        try:
-            got = sparse_decode_attention_triton(c0["q"], c0["k"], c0["v"], c0["idx"], start, end, PAGE, d**-0.5, **kw)
-        except Exception as e:  # out of shared memory / registers: not a candidate
-            rows.append(dict(base, kernel="attention", **kw, default=not kw, error=type(e).__name__))
+    # the fp8 cache: its own block / warps / stages (its upcast changes the register budget), default merge
+    fp8_grid = [{}] + [dict(num_splits=s, block_n=n, num_warps=w, num_stages=st) for s, n, w, st in
+                       itertools.product(splits_grid[:4], (64, 128), (4, 8), (2, 3))]
+    # attention over the model-dtype cache and over its fp8 form (half the page bytes)
+    fp8_sel = 2 * batch * hkv * budget * d  # the selected pages' bytes saved by the fp8 cache
+    for kernel, kv, nbytes, grid in (("attention", ("k", "v"), sel_bytes, attention_grid),
+                                     ("attention_fp8kv", ("k8", "v8"), sel_bytes - fp8_sel, fp8_grid)):
+        if kernel not in kernels:
             continue
-        ok = torch.allclose(got.float(), want, atol=2e-2, rtol=2e-2)
+        want = sparse_decode_attention_triton(c0["q"], c0[kv[0]], c0[kv[1]], c0["idx"], start, end, PAGE, d**-0.5).float()
+        for kw in grid:
+            try:
+                got = sparse_decode_attention_triton(c0["q"], c0[kv[0]], c0[kv[1]], c0["idx"], start, end, PAGE, d**-0.5, **kw)
+            except Exception as e:  # out of shared memory / registers: not a candidate
+                rows.append(dict(base, kernel=kernel, **kw, default=not kw, error=type(e).__name__))
+                continue
+            ok = torch.allclose(got.float(), want, atol=2e-2, rtol=2e-2)
 
-        def fn(kw=kw):
-            c = copies.next()
-            return sparse_decode_attention_triton(c["q"], c["k"], c["v"], c["idx"], start, end, PAGE, d**-0.5, **kw)
+            def fn(kw=kw, kv=kv):
+                c = copies.next()
+                return sparse_decode_attention_triton(c["q"], c[kv[0]], c[kv[1]], c["idx"], start, end, PAGE, d**-0.5, **kw)
 
-        ms = _bench(fn, graph=True, rep=rep)
-        rows.append(dict(base, kernel="attention", **kw, default=not kw, ok=ok, graph_ms=ms, floor_ms=sel_bytes / bw * 1e3))
+            ms = _bench(fn, graph=True, rep=rep)
+            rows.append(dict(base, kernel=kernel, **kw, default=not kw, ok=ok, graph_ms=ms, floor_ms=nbytes / bw * 1e3))
     meta_bytes = batch * hkv * (length // PAGE) * 2 * d * 2
     score_grid = [{}] + [dict(blocks_per_program=p, block_p=n, num_warps=w, num_stages=st) for p, n, w, st in
                          itertools.product((None, 1, 2, 4, 8, 16), (64, 128, 256), (4, 8), (2, 3, 4))]
@@ -163,7 +174,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     p.add_argument("--rep", type=int, default=20)
     p.add_argument("--kernels", nargs="+", default=["attention", "score", "select"],
-                   choices=["attention", "score", "score_fp8meta", "select", "fused"])
+                   choices=["attention", "attention_fp8kv", "score", "score_fp8meta", "select", "fused"])
     p.add_argument("--attention-defaults", action="store_true",
                    help="attention: the default block / warps / stages only, over num_splits x merge")
     p.add_argument("--shapes", nargs="+", type=parse_shape, default=None,
