@@ -22,6 +22,7 @@ def _doc():
         _row("llama3-8b", 8, 64 * K, "dense_sdpa", 64 * K, 0.7, 1.0, 100),
         _row("llama3-8b", 8, 64 * K, "score", 2048, 0.05, pct=93),
         _row("llama3-8b", 8, 64 * K, "score", 4096, 0.05, pct=69),  # the worst budget decides
+        _row("llama3-8b", 8, 64 * K, "copy_meta", 64 * K, 0.09, pct=88),  # the size's reference, shown beside it
         _row("llama3-8b", 8, 64 * K, "total_split", 2048, 0.0875, 8.0),
         _row("llama3-8b", 8, 64 * K, "total_split_fp8meta", 2048, 0.07, 10.0),
         _row("tinyllama", 1, 16 * K, "total_split", 2048, 0.012, 1.05),
@@ -42,6 +43,7 @@ def test_targets_judge_each_shape_on_graph_timings(monkeypatch):
     assert [line[:4] for line in b1] == ["PASS", "FAIL"] and "budget 4096" in b1[1]
     score = [line for line in lines if "byte floor" in line]
     assert len(score) == 1 and score[0].startswith("FAIL") and "69.0%" in score[0]
+    assert "a copy of the metadata: 88.0%" in score[0]
     assert targets([])[0].startswith("N/A")
 
 
@@ -54,3 +56,4 @@ def test_report_rewrites_the_markdown_of_a_recorded_run(tmp_path, monkeypatch):
     assert bench_kernels.main(["--report", str(path)]) == 0
     md = (tmp_path / "kernels.md").read_text()
     assert "commit abc" in md and "## Targets" in md and "| llama3-8b | 8 | 64K | 2048 | total_split |" in md
+    assert "| llama3-8b | 8 | 64K | - | copy_meta |" in md
