@@ -323,6 +323,9 @@ def run(args) -> dict:
                 add("total_chained", budget, total_bytes, chained_total, dense_ms)
             add("score_fp8meta", budget, meta_bytes // 2 + qo_bytes // 2 + score_bytes, scorer("meta8"))
             add("total_split_fp8meta", budget, total_bytes - meta_bytes // 2, split_over("meta8"), dense_ms)
+            for per in args.score_per:  # the exact-metadata score walking `per` blocks per program, alone and in the chain
+                add(f"score_per{per}", budget, meta_bytes + qo_bytes // 2 + score_bytes, scorer("meta", blocks_per_program=per))
+                add(f"total_split_per{per}", budget, total_bytes, split_over("meta", blocks_per_program=per), dense_ms)
             if args.fp8_score_plan:  # another launch plan of the fp8-metadata score, alone and in the chain
                 warps, stages = args.fp8_score_plan
                 plan = dict(num_warps=warps, num_stages=stages)
@@ -436,6 +439,8 @@ def parse_args(argv=None):
     p.add_argument("--chained", action="store_true",
                    help="also time the row-chained decode (ops/triton_chain.py) as total_chained; run its GPU test "
                         "first: a wrong wait hangs instead of failing")
+    p.add_argument("--score-per", nargs="+", type=int, default=[], metavar="BLOCKS",
+                   help="also time the score walking this many page blocks per program, alone and in the split chain")
     p.add_argument("--fp8-score-plan", nargs=2, type=int, metavar=("WARPS", "STAGES"),
                    help="also time the fp8-metadata score with this launch plan, alone and in the split chain")
     p.add_argument("--fp8-kv", action="store_true",
