@@ -65,15 +65,18 @@ def test_scores_blocks_per_program(per):
 
 
 def test_default_launch():
-    """About one program per SM, at most 4 blocks each; 8 warps for fp8 metadata."""
-    from tinyserve_patch.ops.triton_score import default_launch
+    """About one program per SM, at most 4 blocks each, 4 warps; pipelined over 3 stages (2 over fp8
+    metadata) unless a program has one block."""
+    from tinyserve_patch.ops.triton_score import default_launch, walk_stages
 
     bf16, fp8 = torch.bfloat16, torch.float8_e4m3fn
-    assert default_launch(64, 132, bf16) == (1, 4)  # TinyLlama B=1 / 16K
-    assert default_launch(256, 132, bf16) == (2, 4)  # TinyLlama B=1 / 64K
-    assert default_launch(512, 132, bf16) == (4, 4)  # Llama-3-8B B=1 / 64K
-    assert default_launch(4096, 132, fp8) == (4, 8)  # Llama-3-8B B=8 / 64K
+    assert default_launch(64, 132, bf16) == (1, 4, 1)  # TinyLlama B=1 / 16K
+    assert default_launch(256, 132, bf16) == (2, 4, 3)  # TinyLlama B=1 / 64K
+    assert default_launch(512, 132, bf16) == (4, 4, 3)  # Llama-3-8B B=1 / 64K
+    assert default_launch(4096, 132, fp8) == (4, 4, 2)  # Llama-3-8B B=8 / 64K
+    assert default_launch(64, 132, fp8) == (1, 4, 1)
     assert all(1 <= default_launch(n, 132, bf16)[0] <= 4 for n in range(1, 20000, 37))
+    assert [walk_stages(per, bf16) for per in (1, 2, 8)] == [1, 3, 3]  # an override of the walk keeps the rule
 
 
 def test_scores_reject_bad_input():

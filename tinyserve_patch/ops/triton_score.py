@@ -7,7 +7,7 @@ to 16 rows; fp32 accumulation; exact products for fp16/bf16, IEEE fp32 for fp32)
 by ``max`` or ``sum``; ``-inf`` for pages without a valid token. Grid ``(B * Hkv, cdiv(blocks, per))``:
 a program walks ``per`` consecutive blocks of ``BLOCK_P`` pages (``BLOCK_P * 2 * D`` contiguous metadata
 elements each), software-pipelined over ``STAGES`` when ``per > 1``; :func:`default_launch` picks ``per``
-and the warps from the H100 sweep.
+the warps and the stages from the H100 and H200 sweeps.
 
 The summation order differs from the reference's, so a score may differ from it in the last ulp.
 """
@@ -233,24 +233,31 @@ def default_block_p(block_d: int) -> int:
     return 64 if block_d <= 128 else 32
 
 
-def default_launch(blocks: int, sms: int, meta_dtype: torch.dtype) -> tuple[int, int]:
-    """``(blocks_per_program, num_warps)`` of a launch walking ``blocks`` page blocks in all (rows x KV
-    heads x blocks) on ``sms`` SMs: about one program per SM, walking at most 4 blocks each
-    (software-pipelined); 8 warps for fp8 metadata (chosen when its upcast went through fp32), 4 for
-    the model's dtype. Chosen on the decode chain (score -> select -> attention with PDL), where it counts,
-    over three H100 runs of ``bench_kernels.py`` (2026-11-23, ``kernels_h100.json`` and
-    ``kernels_h100_score_plan_old*.json``): against the earlier ~2 programs per SM with up to 8
-    blocks each, Llama-3-8B B=8 / 16K 58.7 -> 48.4 us, B=8 / 64K 89.0-92.1 -> 87.4, B=1 / 64K 30.3 -> 25.1,
-    TinyLlama B=8 / 128K 55.3 -> 52.1 (a score grid of 1-2 waves followed by a PDL launch loses up to 9 us).
-    The score kernel timed alone is 1.5-2 us slower with it at 1024-2048 blocks (14.0 -> 16.2 us at 34 MB
-    of metadata) and faster at batch 1 / 64K (8.4 -> 7.8) and 4096 blocks (TinyLlama B=8 / 128K 30.2 ->
-    25.8). The fused score + select kernel (same walk) measured best at 4 blocks too (Llama-3-8B B=8 / 64K
-    56.6 us vs 60.1 with 8, B=1 / 64K 15.0 vs 19.7 with 1; ``tune_decode_h100_fused.json``). fp8
-    metadata, timed alone on the H200 with the fp16 products of :func:`load_group_query`: 4 warps and 2
-    stages beat these 8 warps and 3 stages, 20.8 vs 23.9 us at Llama-3-8B B=8 / 64K
-    (``tune_decode_h200_fp8meta.json``); not yet timed in the chain, where this plan was chosen, so not
-    yet the default."""
-    return min(4, triton.cdiv(blocks, sms)), 8 if meta_dtype in FP8_DTYPES else 4
+def default_launch(blocks: int, sms: int, meta_dtype: torch.dtype) -> tuple[int, int, int]:
+    """``(blocks_per_program, num_warps, num_stages)`` of a launch walking ``blocks`` page blocks in all
+    (rows x KV heads x blocks) on ``sms`` SMs: about one program per SM, walking at most 4 blocks each,
+    software-pipelined over 3 stages (1 when a program has one block), 4 warps. Chosen on the decode chain
+    (score -> select -> attention with PDL), where it counts, over three H100 runs of ``bench_kernels.py``
+    (2026-11-23, ``kernels_h100.json`` and ``kernels_h100_score_plan_old*.json``): against the earlier ~2
+    programs per SM with up to 8 blocks each, Llama-3-8B B=8 / 16K 58.7 -> 48.4 us, B=8 / 64K 89.0-92.1
+    -> 87.4, B=1 / 64K 30.3 -> 25.1, TinyLlama B=8 / 128K 55.3 -> 52.1 (a score grid of 1-2 waves followed
+    by a PDL launch loses up to 9 us). Timed alone the score prefers 8 blocks at 1-2K blocks (H200:
+    13.7 -> 10.6 us, ``tune_decode_h200_score.json``), but the chain does not gain from it (Llama-3-8B
+    B=8 / 16K 38.8 vs 39.5 us, B=1 / 128K 31.7 vs 32.6; ``kernels_h200_score_per_fd62df8.json``). The
+    fused score + select kernel (same walk) measured best at 4 blocks too (``tune_decode_h100_fused.json``).
+    fp8 metadata: 2 stages (the fp16 products of :func:`load_group_query`): over the H200 grid of
+    ``kernels_h200.json`` (48 shapes) the chain is up to 5.7 us faster than with the 8 warps / 3 stages
+    chosen when its upcast went through fp32 (Llama-3-8B B=8 / 128K 81.2 -> 75.6 us, TinyLlama B=8 / 64K
+    32.2 -> 28.6), 38 us less over the grid in all, and at most 1.6 us slower (TinyLlama B=1 / 128K;
+    Llama-3-8B B=8 / 64K / 2048 +1.0)."""
+    per = min(4, triton.cdiv(blocks, sms))
+    return per, 4, walk_stages(per, meta_dtype)
+
+
+def walk_stages(per: int, meta_dtype: torch.dtype) -> int:
+    """Pipeline stages of a walk of ``per`` blocks: 1 (straight-line) for one block, else 2 over fp8
+    metadata and 3 over the model's dtype (:func:`default_launch`)."""
+    return 1 if per == 1 else 2 if meta_dtype in FP8_DTYPES else 3
 
 
 def plan_walk(
@@ -269,12 +276,12 @@ def plan_walk(
     unless overridden; shared by the score and the fused score + select launches)."""
     block_p = block_p or default_block_p(consts["BLOCK_D"])
     blocks = triton.cdiv(pages, block_p)
-    per, warps = default_launch(batch_heads * blocks, sm_count(device), meta_dtype)
+    per, warps, _ = default_launch(batch_heads * blocks, sm_count(device), meta_dtype)
     per = blocks_per_program or per
     check(per >= 1, f"blocks_per_program={per} must be >= 1")
     return dict(
         BLOCK_P=block_p, blocks_per_program=per, programs_per_row=triton.cdiv(blocks, per),
-        num_warps=num_warps or warps, STAGES=num_stages or (1 if per == 1 else 3), WALK=per > 1,
+        num_warps=num_warps or warps, STAGES=num_stages or walk_stages(per, meta_dtype), WALK=per > 1,
     )
 
 
