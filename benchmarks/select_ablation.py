@@ -71,11 +71,14 @@ def _sortable(x: torch.Tensor) -> torch.Tensor:
     return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
 
-def search_passes(keys: torch.Tensor, k: int, ways: int) -> int:
-    """Passes of ``kth_largest_key`` over one row's int keys (all scored: no forced / invalid pages)."""
+def search_passes(keys: torch.Tensor, k: int, ways: int, finish_at: int = 0) -> int:
+    """Passes of ``kth_largest_key`` over one row's int keys (all scored: no forced / invalid pages).
+    ``finish_at`` > 0 models a search that stops once at most that many keys lie inside its bracket
+    (known from the counts at its two ends) and ranks those directly in one more step (not counted)."""
     lo, hi = int(keys.min()), int(keys.max())
+    n_lo, n_above = keys.numel(), 0  # keys >= lo, keys >= hi + 1
     passes = 0
-    while lo < hi:
+    while lo < hi and not (finish_at and n_lo - n_above <= finish_at):
         passes += 1
         step = (hi - lo + 1 + ways) // (ways + 1)
         cs = [min(lo + (i + 1) * step, hi) for i in range(ways)]
@@ -83,9 +86,9 @@ def search_passes(keys: torch.Tensor, k: int, ways: int) -> int:
         new_lo, new_hi, hit = lo, hi, lo - 1
         for c, n in zip(cs, ns):
             if n >= k:
-                new_lo = c
-            else:
-                new_hi = min(new_hi, c - 1)
+                new_lo, n_lo = c, n
+            elif c - 1 < new_hi:
+                new_hi, n_above = c - 1, n
             if n == k:
                 hit = c
         lo, hi = (hit, hit) if hit >= lo else (new_lo, new_hi)
@@ -113,8 +116,10 @@ def run(rep: int) -> list[dict]:
         warps = select_num_warps(block)
         keys = _sortable(scores.float().cpu()).view(batch * hkv, pages)
         passes = [search_passes(r[1:-1], nsel - 2, SELECT_WAYS) for r in keys]  # sink and recent pages forced
+        finish = [search_passes(r[1:-1], nsel - 2, SELECT_WAYS, finish_at=64) for r in keys]  # a model, not the kernel
         base = dict(model=model, batch=batch, tokens=length, budget=budget, pages=pages, num_warps=warps,
-                    passes_mean=sum(passes) / len(passes), passes_max=max(passes))
+                    passes_mean=sum(passes) / len(passes), passes_max=max(passes),
+                    passes_finish64_mean=sum(finish) / len(finish), passes_finish64_max=max(finish))
         for part, name in enumerate(PARTS):
             def fn(part=part):
                 _cut_kernel[(batch * hkv,)](scores, start, end, out, aux, pages, nsel, hkv, PAGE, 1, 1,

@@ -33,3 +33,6 @@ def test_cut_kernel_parts_and_pass_count(monkeypatch):
         scored = row[1:-1]  # the sink and the recent page are forced
         assert int((scored > t).sum()) <= nsel - 2 <= int((scored >= t).sum())
         assert 1 <= sa.search_passes(scored, nsel - 2, 2) <= 20
+        # stopping at <= 64 keys in the bracket never takes more passes; with every key inside, none
+        assert sa.search_passes(scored, nsel - 2, 2, finish_at=64) <= sa.search_passes(scored, nsel - 2, 2)
+        assert sa.search_passes(scored, nsel - 2, 2, finish_at=scored.numel()) == 0
