@@ -311,6 +311,12 @@ def run(args) -> dict:
                 return sparse_decode_attention_triton(c["q"], c["k"], c["v"], i, start, end, PAGE, scale, 0.0)
 
             total_bytes = meta_bytes + sel_kv + qo_bytes
+
+            def plan_rows(key, suffix, **plan):  # the score over c[key] ("meta" / "meta8") with a launch plan, alone and in the chain
+                mb = meta_bytes if key == "meta" else meta_bytes // 2
+                add(f"score{suffix}", budget, mb + qo_bytes // 2 + score_bytes, scorer(key, **plan))
+                add(f"total_split{suffix}", budget, total_bytes - (meta_bytes - mb), split_over(key, **plan), dense_ms)
+
             add("score", budget, meta_bytes + qo_bytes // 2 + score_bytes, scorer("meta"))
             add("select", budget, score_bytes + idx_bytes, select)
             add("fused_score_select", budget, meta_bytes + qo_bytes // 2 + idx_bytes, fused)
@@ -321,17 +327,12 @@ def run(args) -> dict:
             add("total_fused", budget, total_bytes, fused_total, dense_ms)
             if args.chained:
                 add("total_chained", budget, total_bytes, chained_total, dense_ms)
-            add("score_fp8meta", budget, meta_bytes // 2 + qo_bytes // 2 + score_bytes, scorer("meta8"))
-            add("total_split_fp8meta", budget, total_bytes - meta_bytes // 2, split_over("meta8"), dense_ms)
-            for per in args.score_per:  # the exact-metadata score walking `per` blocks per program, alone and in the chain
-                add(f"score_per{per}", budget, meta_bytes + qo_bytes // 2 + score_bytes, scorer("meta", blocks_per_program=per))
-                add(f"total_split_per{per}", budget, total_bytes, split_over("meta", blocks_per_program=per), dense_ms)
-            if args.fp8_score_plan:  # another launch plan of the fp8-metadata score, alone and in the chain
+            plan_rows("meta8", "_fp8meta")  # the default plan over fp8 metadata
+            for per in args.score_per:
+                plan_rows("meta", f"_per{per}", blocks_per_program=per)
+            if args.fp8_score_plan:
                 warps, stages = args.fp8_score_plan
-                plan = dict(num_warps=warps, num_stages=stages)
-                tag = f"w{warps}s{stages}"
-                add(f"score_fp8meta_{tag}", budget, meta_bytes // 2 + qo_bytes // 2 + score_bytes, scorer("meta8", **plan))
-                add(f"total_split_fp8meta_{tag}", budget, total_bytes - meta_bytes // 2, split_over("meta8", **plan), dense_ms)
+                plan_rows("meta8", f"_fp8meta_w{warps}s{stages}", num_warps=warps, num_stages=stages)
             if args.fp8_kv:  # K/V stored as float8_e4m3fn (kv_cache_dtype="fp8_e4m3"): half the page bytes
                 fp8 = ("k8", "v8")
                 add("sparse_attention_fp8kv", budget, sel_kv // 2 + qo_bytes + idx_bytes, lambda: attend(fp8), dense_ms)
