@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.bench_kernels import _commit, _versions  # noqa: E402
 from tinyserve_patch.ops.reference import fp8_round_directed, meta_to_fp8, page_scores  # noqa: E402
 
 PAGE = 16
@@ -138,7 +139,7 @@ def main(argv=None) -> int:
               f"{100 * s['bytes_vs_exact_metadata']:.0f}% of the exact score's bytes; fp8 alone keeps "
               f"{100 * s['fp8_only_overlap_with_exact_top_k']:.1f}% of the exact top-k")
     doc = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "device": "cpu",
-           "model": Path(args.model).name, "tokens": n, "torch": torch.__version__, "args": vars(args),
+           "model": Path(args.model).name, "tokens": n, "versions": _versions(), "commit": _commit(), "args": vars(args),
            "summary": summary, "rows": rows}
     if args.out:
         Path(args.out).write_text(json.dumps(doc, indent=1))
