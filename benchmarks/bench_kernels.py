@@ -11,7 +11,9 @@ what the launch overlap gains on Hopper) and with the attention's other way of m
 (``total_split_merge_inline`` or ``total_split_merge_kernel``, whichever is not
 ``triton_decode.DEFAULT_MERGE``: the evidence for that default); then the score kernel
 and the split pipeline again over fp8 page metadata (``SparseConfig.page_meta_dtype="fp8_e4m3"``: half
-the metadata bytes).
+the metadata bytes). Options add rows for a non-default plan, each alone and in the split chain:
+``--select-ways`` (the selection's search), ``--merge-chunk`` (splits per tile of the attention's merge
+kernel), ``--score-per`` / ``--fp8-score-plan`` (score launch plans), ``--fp8-kv`` (an fp8 K/V cache).
 
 Timing: ``triton.testing.do_bench`` (median, L2 flushed before each call) and, for every row, the same
 calls captured in a CUDA graph (``do_bench_cudagraph``, no launch overhead); each call rotates through
@@ -280,26 +282,29 @@ def run(args) -> dict:
 
                 return score
 
-            def split_over(key, merge=None, kv=("k", "v"), **plan):  # score (over c[key], launch plan) + select + attend (over c[kv])
+            def split_over(key, merge=None, kv=("k", "v"), ways=None, merge_chunk=None, **plan):
+                # score (over c[key], launch plan) + select (ways) + attend (over c[kv]; merge, merge_chunk)
                 def split_total():
                     c = copies.next()
                     s = page_scores_triton(c["q"], c[key], start, end, PAGE, "max", **plan)
-                    i = select_pages_triton(s, start, end, PAGE, nsel, 1, 1)
-                    return sparse_decode_attention_triton(c["q"], c[kv[0]], c[kv[1]], i, start, end, PAGE, scale, 0.0, merge=merge)
+                    i = select_pages_triton(s, start, end, PAGE, nsel, 1, 1, ways=ways)
+                    return sparse_decode_attention_triton(c["q"], c[kv[0]], c[kv[1]], i, start, end, PAGE, scale, 0.0,
+                                                          merge=merge, merge_chunk=merge_chunk)
 
                 return split_total
 
-            def select():
+            def select(ways=None):
                 c = copies.next()
-                return select_pages_triton(c["scores"], start, end, PAGE, nsel, 1, 1)
+                return select_pages_triton(c["scores"], start, end, PAGE, nsel, 1, 1, ways=ways)
 
             def fused():
                 c = copies.next()
                 return score_and_select_triton(c["q"], c["meta"], start, end, PAGE, nsel, 1, 1, "max")
 
-            def attend(kv=("k", "v")):
+            def attend(kv=("k", "v"), merge_chunk=None):
                 c = copies.next()
-                return sparse_decode_attention_triton(c["q"], c[kv[0]], c[kv[1]], c["idx"], start, end, PAGE, scale, 0.0)
+                return sparse_decode_attention_triton(c["q"], c[kv[0]], c[kv[1]], c["idx"], start, end, PAGE, scale, 0.0,
+                                                      merge_chunk=merge_chunk)
 
             def chained_total():
                 c = copies.next()
@@ -333,6 +338,13 @@ def run(args) -> dict:
             if args.fp8_score_plan:
                 warps, stages = args.fp8_score_plan
                 plan_rows("meta8", f"_fp8meta_w{warps}s{stages}", num_warps=warps, num_stages=stages)
+            for ways in args.select_ways:  # another selection search (0: the narrowing one)
+                add(f"select_ways{ways}", budget, score_bytes + idx_bytes, lambda ways=ways: select(ways))
+                add(f"total_split_ways{ways}", budget, total_bytes, split_over("meta", ways=ways), dense_ms)
+            for chunk in args.merge_chunk:  # the merge kernel reading this many splits per tile
+                add(f"sparse_attention_chunk{chunk}", budget, sel_kv + qo_bytes + idx_bytes,
+                    lambda chunk=chunk: attend(merge_chunk=chunk), dense_ms)
+                add(f"total_split_chunk{chunk}", budget, total_bytes, split_over("meta", merge_chunk=chunk), dense_ms)
             if args.fp8_kv:  # K/V stored as float8_e4m3fn (kv_cache_dtype="fp8_e4m3"): half the page bytes
                 fp8 = ("k8", "v8")
                 add("sparse_attention_fp8kv", budget, sel_kv // 2 + qo_bytes + idx_bytes, lambda: attend(fp8), dense_ms)
@@ -447,6 +459,12 @@ def parse_args(argv=None):
     p.add_argument("--fp8-kv", action="store_true",
                    help="also time the attention and the split chain over an fp8 K/V cache (sparse_attention_fp8kv, "
                         "total_split_fp8kv)")
+    p.add_argument("--select-ways", nargs="+", type=int, default=[], metavar="WAYS",
+                   help="also time the selection with this search (thresholds per pass; 0: narrowing), alone and in "
+                        "the split chain (select_waysW, total_split_waysW)")
+    p.add_argument("--merge-chunk", nargs="+", type=int, default=[], metavar="SPLITS",
+                   help="also time the attention whose merge kernel reads this many splits per tile, alone and in the "
+                        "split chain (sparse_attention_chunkN, total_split_chunkN)")
     p.add_argument("--report", metavar="JSON", help="no run: print the targets and write JSON.md next to a recorded run (CPU)")
     args = p.parse_args(argv)
     if args.quick:

@@ -5,6 +5,7 @@
 #   memory  bench_e2e.py --grid memory (B=4/32K peak memory: HF default vs chunked / fp8 tinyserve)
 #   tune    tune_decode.py (launch sweep: score walk, attention splits / inline merge, selection warps)
 #   kernels bench_kernels.py ($KERNEL_ARGS, default: the full grid)
+#   ablation select_ablation.py (the selection cut after each part, per search; $ABLATION_ARGS)
 #   e2e     bench_e2e.py ($E2E_ARGS, default --quick)
 #   quick   examples/quickstart.py
 # Usage on the device machine, from the repo root:
@@ -21,7 +22,7 @@ STAGES=${STAGES:-tests memory tune}
 COMMIT=${GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 export GIT_COMMIT=$COMMIT
 T_TESTS=${T_TESTS:-330} T_MEMORY=${T_MEMORY:-190} T_TUNE=${T_TUNE:-170} T_KERNELS=${T_KERNELS:-300}
-T_E2E=${T_E2E:-280} T_QUICK=${T_QUICK:-120} T_OPS=${T_OPS:-120}
+T_E2E=${T_E2E:-280} T_QUICK=${T_QUICK:-120} T_OPS=${T_OPS:-120} T_ABLATION=${T_ABLATION:-90}
 
 {
   date -u +%FT%TZ
@@ -52,6 +53,9 @@ for stage in $STAGES; do
     kernels)
       timeout "$T_KERNELS" python benchmarks/bench_kernels.py --out "$OUT/kernels.json" ${KERNEL_ARGS:-} > "$OUT/kernels.log" 2>&1
       tail -45 "$OUT/kernels.log" ;;
+    ablation)
+      timeout "$T_ABLATION" python benchmarks/select_ablation.py --out "$OUT/select_ablation.json" ${ABLATION_ARGS:-} > "$OUT/ablation.log" 2>&1
+      tail -20 "$OUT/ablation.log" ;;
     e2e)
       timeout "$T_E2E" python benchmarks/bench_e2e.py --commit "$COMMIT" --out "$OUT/e2e.json" --time-budget $((T_E2E - 30)) \
         ${E2E_ARGS:---quick} > "$OUT/e2e.log" 2>&1

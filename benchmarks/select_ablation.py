@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import itertools
 import json
 import os
 import sys
@@ -56,11 +57,11 @@ def _cut_kernel(scores_ptr, start_ptr, end_ptr, out_ptr, aux_ptr, num_pages, num
     if PART == 0:
         tl.store(aux_ptr + bh, tl.max(scores, axis=0).to(tl.int32, bitcast=True))
     elif PART == 1:
-        key, k, lo, hi, above = selection_keys(scores, offs, num_pages, start, end, num_select, page_size, sink, recent)
-        tl.store(aux_ptr + bh, k ^ lo ^ hi ^ above)
+        key, k, lo, hi, above, n_lo = selection_keys(scores, offs, num_pages, start, end, num_select, page_size, sink, recent)
+        tl.store(aux_ptr + bh, k ^ lo ^ hi ^ above ^ n_lo)
     elif PART == 2:
-        key, k, lo, hi, above = selection_keys(scores, offs, num_pages, start, end, num_select, page_size, sink, recent)
-        t, need = kth_largest_key(key, tl.maximum(k, 1), lo, hi, above, WAYS)
+        key, k, lo, hi, above, n_lo = selection_keys(scores, offs, num_pages, start, end, num_select, page_size, sink, recent)
+        t, need = kth_largest_key(key, tl.maximum(k, 1), lo, hi, above, n_lo, WAYS)
         tl.store(aux_ptr + bh, t)
     else:
         select_from_scores(scores, offs, num_pages, start, end, out, num_select, page_size, sink, recent, BLOCK, WAYS)
@@ -72,14 +73,18 @@ def _sortable(x: torch.Tensor) -> torch.Tensor:
 
 
 def search_passes(keys: torch.Tensor, k: int, ways: int, finish_at: int = 0) -> int:
-    """Passes of ``kth_largest_key`` over one row's int keys (all scored: no forced / invalid pages).
+    """Passes of ``kth_largest_key`` over one row's int keys (all scored: no forced / invalid pages);
+    ``ways == 0``: the narrowing search.
     ``finish_at`` > 0 models a search that stops once at most that many keys lie inside its bracket
     (known from the counts at its two ends) and ranks those directly in one more step (not counted)."""
     lo, hi = int(keys.min()), int(keys.max())
     n_lo, n_above = keys.numel(), 0  # keys >= lo, keys >= hi + 1
     passes = 0
+    narrowing = ways == 0  # 2 thresholds, 3 once <= 1023 keys lie in the bracket, 4 once <= 255
     while lo < hi and not (finish_at and n_lo - n_above <= finish_at):
         passes += 1
+        if narrowing:
+            ways = 2 if n_lo - n_above > 1023 else 3 if n_lo - n_above > 255 else 4
         step = (hi - lo + 1 + ways) // (ways + 1)
         cs = [min(lo + (i + 1) * step, hi) for i in range(ways)]
         ns = [int((keys >= c).sum()) for c in cs]
@@ -95,7 +100,8 @@ def search_passes(keys: torch.Tensor, k: int, ways: int, finish_at: int = 0) -> 
     return passes
 
 
-def run(rep: int) -> list[dict]:
+def run(rep: int, ways_list=(SELECT_WAYS, 0)) -> list[dict]:
+    """Rows per shape, search (``ways``: thresholds per pass, 0 the narrowing search) and part."""
     from tinyserve_patch.ops.triton_score import page_scores_triton
 
     torch.manual_seed(0)  # the same scores run to run: the search's pass count depends on them
@@ -115,19 +121,23 @@ def run(rep: int) -> list[dict]:
         block = triton.next_power_of_2(pages)
         warps = select_num_warps(block)
         keys = _sortable(scores.float().cpu()).view(batch * hkv, pages)
-        passes = [search_passes(r[1:-1], nsel - 2, SELECT_WAYS) for r in keys]  # sink and recent pages forced
-        finish = [search_passes(r[1:-1], nsel - 2, SELECT_WAYS, finish_at=64) for r in keys]  # a model, not the kernel
-        base = dict(model=model, batch=batch, tokens=length, budget=budget, pages=pages, num_warps=warps,
-                    passes_mean=sum(passes) / len(passes), passes_max=max(passes),
-                    passes_finish64_mean=sum(finish) / len(finish), passes_finish64_max=max(finish))
-        for part, name in enumerate(PARTS):
-            def fn(part=part):
-                _cut_kernel[(batch * hkv,)](scores, start, end, out, aux, pages, nsel, hkv, PAGE, 1, 1,
-                                            BLOCK=block, WAYS=SELECT_WAYS, PART=part, num_warps=warps)
+        for ways, part in itertools.product(ways_list, range(len(PARTS))):
+            if ways != ways_list[0] and PARTS[part] in ("load", "keys"):
+                continue  # the same code whatever the search
+            passes = [search_passes(r[1:-1], nsel - 2, ways) for r in keys]  # sink and recent pages forced
+            finish = [search_passes(r[1:-1], nsel - 2, ways, finish_at=64) for r in keys]  # a model, not the kernel
+            base = dict(model=model, batch=batch, tokens=length, budget=budget, pages=pages, num_warps=warps, ways=ways,
+                        passes_mean=sum(passes) / len(passes), passes_max=max(passes),
+                        passes_finish64_mean=sum(finish) / len(finish), passes_finish64_max=max(finish))
 
-            rows.append(dict(base, part=name, graph_us=1e3 * _bench(fn, graph=True, rep=rep)))
-            print(f"{model} B={batch} {length // 1024}K budget {budget}: {name:7s} {rows[-1]['graph_us']:6.2f} us "
-                  f"(search passes mean {base['passes_mean']:.1f}, max {base['passes_max']})", flush=True)
+            def fn(part=part, ways=ways):
+                _cut_kernel[(batch * hkv,)](scores, start, end, out, aux, pages, nsel, hkv, PAGE, 1, 1,
+                                            BLOCK=block, WAYS=ways, PART=part, num_warps=warps)
+
+            rows.append(dict(base, part=PARTS[part], graph_us=1e3 * _bench(fn, graph=True, rep=rep)))
+            print(f"{model} B={batch} {length // 1024}K budget {budget} ways {ways}: {PARTS[part]:7s} "
+                  f"{rows[-1]['graph_us']:6.2f} us (search passes mean {base['passes_mean']:.1f}, max {base['passes_max']})",
+                  flush=True)
     return rows
 
 
@@ -135,11 +145,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=None)
     p.add_argument("--rep", type=int, default=60)
+    p.add_argument("--ways", nargs="+", type=int, default=[SELECT_WAYS, 0],
+                   help="searches to time (thresholds per pass; 0: the narrowing search)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("select_ablation.py needs a CUDA GPU", file=sys.stderr)
         return 2
-    rows = run(args.rep)
+    rows = run(args.rep, args.ways)
     out = Path(args.out) if args.out else Path(os.environ.get("OUT", ROOT / "benchmarks/results")) / "select_ablation.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": torch.cuda.get_device_name(0), "versions": _versions(), "commit": _commit(),

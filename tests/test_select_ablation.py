@@ -36,3 +36,20 @@ def test_cut_kernel_parts_and_pass_count(monkeypatch):
         # stopping at <= 64 keys in the bracket never takes more passes; with every key inside, none
         assert sa.search_passes(scored, nsel - 2, 2, finish_at=64) <= sa.search_passes(scored, nsel - 2, 2)
         assert sa.search_passes(scored, nsel - 2, 2, finish_at=scored.numel()) == 0
+    # the narrowing search: a threshold as good (it may differ where a count hits k between two keys)
+    sa._cut_kernel[(b * h,)](scores, start, end, out, aux, pages, nsel, h, ps, 1, 1, BLOCK=pages, WAYS=0, PART=2)
+    for row, t in zip(keys, aux.tolist()):
+        assert int((row[1:-1] > t).sum()) <= nsel - 2 <= int((row[1:-1] >= t).sum())
+
+
+def test_narrowing_search_model_takes_fewer_passes_on_wide_rows(monkeypatch):
+    """The pass counter's mirror of ways=0 (2, 3, then 4 thresholds) over 4096 distinct keys: never more
+    passes than the ternary search at its slowest, and fewer on average."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import select_ablation as sa
+
+    g = torch.Generator().manual_seed(1)
+    rows = [sa._sortable(torch.randn(4096, generator=g) * 10 ** float(e)) for e in range(-3, 4)]
+    ternary = [sa.search_passes(r, 126, 2) for r in rows]
+    narrowing = [sa.search_passes(r, 126, 0) for r in rows]
+    assert max(narrowing) <= max(ternary) and sum(narrowing) < sum(ternary)

@@ -8,14 +8,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tinyserve_patch.ops import reference as ref
-from tinyserve_patch.ops.triton_decode import plan_splits, sparse_decode_attention_triton
+from tinyserve_patch.ops.triton_decode import MERGE_TILE_ELEMS, merge_tile, plan_splits, sparse_decode_attention_triton
 from tests.ops.kernel_cases import DEVICE, cache, gen, randn, random_indices, rel_err, rows
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 5e-3}
 
 
-def _check(q, k, v, idx, start, end, ps, scale, softcap, num_splits=None):
-    out = sparse_decode_attention_triton(q, k, v, idx, start, end, ps, scale, softcap, num_splits=num_splits)
+def _check(q, k, v, idx, start, end, ps, scale, softcap, num_splits=None, **kw):
+    out = sparse_decode_attention_triton(q, k, v, idx, start, end, ps, scale, softcap, num_splits=num_splits, **kw)
     # reference in fp32 from the same (rounded) inputs
     expect = ref.sparse_decode_attention(q.float(), k.float(), v.float(), idx, start, end, ps, scale, softcap)
     assert out.dtype == q.dtype and out.shape == q.shape
@@ -47,6 +47,29 @@ def test_decode_split_counts_agree(num_splits):
     idx = random_indices(2, 2, 32, 24, gn, pad=3)
     start, end = rows(2, 256, gn, empty_row=True)
     _check(q, k, v, idx, start, end, 8, 0.2, 0.0, num_splits=num_splits)
+
+
+def test_merge_tile_reads_every_split_at_once_while_it_fits():
+    assert merge_tile(5, 128) == 8 and merge_tile(32, 64) == 32 and merge_tile(64, 128) == 64
+    assert merge_tile(100, 128) == MERGE_TILE_ELEMS // 128  # chunked beyond the tile
+    assert merge_tile(40, 256) == 32
+    assert merge_tile(40, 64, chunk=16) == 16 and merge_tile(3, 64, chunk=16) == 4
+    with pytest.raises(ValueError, match="merge_chunk"):
+        merge_tile(8, 64, chunk=0)
+
+
+@pytest.mark.parametrize("d,num_splits,merge_chunk", [(32, 24, None), (32, 24, 4), (32, 24, 1), (256, 40, None)])
+def test_decode_merge_tiles_agree(d, num_splits, merge_chunk):
+    """The merge over all splits in one tile (default), in chunks of them, and chunked because a tile of
+    ``[splits, head_dim]`` would not fit (head_dim 256, 40 splits: chunks of 32) give the reference."""
+    gn = gen(13)
+    k, v, _ = cache(1, 2, 384, d, 8, torch.bfloat16, gn)
+    q = randn((1, 4, d), torch.bfloat16, gn)
+    idx = random_indices(1, 2, 48, 40, gn, pad=2)
+    start, end = rows(1, 384, gn)
+    out = _check(q, k, v, idx, start, end, 8, d**-0.5, 0.0, num_splits=num_splits, block_n=8, merge_chunk=merge_chunk)
+    one = sparse_decode_attention_triton(q, k, v, idx, start, end, 8, d**-0.5, num_splits=num_splits, block_n=8, merge_chunk=64)
+    torch.testing.assert_close(out.float(), one.float(), rtol=1e-2, atol=1e-2)
 
 
 def test_decode_all_pages_equals_dense_and_head_dim_256():

@@ -65,7 +65,7 @@ def test_select_rejects_bad_input():
     with pytest.raises(ValueError, match="num_select"):
         select_pages_triton(torch.zeros(1, 1, 4, device=DEVICE), se, se, 8, 0, 1, 1)
     with pytest.raises(ValueError, match="ways"):
-        select_pages_triton(torch.zeros(1, 1, 4, device=DEVICE), se, se, 8, 2, 1, 1, ways=0)
+        select_pages_triton(torch.zeros(1, 1, 4, device=DEVICE), se, se, 8, 2, 1, 1, ways=5)
 
 
 @settings(max_examples=15, deadline=None)
@@ -79,7 +79,7 @@ def test_select_rejects_bad_input():
     recent=st.integers(0, 3),
     levels=st.sampled_from([0, 2, 5]),
     seed=st.integers(0, 10_000),
-    ways=st.sampled_from([1, 2, 3, 4]),
+    ways=st.sampled_from([0, 1, 2, 3, 4]),
 )
 def test_select_hypothesis(b, h, ps, pages, num_select, sink, recent, levels, seed, ways):
     g = gen(seed)
@@ -91,7 +91,7 @@ def test_select_hypothesis(b, h, ps, pages, num_select, sink, recent, levels, se
     _check(scores.to(DEVICE), start, end, ps, num_select, sink, recent, ways)
 
 
-@pytest.mark.parametrize("ways", [1, 2, 3, 4])
+@pytest.mark.parametrize("ways", [0, 1, 2, 3, 4])
 def test_select_search_ways_agree(ways):
     """The (ways+1)-ary threshold search (counts packed in one int32 / int64 reduction) finds the same k-th
     key for every number of thresholds: distinct, widely spread and heavily tied scores, +-inf."""
@@ -104,3 +104,22 @@ def test_select_search_ways_agree(ways):
         for n in (1, 5, 17, 60):
             out = select_pages_triton(scores.to(DEVICE), start, end, 8, n, 1, 1, ways=ways)
             assert torch.equal(out, ref.select_pages(scores.to(DEVICE), start, end, 8, n, 1, 1))
+
+
+@pytest.mark.parametrize("kind", ["randn", "wide", "ties"])
+def test_select_narrowing_search_through_all_its_phases(kind):
+    """ways=0 over 4096 pages: the bracket starts with ~4000 keys, so the search runs 2, then 3 (under
+    1024 keys), then 4 thresholds (under 256), dropping the keys above the bracket between phases; the
+    kept pages, their order and the ties are the reference's. ``wide``: scores over many decades."""
+    g = gen(21)
+    shape = (1, 2, 4096)
+    if kind == "randn":
+        scores = torch.randn(shape, generator=g)
+    elif kind == "wide":
+        scores = torch.randn(shape, generator=g) * torch.exp(torch.randn(shape, generator=g) * 10)
+    else:
+        scores = torch.randint(0, 700, shape, generator=g).float()
+    start = torch.tensor([21], dtype=torch.int32, device=DEVICE)
+    end = torch.tensor([4096 * 16 - 5], dtype=torch.int32, device=DEVICE)
+    for n in (128, 300, 2000):
+        _check(scores.to(DEVICE), start, end, 16, n, 1, 2, ways=0)

@@ -149,8 +149,8 @@ KEY_NEG_INF = tl.constexpr(-2139095041)  # 0xFF800000 ^ 0x7FFFFFFF
 
 def check_ways(ways: int) -> int:
     """``ways`` (thresholds per search pass of :func:`kth_largest_key`) validated: 1..4 (counts packed 16
-    bits each in one int32 / int64 reduction)."""
-    check(ways in (1, 2, 3, 4), f"ways={ways}: the selection search takes 1..4 thresholds per pass")
+    bits each in one int32 / int64 reduction) or 0 (the narrowing search: 2, then 3, then 4)."""
+    check(ways in (0, 1, 2, 3, 4), f"ways={ways}: the selection search takes 1..4 thresholds per pass (0: 2 -> 4 as the bracket empties)")
     return ways
 
 
@@ -291,37 +291,29 @@ def _sum_min_max(a_sum, a_min, a_max, b_sum, b_min, b_max):
 
 
 @triton.jit
-def kth_largest_key(key, k, lo, hi, above, WAYS: tl.constexpr):
-    """``(t, need)``: a threshold ``t`` such that the keys above ``t`` plus the first ``need`` keys equal to
-    ``t`` (in index order) are exactly the ``k`` largest (``k >= 1``; the ``k``-th largest key lies in
-    ``[lo, hi]``, int32 scalars, at least ``k`` keys are ``>= lo`` and ``above`` keys are ``> hi``; keys
-    outside that bracket are fine; at most 65535 keys are counted).
-
-    A ``(WAYS + 1)``-ary search for the largest ``t`` with ``count(key >= t) >= k``: each pass splits
-    ``[lo, hi]`` at ``WAYS`` thresholds and counts the keys at or above each in *one* reduction, the
-    counts packed in 16-bit fields of an int32 (``WAYS <= 2``) or int64 (``WAYS <= 4``); it stops as soon
-    as a count equals ``k`` (every key ``>= t`` is then kept: ``need = k`` covers all its ties). Otherwise
-    the bracket closes on a key ``t`` and ``count(key > t)`` is the count last seen at ``hi + 1`` (or
-    ``above``), so ``need = k - count(key > t)`` costs no further reduction. With ``lo``/``hi`` the score
-    range this takes ~log_(WAYS+1)(pages) + a few passes instead of 32."""
-    lo = lo.to(tl.int64)
-    hi = hi.to(tl.int64)
-    PACK: tl.constexpr = tl.int32 if WAYS <= 2 else tl.int64
-    found = lo > hi  # (an empty bracket: the loop does not run)
-    while lo < hi:
+def _search_passes(key, k, lo, hi, above, n_lo, base, found, LIMIT, WAYS: tl.constexpr, BITS: tl.constexpr):
+    """Passes of :func:`kth_largest_key` with ``WAYS`` thresholds, while the bracket ``[lo, hi]`` (int64)
+    is open and holds more than ``LIMIT`` keys (``n_lo - above``: ``n_lo`` keys ``>= lo``, ``above`` keys
+    ``> hi``). Each threshold's count of keys ``>= c``, less ``base``, is packed in a ``BITS``-bit field of
+    one int32 / int64 reduction: the caller guarantees those counts stay below ``2^BITS``."""
+    PACK: tl.constexpr = tl.int32 if WAYS * BITS <= 32 else tl.int64
+    MASK: tl.constexpr = (1 << BITS) - 1
+    while (lo < hi) & (n_lo - above > LIMIT):
         step = (hi - lo + 1 + WAYS) // (WAYS + 1)  # ceil(width / (WAYS + 1)): 1 <= step < width
         packed = tl.zeros_like(key).to(PACK)
         for i in tl.static_range(WAYS):
             c = tl.minimum(lo + (i + 1) * step, hi).to(tl.int32)
-            packed += (key >= c).to(PACK) << (16 * i)
+            packed += (key >= c).to(PACK) << (BITS * i)
         cnt = tl.sum(packed, axis=0)
         new_lo = lo
         new_hi = hi
+        new_n_lo = n_lo
         hit = lo - 1  # no threshold counted exactly k
         for i in tl.static_range(WAYS):  # thresholds rise with i, so the counts fall
             c = tl.minimum(lo + (i + 1) * step, hi)
-            n = ((cnt >> (16 * i)) & 0xFFFF).to(tl.int32)
+            n = ((cnt >> (BITS * i)) & MASK).to(tl.int32) + base
             new_lo = tl.where(n >= k, c, new_lo)
+            new_n_lo = tl.where(n >= k, n, new_n_lo)
             lower = (n < k) & (c - 1 < new_hi)  # the first (lowest) threshold counting fewer than k
             above = tl.where(lower, n, above)
             new_hi = tl.where(lower, c - 1, new_hi)
@@ -329,15 +321,50 @@ def kth_largest_key(key, k, lo, hi, above, WAYS: tl.constexpr):
         found = hit >= lo
         lo = tl.where(found, hit, new_lo)
         hi = tl.where(found, hit, new_hi)
+        n_lo = tl.where(found, k, new_n_lo)
+    return lo, hi, above, n_lo, found
+
+
+@triton.jit
+def kth_largest_key(key, k, lo, hi, above, n_lo, WAYS: tl.constexpr):
+    """``(t, need)``: a threshold ``t`` such that the keys above ``t`` plus the first ``need`` keys equal to
+    ``t`` (in index order) are exactly the ``k`` largest (``k >= 1``; the ``k``-th largest key lies in
+    ``[lo, hi]``, int32 scalars, ``n_lo`` keys are ``>= lo`` (at least ``k``) and ``above`` keys are
+    ``> hi``; keys outside that bracket are fine; at most 65535 keys are counted).
+
+    A ``(WAYS + 1)``-ary search for the largest ``t`` with ``count(key >= t) >= k``: each pass splits
+    ``[lo, hi]`` at ``WAYS`` thresholds and counts the keys at or above each in *one* reduction, the
+    counts packed in 16-bit fields of an int32 (``WAYS <= 2``) or int64 (``WAYS <= 4``); it stops as soon
+    as a count equals ``k`` (every key ``>= t`` is then kept: ``need = k`` covers all its ties). Otherwise
+    the bracket closes on a key ``t`` and ``count(key > t)`` is the count last seen at ``hi + 1`` (or
+    ``above``), so ``need = k - count(key > t)`` costs no further reduction. With ``lo``/``hi`` the score
+    range this takes ~log_(WAYS+1)(pages) + a few passes instead of 32.
+
+    ``WAYS == 0``, the narrowing search: 2 thresholds (16-bit counts) while the bracket holds over 1023
+    keys, then 3 (10-bit fields) while it holds over 255, then 4 (8-bit fields), all in one int32. Before
+    each narrower phase the keys above the bracket are set below every threshold (in a copy: the caller's
+    keys are kept), so a count is the bracket's keys at or above the threshold plus ``above`` at that
+    point, and fits the narrower field. Same result, fewer passes where the bracket empties slowly."""
+    lo = lo.to(tl.int64)
+    hi = hi.to(tl.int64)
+    found = lo > hi  # (an empty bracket: the loop does not run)
+    if WAYS == 0:
+        lo, hi, above, n_lo, found = _search_passes(key, k, lo, hi, above, n_lo, 0, found, 1023, 2, 16)
+        work = tl.where(key > hi.to(tl.int32), -2147483648, key)
+        lo, hi, above, n_lo, found = _search_passes(work, k, lo, hi, above, n_lo, above, found, 255, 3, 10)
+        work = tl.where(work > hi.to(tl.int32), -2147483648, work)
+        lo, hi, above, n_lo, found = _search_passes(work, k, lo, hi, above, n_lo, above, found, 0, 4, 8)
+    else:
+        lo, hi, above, n_lo, found = _search_passes(key, k, lo, hi, above, n_lo, 0, found, 0, WAYS, 16)
     return lo.to(tl.int32), tl.where(found, k, k - above)
 
 
 @triton.jit
 def selection_keys(scores, offs, num_pages, start, end, num_select, page_size, sink, recent):
-    """The ranking of :func:`select_from_scores`: ``(key, k, lo, hi, above)``: int32 ``key`` per lane
+    """The ranking of :func:`select_from_scores`: ``(key, k, lo, hi, above, n_lo)``: int32 ``key`` per lane
     (``+inf`` key for forced pages, ``-inf`` for invalid ones, below every threshold for lanes
-    ``>= num_pages``), ``k`` pages to keep, the bracket ``[lo, hi]`` of the ``k``-th largest key and the
-    count of keys above ``hi``."""
+    ``>= num_pages``), ``k`` pages to keep, the bracket ``[lo, hi]`` of the ``k``-th largest key, the
+    count of keys above ``hi`` and the count of keys ``>= lo``."""
     in_range = offs < num_pages
     valid = page_valid(offs, start, end, page_size) & in_range
     first = start // page_size  # start >= 0
@@ -368,7 +395,8 @@ def selection_keys(scores, offs, num_pages, start, end, num_select, page_size, s
     fill = k <= n_forced
     lo = tl.where(fill, KEY_POS_INF, lo)
     hi = tl.where(fill, KEY_POS_INF, hi)
-    return key, k, lo, hi, tl.where(fill, 0, n_forced)
+    # keys >= lo: every valid page (the forced ones lie above the scored range, the invalid ones below)
+    return key, k, lo, hi, tl.where(fill, 0, n_forced), tl.where(fill, n_forced, n_valid)
 
 
 @triton.jit
@@ -406,6 +434,6 @@ def select_from_scores(
 ):
     """Select from one row's float32 ``scores`` ``[BLOCK]`` (page ``offs``; lanes ``>= num_pages`` ignored)
     and write ``num_select`` int32 page numbers at ``out_ptr`` (ascending, ``-1`` padded)."""
-    key, k, lo, hi, above = selection_keys(scores, offs, num_pages, start, end, num_select, page_size, sink, recent)
-    t, need = kth_largest_key(key, tl.maximum(k, 1), lo, hi, above, WAYS)
+    key, k, lo, hi, above, n_lo = selection_keys(scores, offs, num_pages, start, end, num_select, page_size, sink, recent)
+    t, need = kth_largest_key(key, tl.maximum(k, 1), lo, hi, above, n_lo, WAYS)
     write_selection(key, t, need, k, offs, out_ptr, num_select, BLOCK)

@@ -216,26 +216,31 @@ def _decode_merge_kernel(
     bh = b * kv_heads + hq // G
     g = hq % G
     splits = tl.arange(0, BLOCK_S)
+    smask = splits < num_splits
     row0 = bh.to(tl.int64) * num_splits * G + g  # workspace row of split 0; split s at + s * G
-    lse = tl.load(lse_ws_ptr + row0 + splits * G, mask=splits < num_splits, other=float("-inf"))
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < HEAD_DIM
+    if CHUNK_S == BLOCK_S:  # every split in one tile, loaded beside the lse: one memory round trip
+        o = tl.load(o_ws_ptr + (row0 + splits[:, None] * G) * HEAD_DIM + offs_d[None, :], mask=smask[:, None] & dmask[None, :], other=0.0)
+    lse = tl.load(lse_ws_ptr + row0 + splits * G, mask=smask, other=float("-inf"))
     m = tl.max(lse, axis=0)
     m_use = tl.where(m == float("-inf"), 0.0, m)
     w_sum = tl.sum(tl.exp2(lse - m_use), axis=0)
-
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < HEAD_DIM
-    acc = tl.zeros([BLOCK_D], tl.float32)
-    for s0 in range(0, num_splits, CHUNK_S):
-        s = s0 + tl.arange(0, CHUNK_S)
-        smask = s < num_splits
-        ls = tl.load(lse_ws_ptr + row0 + s * G, mask=smask, other=float("-inf"))
-        w = tl.exp2(ls - m_use)
-        o = tl.load(
-            o_ws_ptr + (row0 + s[:, None] * G) * HEAD_DIM + offs_d[None, :],
-            mask=smask[:, None] & dmask[None, :],
-            other=0.0,
-        )
-        acc += tl.sum(w[:, None] * o, axis=0)
+    if CHUNK_S == BLOCK_S:
+        acc = tl.sum(tl.exp2(lse - m_use)[:, None] * o, axis=0)
+    else:  # [CHUNK_S, BLOCK_D] tiles, one round trip each
+        acc = tl.zeros([BLOCK_D], tl.float32)
+        for s0 in range(0, num_splits, CHUNK_S):
+            s = s0 + tl.arange(0, CHUNK_S)
+            cmask = s < num_splits
+            ls = tl.load(lse_ws_ptr + row0 + s * G, mask=cmask, other=float("-inf"))
+            w = tl.exp2(ls - m_use)
+            oc = tl.load(
+                o_ws_ptr + (row0 + s[:, None] * G) * HEAD_DIM + offs_d[None, :],
+                mask=cmask[:, None] & dmask[None, :],
+                other=0.0,
+            )
+            acc += tl.sum(w[:, None] * oc, axis=0)
     res = tl.where(w_sum > 0.0, acc / tl.where(w_sum > 0.0, w_sum, 1.0), 0.0)
     tl.store(out_ptr + b.to(tl.int64) * stride_ob + hq.to(tl.int64) * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty), mask=dmask)
 
@@ -258,6 +263,20 @@ def plan_splits(batch_heads: int, num_select: int, page_size: int, block_n: int,
     return triton.cdiv(total, per), per
 
 
+#: Elements of the merge kernel's partial-output tile (fp32, 4 warps: 64 registers a thread at most).
+MERGE_TILE_ELEMS = 8192
+
+
+def merge_tile(splits: int, block_d: int, chunk: int | None = None) -> int:
+    """Splits the merge kernel loads per tile: all of them (one memory round trip, the lse beside the
+    partials) while ``[splits, block_d]`` fp32 fits :data:`MERGE_TILE_ELEMS`, else chunks of that size
+    (one round trip each); ``chunk`` overrides (tuning). A power of two ``<= next_pow2(splits)``."""
+    block_s = triton.next_power_of_2(splits)
+    want = chunk if chunk is not None else max(1, MERGE_TILE_ELEMS // block_d)
+    check(want >= 1, f"merge_chunk={chunk} must be >= 1")
+    return min(block_s, triton.next_power_of_2(want))
+
+
 def sparse_decode_attention_triton(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -274,10 +293,12 @@ def sparse_decode_attention_triton(
     num_stages: int = 2,
     merge: str | None = None,
     chain: tuple[torch.Tensor, torch.Tensor] | None = None,
+    merge_chunk: int | None = None,
 ) -> torch.Tensor:
     """``[B, Hq, D]`` attention over the selected pages (see module docstring). ``num_splits``,
     ``block_n``, ``num_warps``, ``num_stages`` and ``merge`` (``"kernel"`` / ``"inline"``, see
-    :data:`DEFAULT_MERGE`) override the tuned defaults (tests, tuning). ``chain``: ``(flags, done)``, the
+    :data:`DEFAULT_MERGE`) override the tuned defaults (tests, tuning); so does ``merge_chunk``, the splits the
+    merge kernel reads per tile (default: all of them in one tile, see :func:`merge_tile`). ``chain``: ``(flags, done)``, the
     row-chained mode (:mod:`triton_chain`): a row's programs wait until its flag is set (by its selection)
     instead of waiting for the previous grid, and the row's last program zeroes its flag again."""
     merge = merge or DEFAULT_MERGE
@@ -344,6 +365,6 @@ def sparse_decode_attention_triton(
         _decode_merge_kernel[(b * hq,)](
             o_ws, lse_ws, out, hq, hkv, splits, out.stride(0), out.stride(1),
             G=g, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits),
-            CHUNK_S=min(16, triton.next_power_of_2(splits)), num_warps=4, PDL=pdl, launch_pdl=pdl,
+            CHUNK_S=merge_tile(splits, block_d, merge_chunk), num_warps=4, PDL=pdl, launch_pdl=pdl,
         )
     return out
