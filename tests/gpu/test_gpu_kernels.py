@@ -145,7 +145,7 @@ def test_gpu_scores_and_select(name, length, batch, ps):
     assert (e8[fin] >= exact[fin] - 1e-3 * (1 + exact[fin].abs())).all()
     # selection is exact given the same scores, for every number of thresholds per search pass
     tied = torch.randint(0, 4, scores.shape, generator=g).float().to(DEV)  # ties everywhere
-    for ways in (1, 2, 3, 4):
+    for ways in (0, 1, 2, 3, 4):  # 0: the narrowing search
         for budget in (1024, 2048, 4096):
             n = budget // ps
             _poison(batch * hkv * n, torch.int32)
@@ -210,9 +210,10 @@ def test_gpu_sparse_decode(name, length, batch, ps, dtype):
         scores = torch.rand(batch, hkv, pages, generator=g, device=DEV)
         idx = ref.select_pages(scores, start, end, ps, n, 1, 1)
         idx[0, 0, -3:] = -1  # padding inside a row
-        for softcap, merge in ((0.0, "kernel"), (30.0, "kernel"), (0.0, "inline")):
+        # the merge kernel over every split in one tile (default), in chunks of 4, and the inline merge
+        for softcap, merge, chunk in ((0.0, "kernel", None), (30.0, "kernel", None), (0.0, "kernel", 4), (0.0, "inline", None)):
             _poison(batch * hq * d, dtype)
-            out = sparse_decode_attention_triton(q, k, v, idx, start, end, ps, d**-0.5, softcap, merge=merge)
+            out = sparse_decode_attention_triton(q, k, v, idx, start, end, ps, d**-0.5, softcap, merge=merge, merge_chunk=chunk)
             expect = ref.sparse_decode_attention(q.float(), k.float(), v.float(), idx, start, end, ps, d**-0.5, softcap)
             assert not torch.isnan(out).any()
             err = ((out.float() - expect).norm() / expect.norm()).item()
@@ -231,8 +232,11 @@ def test_gpu_sparse_decode_odd_head_dims(d, g_size):
     end = torch.tensor([4000, 3000, 50], dtype=torch.int32, device=DEV)  # the last row is empty
     idx = ref.select_pages(torch.rand(b, hkv, cap // ps, generator=g, device=DEV), start, end, ps, 64, 1, 1)
     expect = ref.sparse_decode_attention(q.float(), k.float(), v.float(), idx, start, end, ps, d**-0.5)
-    for merge in ("kernel", "inline"):  # inline at d=256, 7 heads: 32 splits
+    for merge in ("kernel", "inline"):  # inline at d=256, 7 heads: 32 splits; 64 splits: chunked merge tiles
         out = sparse_decode_attention_triton(q, k, v, idx, start, end, ps, d**-0.5, 0.0, merge=merge)
+        assert ((out.float() - expect).norm() / expect.norm()).item() < 1e-2, merge
+        assert (out[2] == 0).all()
+        out = sparse_decode_attention_triton(q, k, v, idx, start, end, ps, d**-0.5, 0.0, merge=merge, num_splits=64, block_n=16)
         assert ((out.float() - expect).norm() / expect.norm()).item() < 1e-2, merge
         assert (out[2] == 0).all()
 
