@@ -58,17 +58,17 @@ def test_merge_tile_reads_every_split_at_once_while_it_fits():
         merge_tile(8, 64, chunk=0)
 
 
-@pytest.mark.parametrize("d,num_splits,merge_chunk", [(32, 24, None), (32, 24, 4), (32, 24, 1), (256, 40, None)])
+@pytest.mark.parametrize("d,num_splits,merge_chunk", [(32, 24, None), (32, 24, 4), (32, 24, 1), (256, 48, None)])
 def test_decode_merge_tiles_agree(d, num_splits, merge_chunk):
     """The merge over all splits in one tile (default), in chunks of them, and chunked because a tile of
-    ``[splits, head_dim]`` would not fit (head_dim 256, 40 splits: chunks of 32) give the reference."""
+    ``[splits, head_dim]`` would not fit (head_dim 256, 46 splits: chunks of 32) give the reference."""
     gn = gen(13)
-    k, v, _ = cache(1, 2, 384, d, 8, torch.bfloat16, gn)
+    k, v, _ = cache(1, 2, 1024, d, 16, torch.bfloat16, gn)
     q = randn((1, 4, d), torch.bfloat16, gn)
-    idx = random_indices(1, 2, 48, 40, gn, pad=2)
-    start, end = rows(1, 384, gn)
-    out = _check(q, k, v, idx, start, end, 8, d**-0.5, 0.0, num_splits=num_splits, block_n=8, merge_chunk=merge_chunk)
-    one = sparse_decode_attention_triton(q, k, v, idx, start, end, 8, d**-0.5, num_splits=num_splits, block_n=8, merge_chunk=64)
+    idx = random_indices(1, 2, 64, 48, gn, pad=2)
+    start, end = rows(1, 1024, gn)
+    out = _check(q, k, v, idx, start, end, 16, d**-0.5, 0.0, num_splits=num_splits, block_n=16, merge_chunk=merge_chunk)
+    one = sparse_decode_attention_triton(q, k, v, idx, start, end, 16, d**-0.5, num_splits=num_splits, block_n=16, merge_chunk=64)
     torch.testing.assert_close(out.float(), one.float(), rtol=1e-2, atol=1e-2)
 
 
@@ -101,6 +101,8 @@ def test_decode_rejects_bad_input():
         sparse_decode_attention_triton(q.half(), k, v, idx, se, se, 8, 1.0)
     with pytest.raises(ValueError, match="indices"):
         sparse_decode_attention_triton(q, k, v, idx.long(), se, se, 8, 1.0)
+    with pytest.raises(ValueError, match="block_n"):  # tl.dot needs 16 rows at least
+        sparse_decode_attention_triton(q, k, v, idx, se, se, 8, 1.0, block_n=8)
     with pytest.raises(ValueError, match="page_size"):
         sparse_decode_attention_triton(q, k, v, idx, se, se, 6, 1.0)
     big = torch.zeros(1, 1, 32, 320, device=DEVICE)

@@ -335,6 +335,7 @@ def sparse_decode_attention_triton(
 
     block_d = max(16, triton.next_power_of_2(d))
     block_n = block_n or (128 if block_d <= 128 else 32)  # H100: 128 tokens, 4 warps, 2 stages were best
+    check(block_n >= 16 and block_n & (block_n - 1) == 0, f"block_n={block_n}: a power of two >= 16 (tl.dot's smallest K)")
     if num_splits is None:
         splits, per = plan_splits(b * hkv, n_sel, page_size, block_n, sm_count(q.device))
     else:
