@@ -12,7 +12,7 @@ what the launch overlap gains on Hopper) and with the attention's other way of m
 ``triton_decode.DEFAULT_MERGE``: the evidence for that default); then the score kernel
 and the split pipeline again over fp8 page metadata (``SparseConfig.page_meta_dtype="fp8_e4m3"``: half
 the metadata bytes). Options add rows for a non-default plan, each alone and in the split chain:
-``--select-ways`` (the selection's search), ``--merge-chunk`` (splits per tile of the attention's merge
+``--select-ways`` / ``--select-finish`` (the selection's search), ``--merge-chunk`` (splits per tile of the attention's merge
 kernel), ``--score-per`` / ``--fp8-score-plan`` (score launch plans), ``--fp8-kv`` (an fp8 K/V cache).
 
 Timing: ``triton.testing.do_bench`` (median, L2 flushed before each call) and, for every row, the same
@@ -282,20 +282,20 @@ def run(args) -> dict:
 
                 return score
 
-            def split_over(key, merge=None, kv=("k", "v"), ways=None, merge_chunk=None, **plan):
-                # score (over c[key], launch plan) + select (ways) + attend (over c[kv]; merge, merge_chunk)
+            def split_over(key, merge=None, kv=("k", "v"), ways=None, finish=None, merge_chunk=None, **plan):
+                # score (over c[key], launch plan) + select (ways, finish) + attend (over c[kv]; merge, merge_chunk)
                 def split_total():
                     c = copies.next()
                     s = page_scores_triton(c["q"], c[key], start, end, PAGE, "max", **plan)
-                    i = select_pages_triton(s, start, end, PAGE, nsel, 1, 1, ways=ways)
+                    i = select_pages_triton(s, start, end, PAGE, nsel, 1, 1, ways=ways, finish=finish)
                     return sparse_decode_attention_triton(c["q"], c[kv[0]], c[kv[1]], i, start, end, PAGE, scale, 0.0,
                                                           merge=merge, merge_chunk=merge_chunk)
 
                 return split_total
 
-            def select(ways=None):
+            def select(ways=None, finish=None):
                 c = copies.next()
-                return select_pages_triton(c["scores"], start, end, PAGE, nsel, 1, 1, ways=ways)
+                return select_pages_triton(c["scores"], start, end, PAGE, nsel, 1, 1, ways=ways, finish=finish)
 
             def fused():
                 c = copies.next()
@@ -341,6 +341,9 @@ def run(args) -> dict:
             for ways in args.select_ways:  # another selection search (0: the narrowing one)
                 add(f"select_ways{ways}", budget, score_bytes + idx_bytes, lambda ways=ways: select(ways))
                 add(f"total_split_ways{ways}", budget, total_bytes, split_over("meta", ways=ways), dense_ms)
+            for finish in args.select_finish:  # the search stopping at this many keys and ranking them
+                add(f"select_finish{finish}", budget, score_bytes + idx_bytes, lambda finish=finish: select(finish=finish))
+                add(f"total_split_finish{finish}", budget, total_bytes, split_over("meta", finish=finish), dense_ms)
             for chunk in args.merge_chunk:  # the merge kernel reading this many splits per tile
                 add(f"sparse_attention_chunk{chunk}", budget, sel_kv + qo_bytes + idx_bytes,
                     lambda chunk=chunk: attend(merge_chunk=chunk), dense_ms)
@@ -462,6 +465,9 @@ def parse_args(argv=None):
     p.add_argument("--select-ways", nargs="+", type=int, default=[], metavar="WAYS",
                    help="also time the selection with this search (thresholds per pass; 0: narrowing), alone and in "
                         "the split chain (select_waysW, total_split_waysW)")
+    p.add_argument("--select-finish", nargs="+", type=int, default=[], metavar="KEYS",
+                   help="also time the selection whose search ranks its bracket directly once it holds this many keys "
+                        "(0: never), alone and in the split chain (select_finishN, total_split_finishN)")
     p.add_argument("--merge-chunk", nargs="+", type=int, default=[], metavar="SPLITS",
                    help="also time the attention whose merge kernel reads this many splits per tile, alone and in the "
                         "split chain (sparse_attention_chunkN, total_split_chunkN)")

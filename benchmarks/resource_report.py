@@ -145,7 +145,8 @@ def report(name: str, kernel, launch: dict) -> dict:
 
 def chain_launches(model: str, batch: int, tokens: int, budget: int) -> list[tuple[str, object, dict]]:
     """The score -> select -> attention (+ merge, when the attention splits) launches of one decode step of
-    one layer and the selection with the narrowing search (``ways=0``), then the same three in
+    one layer and the selection with the narrowing search (``ways=0``) and ranking its last 64 keys
+    (``finish=64``), then the same three in
     the row-chained mode (``ops/triton_chain.py``), then the score over fp8 page metadata and the attention
     over an fp8 K/V cache (``page_meta_dtype`` / ``kv_cache_dtype="fp8_e4m3"``), captured on meta tensors."""
     from tinyserve_patch.ops import triton_chain, triton_decode, triton_score, triton_select
@@ -178,6 +179,9 @@ def chain_launches(model: str, batch: int, tokens: int, budget: int) -> list[tup
         ("select (narrowing search)", triton_select._select_kernel,
          capture_launch(triton_select._select_kernel,
                         lambda: triton_select.select_pages_triton(scores, start, end, PAGE, budget // PAGE, 1, 1, ways=0))),
+        ("select (ranking the last 64 keys)", triton_select._select_kernel,
+         capture_launch(triton_select._select_kernel,
+                        lambda: triton_select.select_pages_triton(scores, start, end, PAGE, budget // PAGE, 1, 1, finish=64))),
     ] + [
         (f"{name} (chained)", kernel, capture_launch(kernel, lambda: triton_chain.quest_decode_chained_triton(
             q, k, k, meta, start, end, PAGE, budget // PAGE, 1, 1, "max", d**-0.5), skip=chained[:i]))

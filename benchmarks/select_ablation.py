@@ -46,7 +46,7 @@ SHAPES = [("llama3-8b", 8, 64 * 1024, 2048), ("tinyllama", 1, 16 * 1024, 4096), 
 
 @triton.jit
 def _cut_kernel(scores_ptr, start_ptr, end_ptr, out_ptr, aux_ptr, num_pages, num_select, kv_heads, page_size, sink,
-                recent, BLOCK: tl.constexpr, WAYS: tl.constexpr, PART: tl.constexpr):
+                recent, BLOCK: tl.constexpr, WAYS: tl.constexpr, PART: tl.constexpr, FINISH: tl.constexpr = 0):
     bh = tl.program_id(0)
     b = bh // kv_heads
     start = tl.load(start_ptr + b).to(tl.int32)
@@ -61,10 +61,10 @@ def _cut_kernel(scores_ptr, start_ptr, end_ptr, out_ptr, aux_ptr, num_pages, num
         tl.store(aux_ptr + bh, k ^ lo ^ hi ^ above ^ n_lo)
     elif PART == 2:
         key, k, lo, hi, above, n_lo = selection_keys(scores, offs, num_pages, start, end, num_select, page_size, sink, recent)
-        t, need = kth_largest_key(key, tl.maximum(k, 1), lo, hi, above, n_lo, WAYS)
+        t, need = kth_largest_key(key, tl.maximum(k, 1), lo, hi, above, n_lo, out, num_select, WAYS, FINISH)
         tl.store(aux_ptr + bh, t)
     else:
-        select_from_scores(scores, offs, num_pages, start, end, out, num_select, page_size, sink, recent, BLOCK, WAYS)
+        select_from_scores(scores, offs, num_pages, start, end, out, num_select, page_size, sink, recent, BLOCK, WAYS, FINISH)
 
 
 def _sortable(x: torch.Tensor) -> torch.Tensor:
@@ -75,7 +75,8 @@ def _sortable(x: torch.Tensor) -> torch.Tensor:
 def search_passes(keys: torch.Tensor, k: int, ways: int, finish_at: int = 0) -> int:
     """Passes of ``kth_largest_key`` over one row's int keys (all scored: no forced / invalid pages);
     ``ways == 0``: the narrowing search.
-    ``finish_at`` > 0 models a search that stops once at most that many keys lie inside its bracket
+    ``finish_at`` > 0 models a search that stops once at most that many keys lie inside its bracket (the
+    kernel's ``finish``)
     (known from the counts at its two ends) and ranks those directly in one more step (not counted)."""
     lo, hi = int(keys.min()), int(keys.max())
     n_lo, n_above = keys.numel(), 0  # keys >= lo, keys >= hi + 1
@@ -100,8 +101,9 @@ def search_passes(keys: torch.Tensor, k: int, ways: int, finish_at: int = 0) -> 
     return passes
 
 
-def run(rep: int, ways_list=(SELECT_WAYS, 0)) -> list[dict]:
-    """Rows per shape, search (``ways``: thresholds per pass, 0 the narrowing search) and part."""
+def run(rep: int, searches=((SELECT_WAYS, 0), (0, 0), (SELECT_WAYS, 64))) -> list[dict]:
+    """Rows per shape, search and part; a search is ``(ways, finish)``: thresholds per pass (0: the
+    narrowing search) and the bracket size at which it ranks the keys directly (0: never)."""
     from tinyserve_patch.ops.triton_score import page_scores_triton
 
     torch.manual_seed(0)  # the same scores run to run: the search's pass count depends on them
@@ -121,21 +123,20 @@ def run(rep: int, ways_list=(SELECT_WAYS, 0)) -> list[dict]:
         block = triton.next_power_of_2(pages)
         warps = select_num_warps(block)
         keys = _sortable(scores.float().cpu()).view(batch * hkv, pages)
-        for ways, part in itertools.product(ways_list, range(len(PARTS))):
-            if ways != ways_list[0] and PARTS[part] in ("load", "keys"):
+        for (ways, fin), part in itertools.product(searches, range(len(PARTS))):
+            if (ways, fin) != tuple(searches[0]) and PARTS[part] in ("load", "keys"):
                 continue  # the same code whatever the search
-            passes = [search_passes(r[1:-1], nsel - 2, ways) for r in keys]  # sink and recent pages forced
-            finish = [search_passes(r[1:-1], nsel - 2, ways, finish_at=64) for r in keys]  # a model, not the kernel
+            stop = min(fin, nsel) if fin else 0  # where the kernel's passes stop (its scratch is the output row)
+            passes = [search_passes(r[1:-1], nsel - 2, ways, finish_at=stop) for r in keys]  # sink and recent forced
             base = dict(model=model, batch=batch, tokens=length, budget=budget, pages=pages, num_warps=warps, ways=ways,
-                        passes_mean=sum(passes) / len(passes), passes_max=max(passes),
-                        passes_finish64_mean=sum(finish) / len(finish), passes_finish64_max=max(finish))
+                        finish=fin, passes_mean=sum(passes) / len(passes), passes_max=max(passes))
 
-            def fn(part=part, ways=ways):
+            def fn(part=part, ways=ways, fin=fin):
                 _cut_kernel[(batch * hkv,)](scores, start, end, out, aux, pages, nsel, hkv, PAGE, 1, 1,
-                                            BLOCK=block, WAYS=ways, PART=part, num_warps=warps)
+                                            BLOCK=block, WAYS=ways, PART=part, FINISH=fin, num_warps=warps)
 
             rows.append(dict(base, part=PARTS[part], graph_us=1e3 * _bench(fn, graph=True, rep=rep)))
-            print(f"{model} B={batch} {length // 1024}K budget {budget} ways {ways}: {PARTS[part]:7s} "
+            print(f"{model} B={batch} {length // 1024}K budget {budget} ways {ways} finish {fin}: {PARTS[part]:7s} "
                   f"{rows[-1]['graph_us']:6.2f} us (search passes mean {base['passes_mean']:.1f}, max {base['passes_max']})",
                   flush=True)
     return rows
@@ -145,13 +146,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=None)
     p.add_argument("--rep", type=int, default=60)
-    p.add_argument("--ways", nargs="+", type=int, default=[SELECT_WAYS, 0],
-                   help="searches to time (thresholds per pass; 0: the narrowing search)")
+    p.add_argument("--searches", nargs="+", default=[f"{SELECT_WAYS}:0", "0:0", f"{SELECT_WAYS}:64"],
+                   help="searches to time, WAYS:FINISH (thresholds per pass, 0: narrowing; keys at which the search "
+                        "ranks its bracket directly, 0: never)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("select_ablation.py needs a CUDA GPU", file=sys.stderr)
         return 2
-    rows = run(args.rep, args.ways)
+    rows = run(args.rep, [tuple(int(x) for x in s.split(":")) for s in args.searches])
     out = Path(args.out) if args.out else Path(os.environ.get("OUT", ROOT / "benchmarks/results")) / "select_ablation.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": torch.cuda.get_device_name(0), "versions": _versions(), "commit": _commit(),

@@ -130,6 +130,7 @@ def sweep(shape, bw: float, l2: int, rep: int, kernels, full_attention: bool = T
                              floor_ms=nbytes / bw * 1e3))
     want_idx = c0["idx"]
     select_grid = [{}] + [dict(num_warps=w, ways=k) for w, k in itertools.product((4, 8, 16), (0, 1, 2, 3, 4))]
+    select_grid += [dict(ways=2, finish=f) for f in (0, 16, 32, 64, 128)]  # the search ranking its last keys
     for kw in select_grid if "select" in kernels else ():
         got = select_pages_triton(c0["scores"], start, end, PAGE, nsel, 1, 1, **kw)
 
@@ -163,7 +164,7 @@ def summary(rows: list[dict]) -> str:
         bad = [r for r in group if not r["ok"]]
         lines.append(f"{key}: default {default['graph_ms'] * 1e3:.1f} us; {len(bad)} configs mismatched")
         for r in good[:6]:
-            cfg = {k: r.get(k) for k in ("num_splits", "block_n", "blocks_per_program", "block_p", "num_warps", "num_stages", "merge", "ways") if k in r}
+            cfg = {k: r.get(k) for k in ("num_splits", "block_n", "blocks_per_program", "block_p", "num_warps", "num_stages", "merge", "ways", "finish") if k in r}
             floor = f" ({100 * r['floor_ms'] / r['graph_ms']:.0f}% floor)" if "floor_ms" in r else ""
             lines.append(f"   {r['graph_ms'] * 1e3:7.1f} us{floor} {cfg}")
     return "\n".join(lines)

@@ -29,7 +29,9 @@ def test_resource_report_on_a_small_shape(tmp_path):
     rows = {r["kernel"]: r for r in json.loads(out.read_text())["rows"]}
     chained = ["score (chained)", "select (chained)", "attention (chained)"]
     fp8 = ["score (fp8 metadata)", "attention (fp8 K/V)"]
-    assert set(rows) == {"score", "select", "attention", *chained, *fp8}
+    searches = ["select (narrowing search)", "select (ranking the last 64 keys)"]
+    assert set(rows) == {"score", "select", "attention", "merge", *searches, *chained, *fp8}
+    assert rows["merge"]["ctas"] == 32  # one program per query head (batch 1, 32 heads)
     for r in rows.values():
         assert 0 < r["regs"] <= 255 and r["local_bytes"] == 0, r  # no spills
         assert r["ctas_per_sm"] >= 1 and r["sass_instructions"] > 0

@@ -40,6 +40,12 @@ def test_cut_kernel_parts_and_pass_count(monkeypatch):
     sa._cut_kernel[(b * h,)](scores, start, end, out, aux, pages, nsel, h, ps, 1, 1, BLOCK=pages, WAYS=0, PART=2)
     for row, t in zip(keys, aux.tolist()):
         assert int((row[1:-1] > t).sum()) <= nsel - 2 <= int((row[1:-1] >= t).sum())
+    # ranking the last <= 16 keys of the bracket: the k-th largest key itself, unless a pass counted
+    # exactly k keys at a threshold first (then that threshold)
+    sa._cut_kernel[(b * h,)](scores, start, end, out, aux, pages, nsel, h, ps, 1, 1, BLOCK=pages, WAYS=2, PART=2, FINISH=16)
+    for row, t in zip(keys, aux.tolist()):
+        kth = int(row[1:-1].sort(descending=True).values[nsel - 3])
+        assert t == kth or int((row[1:-1] >= t).sum()) == nsel - 2
 
 
 def test_narrowing_search_model_takes_fewer_passes_on_wide_rows(monkeypatch):

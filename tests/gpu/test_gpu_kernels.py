@@ -153,6 +153,14 @@ def test_gpu_scores_and_select(name, length, batch, ps):
             assert torch.equal(idx, ref.select_pages(scores, start, end, ps, n, 1, 1)), ways
         got = select_pages_triton(tied, start, end, ps, 64, 2, 2, ways=ways)
         assert torch.equal(got, ref.select_pages(tied, start, end, ps, 64, 2, 2)), ways
+    for finish in (16, 64, 128):  # the search ranking its bracket's last keys directly
+        for budget in (1024, 4096):
+            n = budget // ps
+            _poison(batch * hkv * n, torch.int32)
+            idx = select_pages_triton(scores, start, end, ps, n, 1, 1, finish=finish)
+            assert torch.equal(idx, ref.select_pages(scores, start, end, ps, n, 1, 1)), finish
+        got = select_pages_triton(tied, start, end, ps, 64, 2, 2, finish=finish)
+        assert torch.equal(got, ref.select_pages(tied, start, end, ps, 64, 2, 2)), finish
 
 
 @pytest.mark.parametrize("name,length,batch", [("tinyllama", 4 * K, 16), ("llama3", 16 * K, 8), ("tinyllama", 128 * K, 1), ("llama3", 128 * K, 2)])

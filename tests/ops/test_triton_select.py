@@ -12,8 +12,8 @@ from tinyserve_patch.ops.triton_select import select_pages_triton
 from tests.ops.kernel_cases import DEVICE, gen, rows
 
 
-def _check(scores, start, end, ps, n, sink, recent, ways=None):
-    out = select_pages_triton(scores, start, end, ps, n, sink, recent, ways=ways)
+def _check(scores, start, end, ps, n, sink, recent, ways=None, finish=None):
+    out = select_pages_triton(scores, start, end, ps, n, sink, recent, ways=ways, finish=finish)
     expect = ref.select_pages(scores, start, end, ps, n, sink, recent)
     assert out.dtype == torch.int32 and out.shape == expect.shape
     assert torch.equal(out, expect), (out, expect)
@@ -66,6 +66,8 @@ def test_select_rejects_bad_input():
         select_pages_triton(torch.zeros(1, 1, 4, device=DEVICE), se, se, 8, 0, 1, 1)
     with pytest.raises(ValueError, match="ways"):
         select_pages_triton(torch.zeros(1, 1, 4, device=DEVICE), se, se, 8, 2, 1, 1, ways=5)
+    with pytest.raises(ValueError, match="finish"):
+        select_pages_triton(torch.zeros(1, 1, 4, device=DEVICE), se, se, 8, 2, 1, 1, finish=48)
 
 
 @settings(max_examples=15, deadline=None)
@@ -80,15 +82,16 @@ def test_select_rejects_bad_input():
     levels=st.sampled_from([0, 2, 5]),
     seed=st.integers(0, 10_000),
     ways=st.sampled_from([0, 1, 2, 3, 4]),
+    finish=st.sampled_from([0, 16, 64]),
 )
-def test_select_hypothesis(b, h, ps, pages, num_select, sink, recent, levels, seed, ways):
+def test_select_hypothesis(b, h, ps, pages, num_select, sink, recent, levels, seed, ways, finish):
     g = gen(seed)
     if levels:
         scores = torch.randint(0, levels, (b, h, pages), generator=g).float()
     else:
         scores = torch.randn(b, h, pages, generator=g)
     start, end = rows(b, pages * ps, g, empty_row=seed % 4 == 0)
-    _check(scores.to(DEVICE), start, end, ps, num_select, sink, recent, ways)
+    _check(scores.to(DEVICE), start, end, ps, num_select, sink, recent, ways, finish)
 
 
 @pytest.mark.parametrize("ways", [0, 1, 2, 3, 4])
@@ -123,3 +126,22 @@ def test_select_narrowing_search_through_all_its_phases(kind):
     end = torch.tensor([4096 * 16 - 5], dtype=torch.int32, device=DEVICE)
     for n in (128, 300, 2000):
         _check(scores.to(DEVICE), start, end, 16, n, 1, 2, ways=0)
+
+
+@pytest.mark.parametrize("finish", [16, 64, 128])
+@pytest.mark.parametrize("kind", ["randn", "wide", "ties"])
+def test_select_search_ranking_its_last_keys(finish, kind):
+    """finish: the passes stop once the bracket holds <= min(finish, num_select) keys, which are compacted
+    through the output row and ranked against each other; the pages (ties to the lower page included) are
+    the reference's, for scratch rows shorter than ``finish`` too (num_select 8, 40)."""
+    g = gen(22 + finish)
+    shape = (2, 2, 2000)
+    if kind == "randn":
+        scores = torch.randn(shape, generator=g)
+    elif kind == "wide":
+        scores = torch.randn(shape, generator=g) * torch.exp(torch.randn(shape, generator=g) * 10)
+    else:
+        scores = torch.randint(0, 300, shape, generator=g).float()
+    start, end = rows(2, 2000 * 8, g)
+    for n in (8, 40, 130, 1500):
+        _check(scores.to(DEVICE), start, end, 8, n, 1, 2, ways=2, finish=finish)

@@ -164,6 +164,16 @@ def check_ways(ways: int) -> int:
 #: pages, 5.0 vs 3.8 at 1024).
 SELECT_WAYS = 2
 
+#: Keys in the search's bracket at which it stops and ranks them directly (:func:`kth_largest_key`;
+#: 0 = search to the end). See ``benchmarks/NOTES.md`` for the measurement behind the default.
+SELECT_FINISH = 0
+
+
+def check_finish(finish: int) -> int:
+    """``finish`` (see :data:`SELECT_FINISH`) validated: 0 or a power of two from 16 to 128."""
+    check(finish in (0, 16, 32, 64, 128), f"finish={finish}: 0 (search to the end) or 16 / 32 / 64 / 128 keys")
+    return finish
+
 
 # ---------------------------------------------------------------------------------------------- device
 
@@ -326,7 +336,36 @@ def _search_passes(key, k, lo, hi, above, n_lo, base, found, LIMIT, WAYS: tl.con
 
 
 @triton.jit
-def kth_largest_key(key, k, lo, hi, above, n_lo, WAYS: tl.constexpr):
+def _max_max(a_key, a_n, b_key, b_n):
+    return tl.maximum(a_key, b_key), tl.maximum(a_n, b_n)
+
+
+@triton.jit
+def _rank_bracket(key, k, lo, hi, above, n_lo, scratch_ptr, FINISH: tl.constexpr):
+    """The end of :func:`kth_largest_key` once its open bracket ``[lo, hi]`` holds ``n_lo - above <=
+    FINISH`` keys: ``(t, count(key > t))`` for the ``k``-th largest key. The bracket's keys are compacted
+    in index order (one scan) into ``FINISH`` int32 slots at ``scratch_ptr`` and read back as one tile;
+    each is ranked against the others (``[FINISH, FINISH]`` compares, the counts above and equal packed in
+    one reduction), and ``t`` is the one whose rank range holds ``k - above``."""
+    inside = (key >= lo.to(tl.int32)) & (key <= hi.to(tl.int32))
+    slot = tl.cumsum(inside.to(tl.int32), axis=0) - 1
+    tl.store(scratch_ptr + slot, key, mask=inside)
+    tl.debug_barrier()  # the stores of every thread before the tile is read back
+    j = tl.arange(0, FINISH)
+    real = j < n_lo - above
+    cand = tl.load(scratch_ptr + j, mask=real, other=-2147483648)  # padding: below every key of the bracket
+    above_eq = tl.where(cand[None, :] > cand[:, None], 1, 0) + tl.where((cand[None, :] == cand[:, None]) & real[None, :], 65536, 0)
+    counts = tl.sum(above_eq, axis=1)  # [FINISH]: keys of the bracket above (low 16 bits) and equal to each
+    n_above = counts & 0xFFFF
+    n_equal = counts >> 16
+    rank = k - above  # 1-based rank of the k-th largest key inside the bracket
+    is_t = real & (n_above < rank) & (rank <= n_above + n_equal)
+    t, n_gt = tl.reduce((tl.where(is_t, cand, -2147483648), tl.where(is_t, n_above, 0)), 0, _max_max)
+    return t, above + n_gt
+
+
+@triton.jit
+def kth_largest_key(key, k, lo, hi, above, n_lo, scratch_ptr, scratch_len, WAYS: tl.constexpr, FINISH: tl.constexpr):
     """``(t, need)``: a threshold ``t`` such that the keys above ``t`` plus the first ``need`` keys equal to
     ``t`` (in index order) are exactly the ``k`` largest (``k >= 1``; the ``k``-th largest key lies in
     ``[lo, hi]``, int32 scalars, ``n_lo`` keys are ``>= lo`` (at least ``k``) and ``above`` keys are
@@ -339,6 +378,10 @@ def kth_largest_key(key, k, lo, hi, above, n_lo, WAYS: tl.constexpr):
     the bracket closes on a key ``t`` and ``count(key > t)`` is the count last seen at ``hi + 1`` (or
     ``above``), so ``need = k - count(key > t)`` costs no further reduction. With ``lo``/``hi`` the score
     range this takes ~log_(WAYS+1)(pages) + a few passes instead of 32.
+
+    ``FINISH > 0`` (``WAYS >= 1``): the passes stop once the bracket holds ``<= min(FINISH, scratch_len)``
+    keys, which :func:`_rank_bracket` ranks directly through ``scratch_len`` int32 slots at
+    ``scratch_ptr`` (the caller's output row, written again afterwards).
 
     ``WAYS == 0``, the narrowing search: 2 thresholds (16-bit counts) while the bracket holds over 1023
     keys, then 3 (10-bit fields) while it holds over 255, then 4 (8-bit fields), all in one int32. Before
@@ -354,6 +397,13 @@ def kth_largest_key(key, k, lo, hi, above, n_lo, WAYS: tl.constexpr):
         lo, hi, above, n_lo, found = _search_passes(work, k, lo, hi, above, n_lo, above, found, 255, 3, 10)
         work = tl.where(work > hi.to(tl.int32), -2147483648, work)
         lo, hi, above, n_lo, found = _search_passes(work, k, lo, hi, above, n_lo, above, found, 0, 4, 8)
+    elif FINISH > 0:
+        limit = tl.minimum(scratch_len, FINISH)
+        lo, hi, above, n_lo, found = _search_passes(key, k, lo, hi, above, n_lo, 0, found, limit, WAYS, 16)
+        if lo < hi:  # stopped with <= limit keys in the bracket: rank them
+            t, n_gt = _rank_bracket(key, k, lo, hi, above, n_lo, scratch_ptr, FINISH)
+            lo = t.to(tl.int64)
+            above = n_gt
     else:
         lo, hi, above, n_lo, found = _search_passes(key, k, lo, hi, above, n_lo, 0, found, 0, WAYS, 16)
     return lo.to(tl.int32), tl.where(found, k, k - above)
@@ -431,9 +481,11 @@ def select_from_scores(
     recent,
     BLOCK: tl.constexpr,
     WAYS: tl.constexpr,
+    FINISH: tl.constexpr,
 ):
     """Select from one row's float32 ``scores`` ``[BLOCK]`` (page ``offs``; lanes ``>= num_pages`` ignored)
-    and write ``num_select`` int32 page numbers at ``out_ptr`` (ascending, ``-1`` padded)."""
+    and write ``num_select`` int32 page numbers at ``out_ptr`` (ascending, ``-1`` padded; the row is also
+    the search's scratch, see :func:`kth_largest_key`)."""
     key, k, lo, hi, above, n_lo = selection_keys(scores, offs, num_pages, start, end, num_select, page_size, sink, recent)
-    t, need = kth_largest_key(key, tl.maximum(k, 1), lo, hi, above, n_lo, WAYS)
+    t, need = kth_largest_key(key, tl.maximum(k, 1), lo, hi, above, n_lo, out_ptr, num_select, WAYS, FINISH)
     write_selection(key, t, need, k, offs, out_ptr, num_select, BLOCK)

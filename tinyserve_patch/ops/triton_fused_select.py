@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import SELECT_WAYS, check, check_select_pages, check_ways, pdl_enter, select_from_scores, select_num_warps, ticket_counters, use_pdl
+from ._triton_common import SELECT_FINISH, SELECT_WAYS, check, check_finish, check_select_pages, check_ways, pdl_enter, select_from_scores, select_num_warps, ticket_counters, use_pdl
 from .triton_score import load_group_query, plan_walk, score_blocks, score_meta
 
 
@@ -61,6 +61,7 @@ def _fused_kernel(
     WALK: tl.constexpr,
     BLOCK: tl.constexpr,
     WAYS: tl.constexpr,
+    FINISH: tl.constexpr,
     SINGLE: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -86,13 +87,13 @@ def _fused_kernel(
     out_bh = out_ptr + bh.to(tl.int64) * num_select
     if SINGLE:
         scores = tl.load(ws + offs, mask=offs < num_pages, other=float("-inf"))
-        select_from_scores(scores, offs, num_pages, start, end, out_bh, num_select, page_size, sink, recent, BLOCK, WAYS)
+        select_from_scores(scores, offs, num_pages, start, end, out_bh, num_select, page_size, sink, recent, BLOCK, WAYS, FINISH)
     else:
         ticket = tl.atomic_add(counter_ptr + bh, 1)  # default: acq_rel, gpu scope
         if ticket == programs_per_row - 1:  # every other program of this (row, head) has stored its scores
             tl.store(counter_ptr + bh, 0)
             scores = tl.load(ws + offs, mask=offs < num_pages, other=float("-inf"), cache_modifier=".cg")
-            select_from_scores(scores, offs, num_pages, start, end, out_bh, num_select, page_size, sink, recent, BLOCK, WAYS)
+            select_from_scores(scores, offs, num_pages, start, end, out_bh, num_select, page_size, sink, recent, BLOCK, WAYS, FINISH)
 
 
 def score_and_select_triton(
@@ -107,16 +108,18 @@ def score_and_select_triton(
     gqa_reduction: str,
     blocks_per_program: int | None = None,
     ways: int | None = None,
+    finish: int | None = None,
     num_warps: int | None = None,
     block_p: int | None = None,
     num_stages: int | None = None,
 ) -> torch.Tensor:
-    """int32 ``[B, Hkv, num_select]`` (see module docstring). ``blocks_per_program``, ``ways``,
+    """int32 ``[B, Hkv, num_select]`` (see module docstring). ``blocks_per_program``, ``ways``, ``finish``,
     ``num_warps``, ``block_p`` and ``num_stages`` override the tuned defaults (tests, tuning)."""
     q, meta, consts = score_meta(q, meta, seq_start, seq_end, page_size, gqa_reduction)
     check(num_select >= 1, f"num_select={num_select} must be >= 1")
     check(sink_pages >= 0 and recent_pages >= 0, "sink_pages / recent_pages must be >= 0")
     ways = check_ways(SELECT_WAYS if ways is None else ways)
+    finish = check_finish(SELECT_FINISH if finish is None else finish)
     b, hkv, pages, _, d = meta.shape
     block = check_select_pages(pages)
     out = torch.empty((b, hkv, num_select), dtype=torch.int32, device=meta.device)
@@ -137,7 +140,7 @@ def score_and_select_triton(
         q, meta, seq_start, seq_end, ws, counters, out,
         pages, num_select, hkv, d, per, nprog,
         q.stride(0), q.stride(1), meta.stride(0), meta.stride(1), meta.stride(2), meta.stride(3),
-        page_size, sink_pages, recent_pages, BLOCK=block, WAYS=ways, SINGLE=nprog == 1,
+        page_size, sink_pages, recent_pages, BLOCK=block, WAYS=ways, FINISH=finish, SINGLE=nprog == 1,
         PDL=pdl, launch_pdl=pdl, **walk, **consts,
     )
     return out

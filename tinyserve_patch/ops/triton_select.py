@@ -16,10 +16,12 @@ from ._triton_common import (
     check_page_size,
     check_rows,
     check_select_pages,
+    check_finish,
     check_ways,
     pdl_enter,
     pdl_trigger,
     select_from_scores,
+    SELECT_FINISH,
     SELECT_WAYS,
     select_num_warps,
     signal_row,
@@ -47,6 +49,7 @@ def _select_kernel(
     flag_ptr,
     BLOCK: tl.constexpr,
     WAYS: tl.constexpr,
+    FINISH: tl.constexpr,
     CHAIN: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -69,7 +72,7 @@ def _select_kernel(
         scores = tl.load(base + offs * stride_sp, mask=offs < num_pages, other=float("-inf"))
     select_from_scores(
         scores, offs, num_pages, start, end, out_ptr + bh.to(tl.int64) * num_select, num_select,
-        page_size, sink, recent, BLOCK, WAYS,
+        page_size, sink, recent, BLOCK, WAYS, FINISH,
     )
     if CHAIN:
         signal_row(flag_ptr + bh, 1)  # this row's attention programs wait for it
@@ -85,10 +88,12 @@ def select_pages_triton(
     recent_pages: int,
     ways: int | None = None,
     num_warps: int | None = None,
+    finish: int | None = None,
     chain: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``scores`` float32 ``[B, Hkv, P]`` -> int32 ``[B, Hkv, num_select]`` (see module docstring).
-    ``ways`` (thresholds per search pass) and ``num_warps`` override the tuned defaults. ``chain``:
+    ``ways`` (thresholds per search pass), ``finish`` (bracket size at which the search ranks directly, 0:
+    never) and ``num_warps`` override the tuned defaults. ``chain``:
     ``(counts, flags)``, the row-chained mode (:mod:`triton_chain`): each program waits until its row's
     count reaches ``P`` (every page scored; then zeroes it) instead of waiting for the previous grid, and
     adds 1 to its row's flag once its pages are stored."""
@@ -100,6 +105,7 @@ def select_pages_triton(
     check_rows(seq_start, seq_end, b)
     block = check_select_pages(pages)
     ways = check_ways(SELECT_WAYS if ways is None else ways)
+    finish = check_finish(SELECT_FINISH if finish is None else finish)
     out = torch.empty((b, hkv, num_select), dtype=torch.int32, device=scores.device)
     if b * hkv == 0:
         return out
@@ -108,7 +114,7 @@ def select_pages_triton(
     _select_kernel[(b * hkv,)](
         scores, seq_start, seq_end, out, pages, num_select, hkv,
         scores.stride(0), scores.stride(1), scores.stride(2), page_size, sink_pages, recent_pages,
-        counts, flags, BLOCK=block, WAYS=ways, CHAIN=chain is not None,
+        counts, flags, BLOCK=block, WAYS=ways, FINISH=finish, CHAIN=chain is not None,
         num_warps=num_warps or select_num_warps(block), PDL=pdl, launch_pdl=pdl,
     )
     return out
