@@ -143,24 +143,17 @@ def test_gpu_scores_and_select(name, length, batch, ps):
     assert torch.equal(torch.isneginf(s8), torch.isneginf(e8))
     torch.testing.assert_close(s8[fin], e8[fin], rtol=1e-5, atol=1e-3)
     assert (e8[fin] >= exact[fin] - 1e-3 * (1 + exact[fin].abs())).all()
-    # selection is exact given the same scores, for every number of thresholds per search pass
+    # selection is exact given the same scores, for every search: 1-4 thresholds per pass, the narrowing
+    # search (ways=0), and the search ranking its bracket's last 16-128 keys directly (finish)
     tied = torch.randint(0, 4, scores.shape, generator=g).float().to(DEV)  # ties everywhere
-    for ways in (0, 1, 2, 3, 4):  # 0: the narrowing search
+    for plan in [dict(ways=w) for w in (0, 1, 2, 3, 4)] + [dict(finish=f) for f in (16, 64, 128)]:
         for budget in (1024, 2048, 4096):
             n = budget // ps
             _poison(batch * hkv * n, torch.int32)
-            idx = select_pages_triton(scores, start, end, ps, n, 1, 1, ways=ways)
-            assert torch.equal(idx, ref.select_pages(scores, start, end, ps, n, 1, 1)), ways
-        got = select_pages_triton(tied, start, end, ps, 64, 2, 2, ways=ways)
-        assert torch.equal(got, ref.select_pages(tied, start, end, ps, 64, 2, 2)), ways
-    for finish in (16, 64, 128):  # the search ranking its bracket's last keys directly
-        for budget in (1024, 4096):
-            n = budget // ps
-            _poison(batch * hkv * n, torch.int32)
-            idx = select_pages_triton(scores, start, end, ps, n, 1, 1, finish=finish)
-            assert torch.equal(idx, ref.select_pages(scores, start, end, ps, n, 1, 1)), finish
-        got = select_pages_triton(tied, start, end, ps, 64, 2, 2, finish=finish)
-        assert torch.equal(got, ref.select_pages(tied, start, end, ps, 64, 2, 2)), finish
+            idx = select_pages_triton(scores, start, end, ps, n, 1, 1, **plan)
+            assert torch.equal(idx, ref.select_pages(scores, start, end, ps, n, 1, 1)), plan
+        got = select_pages_triton(tied, start, end, ps, 64, 2, 2, **plan)
+        assert torch.equal(got, ref.select_pages(tied, start, end, ps, 64, 2, 2)), plan
 
 
 @pytest.mark.parametrize("name,length,batch", [("tinyllama", 4 * K, 16), ("llama3", 16 * K, 8), ("tinyllama", 128 * K, 1), ("llama3", 128 * K, 2)])

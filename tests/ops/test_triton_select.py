@@ -109,19 +109,21 @@ def test_select_search_ways_agree(ways):
             assert torch.equal(out, ref.select_pages(scores.to(DEVICE), start, end, 8, n, 1, 1))
 
 
+def _spread_scores(kind: str, shape, levels: int, g):
+    """Scores of one of three spreads: ``randn``, ``wide`` (over many decades) or ``ties`` (``levels`` values)."""
+    if kind == "randn":
+        return torch.randn(shape, generator=g)
+    if kind == "wide":
+        return torch.randn(shape, generator=g) * torch.exp(torch.randn(shape, generator=g) * 10)
+    return torch.randint(0, levels, shape, generator=g).float()
+
+
 @pytest.mark.parametrize("kind", ["randn", "wide", "ties"])
 def test_select_narrowing_search_through_all_its_phases(kind):
     """ways=0 over 4096 pages: the bracket starts with ~4000 keys, so the search runs 2, then 3 (under
     1024 keys), then 4 thresholds (under 256), dropping the keys above the bracket between phases; the
-    kept pages, their order and the ties are the reference's. ``wide``: scores over many decades."""
-    g = gen(21)
-    shape = (1, 2, 4096)
-    if kind == "randn":
-        scores = torch.randn(shape, generator=g)
-    elif kind == "wide":
-        scores = torch.randn(shape, generator=g) * torch.exp(torch.randn(shape, generator=g) * 10)
-    else:
-        scores = torch.randint(0, 700, shape, generator=g).float()
+    kept pages, their order and the ties are the reference's."""
+    scores = _spread_scores(kind, (1, 2, 4096), 700, gen(21))
     start = torch.tensor([21], dtype=torch.int32, device=DEVICE)
     end = torch.tensor([4096 * 16 - 5], dtype=torch.int32, device=DEVICE)
     for n in (128, 300, 2000):
@@ -135,13 +137,7 @@ def test_select_search_ranking_its_last_keys(finish, kind):
     through the output row and ranked against each other; the pages (ties to the lower page included) are
     the reference's, for scratch rows shorter than ``finish`` too (num_select 8, 40)."""
     g = gen(22 + finish)
-    shape = (2, 2, 2000)
-    if kind == "randn":
-        scores = torch.randn(shape, generator=g)
-    elif kind == "wide":
-        scores = torch.randn(shape, generator=g) * torch.exp(torch.randn(shape, generator=g) * 10)
-    else:
-        scores = torch.randint(0, 300, shape, generator=g).float()
+    scores = _spread_scores(kind, (2, 2, 2000), 300, g)
     start, end = rows(2, 2000 * 8, g)
     for n in (8, 40, 130, 1500):
         _check(scores.to(DEVICE), start, end, 8, n, 1, 2, ways=2, finish=finish)
