@@ -72,14 +72,16 @@ def _sortable(x: torch.Tensor) -> torch.Tensor:
     return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
 
-def search_passes(keys: torch.Tensor, k: int, ways: int, finish_at: int = 0) -> int:
+def search_passes(keys: torch.Tensor, k: int, ways: int, finish_at: int = 0, bracket=None) -> int:
     """Passes of ``kth_largest_key`` over one row's int keys (all scored: no forced / invalid pages);
-    ``ways == 0``: the narrowing search.
-    ``finish_at`` > 0 models a search that stops once at most that many keys lie inside its bracket (the
-    kernel's ``finish``)
-    (known from the counts at its two ends) and ranks those directly in one more step (not counted)."""
+    ``ways == 0``: the narrowing search. ``finish_at`` > 0 models a search that stops once at most that
+    many keys lie inside its bracket (known from the counts at its two ends; the kernel's ``finish``) and
+    ranks those directly in one more step (not counted). ``bracket``: ``(lo, hi, keys >= lo, keys > hi)``
+    to start from instead of the keys' range (a bracket found by other means, e.g. a hint)."""
     lo, hi = int(keys.min()), int(keys.max())
     n_lo, n_above = keys.numel(), 0  # keys >= lo, keys >= hi + 1
+    if bracket is not None:
+        lo, hi, n_lo, n_above = bracket
     passes = 0
     narrowing = ways == 0  # 2 thresholds, 3 once <= 1023 keys lie in the bracket, 4 once <= 255
     while lo < hi and not (finish_at and n_lo - n_above <= finish_at):
