@@ -13,13 +13,20 @@
 #   GIT_COMMIT=<sha> STAGES="kernels e2e" bash benchmarks/gpu_session.sh
 # Writes at most 8 files under $OUT (the device tool's return folder); commit the JSON under
 # benchmarks/results/. Each stage has its own time limit so one stage cannot eat the others'.
-# GIT_COMMIT: the commit the copied tree is at (its .git HEAD may be stale there); it goes into the JSON.
+# GIT_COMMIT (required): the literal sha of the commit the copied tree is at, taken on the machine that sends
+# it (the copy's .git HEAD may be stale, so neither a default nor $(git rev-parse HEAD) run here will do);
+# it goes into the JSON. env.txt also records a hash of the package's sources, to check the pairing
+# locally: find tinyserve_patch -name '*.py' | sort | xargs cat | sha256sum
 set -u -o pipefail
 OUT=${OUT:-/tmp/tinyserve-gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 STAGES=${STAGES:-tests memory tune}
-COMMIT=${GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+COMMIT=${GIT_COMMIT:-}
+if ! [[ $COMMIT =~ ^[0-9a-f]{7,40}$ ]]; then
+  echo "GIT_COMMIT must be the literal sha of the copied tree, from the sending machine; got '$COMMIT'" >&2
+  exit 2
+fi
 export GIT_COMMIT=$COMMIT
 T_TESTS=${T_TESTS:-420} T_MEMORY=${T_MEMORY:-190} T_TUNE=${T_TUNE:-170} T_KERNELS=${T_KERNELS:-300}
 T_E2E=${T_E2E:-280} T_QUICK=${T_QUICK:-120} T_OPS=${T_OPS:-120} T_ABLATION=${T_ABLATION:-90}
@@ -29,6 +36,7 @@ T_E2E=${T_E2E:-280} T_QUICK=${T_QUICK:-120} T_OPS=${T_OPS:-120} T_ABLATION=${T_A
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
   echo "commit $COMMIT; stages: $STAGES"
+  echo "source sha256 $(find tinyserve_patch -name '*.py' | sort | xargs cat | sha256sum | cut -c1-16)"
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
