@@ -338,12 +338,14 @@ def run(args) -> dict:
             if args.fp8_score_plan:
                 warps, stages = args.fp8_score_plan
                 plan_rows("meta8", f"_fp8meta_w{warps}s{stages}", num_warps=warps, num_stages=stages)
-            for ways in args.select_ways:  # another selection search (0: the narrowing one)
-                add(f"select_ways{ways}", budget, score_bytes + idx_bytes, lambda ways=ways: select(ways))
-                add(f"total_split_ways{ways}", budget, total_bytes, split_over("meta", ways=ways), dense_ms)
-            for finish in args.select_finish:  # the search stopping at this many keys and ranking them
-                add(f"select_finish{finish}", budget, score_bytes + idx_bytes, lambda finish=finish: select(finish=finish))
-                add(f"total_split_finish{finish}", budget, total_bytes, split_over("meta", finish=finish), dense_ms)
+            def search_rows(suffix, **search):  # the selection with another search, alone and in the chain
+                add(f"select{suffix}", budget, score_bytes + idx_bytes, lambda: select(**search))
+                add(f"total_split{suffix}", budget, total_bytes, split_over("meta", **search), dense_ms)
+
+            for ways in args.select_ways:  # thresholds per pass (0: the narrowing search)
+                search_rows(f"_ways{ways}", ways=ways)
+            for finish in args.select_finish:  # stopping at this many keys and ranking them
+                search_rows(f"_finish{finish}", finish=finish)
             for chunk in args.merge_chunk:  # the merge kernel reading this many splits per tile
                 add(f"sparse_attention_chunk{chunk}", budget, sel_kv + qo_bytes + idx_bytes,
                     lambda chunk=chunk: attend(merge_chunk=chunk), dense_ms)

@@ -22,8 +22,6 @@ metadata) ``+ candidates / pages`` (their exact metadata).
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import sys
 from pathlib import Path
 
@@ -33,28 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_kernels import _commit, _versions  # noqa: E402
+from benchmarks.code_model_qk import DEFAULT_MODEL, code_model_qk, write_study  # noqa: E402
 from tinyserve_patch.ops.reference import fp8_round_directed, meta_to_fp8, page_scores  # noqa: E402
 
 PAGE = 16
-
-
-def capture_qk(model, input_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer ``(q [q_heads, T, D], k [kv_heads, T, D])`` after RoPE, from one dense causal forward."""
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def capture(module, query, key, value, attention_mask, **kwargs):
-        seen.append((query[0].detach().float(), key[0].detach().float()))
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-    AttentionInterface.register("tinyserve_capture", capture)
-    model.set_attn_implementation("tinyserve_capture")
-    with torch.no_grad():
-        model(input_ids)
-    return seen
 
 
 def fp8_step(x8: torch.Tensor, up: bool) -> torch.Tensor:
@@ -90,7 +70,7 @@ def step_stats(q: torch.Tensor, keys: torch.Tensor, k_sel: int) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=str(ROOT / "tinyserve_patch/models/tinyserve-code-lm"))
+    p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--budgets", nargs="+", type=int, default=[128, 256, 512, 1024])
     p.add_argument("--positions", type=int, default=24, help="decode positions sampled in [2K, tokens)")
@@ -99,20 +79,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    if args.source:
-        text = Path(args.source).read_text(encoding="utf-8")
-    else:
-        import sysconfig
-
-        stdlib = Path(sysconfig.get_paths()["stdlib"])
-        text = "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in sorted(stdlib.glob("[a-m]*.py"))[:40])
-    ids = tok(text, return_tensors="pt").input_ids[:, : args.tokens]
-    qk = capture_qk(model, ids)
-    n = ids.shape[1]
+    qk, n = code_model_qk(args.model, args.tokens, args.source)
     positions = torch.linspace(2048, n - 1, args.positions).long().tolist()
     rows = []
     for budget in args.budgets:
@@ -138,12 +105,7 @@ def main(argv=None) -> int:
               f"{100 * mean_c:.1f}% of pages (max {100 * s['max_candidate_fraction']:.1f}%) -> "
               f"{100 * s['bytes_vs_exact_metadata']:.0f}% of the exact score's bytes; fp8 alone keeps "
               f"{100 * s['fp8_only_overlap_with_exact_top_k']:.1f}% of the exact top-k")
-    doc = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "device": "cpu",
-           "model": Path(args.model).name, "tokens": n, "versions": _versions(), "commit": _commit(), "args": vars(args),
-           "summary": summary, "rows": rows}
-    if args.out:
-        Path(args.out).write_text(json.dumps(doc, indent=1))
-        print(f"wrote {args.out}")
+    write_study(args.out, args, n, summary, rows)
     return 0
 
 

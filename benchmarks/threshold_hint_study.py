@@ -22,8 +22,6 @@ independent step to step), which is why it is measured here first.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import sys
 from pathlib import Path
 
@@ -33,8 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_kernels import _commit, _versions  # noqa: E402
-from benchmarks.fp8_prefilter_study import capture_qk  # noqa: E402
+from benchmarks.code_model_qk import DEFAULT_MODEL, code_model_qk, write_study  # noqa: E402
 from benchmarks.select_ablation import _sortable, search_passes  # noqa: E402
 from tinyserve_patch.ops.reference import page_scores  # noqa: E402
 
@@ -126,7 +123,7 @@ def summarize(rows: list[dict], margins) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=str(ROOT / "tinyserve_patch/models/tinyserve-code-lm"))
+    p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--budgets", nargs="+", type=int, default=[128, 256, 512, 1024])
     p.add_argument("--starts", type=int, default=8, help="runs of consecutive positions, spread over [2K, tokens)")
@@ -136,17 +133,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
-    import sysconfig
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    text = "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in sorted(stdlib.glob("[a-m]*.py"))[:40])
-    ids = tok(text, return_tensors="pt").input_ids[:, : args.tokens]
-    qk = capture_qk(model, ids)
-    n = ids.shape[1]
+    qk, n = code_model_qk(args.model, args.tokens)
     starts = torch.linspace(2048, n - args.steps - 2, args.starts).long().tolist()
     rows = study(qk, args.budgets, starts, args.steps, args.margins, args.dense_layers)
     summary = summarize(rows, args.margins)
@@ -159,12 +146,7 @@ def main(argv=None) -> int:
             h = s[f"hinted_{m:g}"]
             line += f"; hint +-{100 * m:g}% {h['mean_passes']:.2f} ({h['slowest_row_mean']:.2f}, {h['slowest_row_max']})"
         print(line)
-    doc = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "device": "cpu",
-           "model": Path(args.model).name, "tokens": n, "versions": _versions(), "commit": _commit(),
-           "args": vars(args), "summary": summary, "rows": rows}
-    if args.out:
-        Path(args.out).write_text(json.dumps(doc, indent=1))
-        print(f"wrote {args.out}")
+    write_study(args.out, args, n, summary, rows)
     return 0
 
 
