@@ -6,6 +6,7 @@
 #   tune    tune_decode.py (launch sweep: score walk, attention splits / inline merge, selection warps)
 #   kernels bench_kernels.py ($KERNEL_ARGS, default: the full grid)
 #   ablation select_ablation.py (the selection cut after each part, per search; $ABLATION_ARGS)
+#   timeline chain_timeline.py (per-program timestamps of decode steps, split and chained; $TIMELINE_ARGS)
 #   e2e     bench_e2e.py ($E2E_ARGS, default --quick)
 #   quick   examples/quickstart.py
 # Usage on the device machine, from the repo root:
@@ -29,7 +30,7 @@ if ! [[ $COMMIT =~ ^[0-9a-f]{7,40}$ ]]; then
 fi
 export GIT_COMMIT=$COMMIT
 T_TESTS=${T_TESTS:-420} T_MEMORY=${T_MEMORY:-190} T_TUNE=${T_TUNE:-170} T_KERNELS=${T_KERNELS:-300}
-T_E2E=${T_E2E:-280} T_QUICK=${T_QUICK:-120} T_OPS=${T_OPS:-120} T_ABLATION=${T_ABLATION:-90}
+T_E2E=${T_E2E:-280} T_QUICK=${T_QUICK:-120} T_OPS=${T_OPS:-120} T_ABLATION=${T_ABLATION:-90} T_TIMELINE=${T_TIMELINE:-150}
 
 {
   date -u +%FT%TZ
@@ -64,6 +65,9 @@ for stage in $STAGES; do
     ablation)
       timeout "$T_ABLATION" python benchmarks/select_ablation.py --out "$OUT/select_ablation.json" ${ABLATION_ARGS:-} > "$OUT/ablation.log" 2>&1
       tail -20 "$OUT/ablation.log" ;;
+    timeline)
+      timeout "$T_TIMELINE" python benchmarks/chain_timeline.py --out "$OUT/timeline.json" ${TIMELINE_ARGS:-} > "$OUT/timeline.log" 2>&1
+      tail -60 "$OUT/timeline.log" ;;
     e2e)
       timeout "$T_E2E" python benchmarks/bench_e2e.py --commit "$COMMIT" --out "$OUT/e2e.json" --time-budget $((T_E2E - 30)) \
         ${E2E_ARGS:---quick} > "$OUT/e2e.log" 2>&1

@@ -388,3 +388,49 @@ def test_gpu_pdl_launches_equal_plain_launches_eager_and_graphed(monkeypatch, me
         bufs, res = run(pdl, graphed)
         for x, y in zip(bufs + list(res), base_bufs + list(base)):
             assert torch.equal(x, y), (pdl, graphed)
+
+
+# ---------------------------------------------------------------------------------------------- trace
+
+
+@pytest.mark.parametrize("chained", [False, True])
+def test_gpu_traced_launches_equal_untraced_and_stamp_every_program(chained):
+    """A kernel trace (ops/trace.py: each program stores the global timer at start / ready / end and its
+    SM) changes no result; every program of the four launches leaves start <= ready <= end stamps on a
+    real SM, and each kernel's programs are ready no earlier than the previous kernel's first end."""
+    from tinyserve_patch.ops.trace import KernelTrace
+    from tinyserve_patch.ops.triton_chain import quest_decode_chained_triton
+
+    g = torch.Generator().manual_seed(5)
+    hq, hkv, d = SHAPES["llama3"]
+    b, length, ps, n = 2, 4096, 16, 32
+    k = torch.randn(b, hkv, length, d, generator=g).to(DEV, torch.bfloat16)
+    v = torch.randn(b, hkv, length, d, generator=g).to(DEV, torch.bfloat16)
+    q = torch.randn(b, hq, d, generator=g).to(DEV, torch.bfloat16)
+    paged = k.view(b, hkv, length // ps, ps, d)
+    meta = torch.stack([paged.amin(3), paged.amax(3)], dim=3).contiguous()
+    start = torch.zeros(b, dtype=torch.int32, device=DEV)
+    end = torch.tensor([length, length - 100], dtype=torch.int32, device=DEV)
+
+    def run(trace=None):
+        if chained:
+            return quest_decode_chained_triton(q, k, v, meta, start, end, ps, n, 1, 1, "max", d**-0.5, trace=trace)
+        s = page_scores_triton(q, meta, start, end, ps, "max", trace=trace)
+        idx = select_pages_triton(s, start, end, ps, n, 1, 1, trace=trace)
+        return sparse_decode_attention_triton(q, k, v, idx, start, end, ps, d**-0.5, trace=trace), idx
+
+    plain_out, plain_idx = run()
+    trace = KernelTrace(DEV)
+    out, idx = run(trace)
+    assert torch.equal(out, plain_out) and torch.equal(idx, plain_idx)
+    recs = trace.records()
+    assert [r["kernel"] for r in recs] == ["score", "select", "attention", "merge"]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    prev_first_end = None
+    for r in recs:
+        assert len(r["start"]) >= 1
+        for s_, rd, e, sm in zip(r["start"], r["ready"], r["end"], r["sm"]):
+            assert 0 < s_ <= rd <= e and 0 <= sm < sms
+        if prev_first_end is not None:
+            assert max(r["ready"]) >= prev_first_end
+        prev_first_end = min(r["end"])

@@ -200,6 +200,18 @@ def pdl_trigger(PDL: tl.constexpr):
 
 
 @triton.jit
+def trace_mark(trace_ptr, field: tl.constexpr, TRACE: tl.constexpr):
+    """With ``TRACE`` (a :class:`trace.KernelTrace` region ``[programs, 4]`` int64): store the global timer
+    (ns) in this program's ``field`` (0 start, 1 inputs ready, 2 end), with its SM in field 3 at the
+    start. Compiled out without ``TRACE``."""
+    if TRACE:
+        prog = tl.program_id(0).to(tl.int64) + tl.program_id(1).to(tl.int64) * tl.num_programs(0)
+        tl.store(trace_ptr + prog * 4 + field, tl.extra.cuda.globaltimer())
+        if field == 0:
+            tl.store(trace_ptr + prog * 4 + 3, tl.extra.cuda.smid().to(tl.int64))
+
+
+@triton.jit
 def signal_row(counter_ptr, amount):
     """After a program's stores: make them visible and add ``amount`` (what they covered) to
     ``counter_ptr`` (the CTA barrier orders every thread's stores before the one release add at GPU scope)."""

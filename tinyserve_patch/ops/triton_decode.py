@@ -25,8 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import check, check_float_dtype, check_head_dim, check_page_size, check_rows, f32_dot, mm, pdl_enter, pdl_trigger, scaled_f16, scaled_f16_query, sm_count, ticket_counters, use_pdl, wait_row
+from ._triton_common import check, check_float_dtype, check_head_dim, check_page_size, check_rows, f32_dot, mm, pdl_enter, pdl_trigger, scaled_f16, scaled_f16_query, sm_count, ticket_counters, trace_mark, use_pdl, wait_row
 from .reference import FP8_DTYPES
+from .trace import KernelTrace
 
 LOG2E = 1.4426950408889634
 
@@ -60,6 +61,7 @@ def _decode_split_kernel(
     stride_oh,
     flag_ptr,
     done_ptr,
+    trace_ptr,
     G: tl.constexpr,
     G_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -73,7 +75,9 @@ def _decode_split_kernel(
     CHAIN: tl.constexpr,
     SCALED_F16: tl.constexpr,
     PDL: tl.constexpr,
+    TRACE: tl.constexpr,
 ):
+    trace_mark(trace_ptr, 0, TRACE)
     if CHAIN:  # row-chained (triton_chain): grid (num_splits, B * Hkv); wait for this row's selection only
         pdl_trigger(PDL)
         split = tl.program_id(0)
@@ -83,6 +87,7 @@ def _decode_split_kernel(
         pdl_enter(PDL)
         bh = tl.program_id(0)
         split = tl.program_id(1)
+    trace_mark(trace_ptr, 1, TRACE)
     b = bh // kv_heads
     h = bh % kv_heads
     start = tl.load(start_ptr + b).to(tl.int32)
@@ -190,6 +195,7 @@ def _decode_split_kernel(
         if done == num_splits - 1:
             tl.atomic_xchg(done_ptr + bh, 0)
             tl.atomic_xchg(flag_ptr + bh, 0)
+    trace_mark(trace_ptr, 2, TRACE)
 
 
 @triton.jit
@@ -202,14 +208,18 @@ def _decode_merge_kernel(
     num_splits,
     stride_ob,
     stride_oh,
+    trace_ptr,
     G: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
     CHUNK_S: tl.constexpr,
     PDL: tl.constexpr,
+    TRACE: tl.constexpr,
 ):
+    trace_mark(trace_ptr, 0, TRACE)
     pdl_enter(PDL)
+    trace_mark(trace_ptr, 1, TRACE)
     pid = tl.program_id(0)
     b = pid // q_heads
     hq = pid % q_heads
@@ -243,6 +253,7 @@ def _decode_merge_kernel(
             acc += tl.sum(w[:, None] * oc, axis=0)
     res = tl.where(w_sum > 0.0, acc / tl.where(w_sum > 0.0, w_sum, 1.0), 0.0)
     tl.store(out_ptr + b.to(tl.int64) * stride_ob + hq.to(tl.int64) * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty), mask=dmask)
+    trace_mark(trace_ptr, 2, TRACE)
 
 
 #: How several splits are merged by default: ``"kernel"`` (a second launch) or ``"inline"`` (the last split
@@ -294,13 +305,15 @@ def sparse_decode_attention_triton(
     merge: str | None = None,
     chain: tuple[torch.Tensor, torch.Tensor] | None = None,
     merge_chunk: int | None = None,
+    trace: KernelTrace | None = None,
 ) -> torch.Tensor:
     """``[B, Hq, D]`` attention over the selected pages (see module docstring). ``num_splits``,
     ``block_n``, ``num_warps``, ``num_stages`` and ``merge`` (``"kernel"`` / ``"inline"``, see
     :data:`DEFAULT_MERGE`) override the tuned defaults (tests, tuning); so does ``merge_chunk``, the splits the
     merge kernel reads per tile (default: all of them in one tile, see :func:`merge_tile`). ``chain``: ``(flags, done)``, the
     row-chained mode (:mod:`triton_chain`): a row's programs wait until its flag is set (by its selection)
-    instead of waiting for the previous grid, and the row's last program zeroes its flag again."""
+    instead of waiting for the previous grid, and the row's last program zeroes its flag again. ``trace``:
+    record each program's timestamps, of the split kernel and of the merge kernel (:mod:`trace`)."""
     merge = merge or DEFAULT_MERGE
     check(merge in ("kernel", "inline"), f"merge={merge!r}: allowed 'kernel' or 'inline'")
     check(k_cache.dim() == 4 and v_cache.shape == k_cache.shape, "k_cache / v_cache must be [B, Hkv, cap, D] alike")
@@ -351,20 +364,23 @@ def sparse_decode_attention_triton(
         lse_ws = torch.empty((b * hkv * splits * g,), dtype=torch.float32, device=q.device)
     pdl = use_pdl(q.device)
     flags, done = chain if chain is not None else (out, out)
+    traced = trace is not None
     _decode_split_kernel[(splits, b * hkv) if chain is not None else (b * hkv, splits)](
         q, k_cache, v_cache, indices, seq_start, seq_end, out, o_ws, lse_ws, counters if inline else out,
         n_sel, hkv, splits, per,
         float(scale) / softcap if softcap else float(scale) * LOG2E, float(softcap) * LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         indices.stride(0), indices.stride(1), out.stride(0), out.stride(1), flags, done,
+        trace.region("attention", splits * b * hkv, q.device) if traced else out,
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=block_n,
         PAGE_SIZE=page_size, SOFTCAP=bool(softcap), SINGLE=single, F32=f32_dot(q.dtype), INLINE_MERGE=inline,
-        CHAIN=chain is not None, SCALED_F16=scaled_f16(q.dtype, k_cache.dtype),
+        CHAIN=chain is not None, SCALED_F16=scaled_f16(q.dtype, k_cache.dtype), TRACE=traced,
         num_warps=num_warps or (4 if block_d <= 128 else 8), num_stages=num_stages, PDL=pdl, launch_pdl=pdl,
     )
     if not single and not inline:
         _decode_merge_kernel[(b * hq,)](
             o_ws, lse_ws, out, hq, hkv, splits, out.stride(0), out.stride(1),
+            trace.region("merge", b * hq, q.device) if traced else out, TRACE=traced,
             G=g, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits),
             CHUNK_S=merge_tile(splits, block_d, merge_chunk), num_warps=4, PDL=pdl, launch_pdl=pdl,
         )

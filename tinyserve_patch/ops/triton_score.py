@@ -18,8 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import check, check_float_dtype, check_head_dim, check_page_size, check_rows, f32_dot, mm, page_valid, pdl_enter, scaled_f16, scaled_f16_query, signal_row, sm_count, use_pdl
+from ._triton_common import check, check_float_dtype, check_head_dim, check_page_size, check_rows, f32_dot, mm, page_valid, pdl_enter, scaled_f16, scaled_f16_query, signal_row, sm_count, trace_mark, use_pdl
 from .reference import FP8_DTYPES
+from .trace import KernelTrace
 
 
 @triton.jit
@@ -165,6 +166,7 @@ def _score_kernel(
     page_size,
     blocks_per_program,
     signal_ptr,
+    trace_ptr,
     G: tl.constexpr,
     G_PAD: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -176,8 +178,11 @@ def _score_kernel(
     WALK: tl.constexpr,
     CHAIN: tl.constexpr,
     PDL: tl.constexpr,
+    TRACE: tl.constexpr,
 ):
+    trace_mark(trace_ptr, 0, TRACE)
     pdl_enter(PDL)
+    trace_mark(trace_ptr, 1, TRACE)
     if CHAIN:  # grid (programs_per_row, B * Hkv): a row's programs adjacent, rows finish in order
         pb = tl.program_id(0)
         bh = tl.program_id(1)
@@ -198,6 +203,7 @@ def _score_kernel(
     )
     if CHAIN:  # count the pages scored: the row's selection waits until all num_pages are
         signal_row(signal_ptr + bh, tl.minimum(last * BLOCK_P, num_pages) - first * BLOCK_P)
+    trace_mark(trace_ptr, 2, TRACE)
 
 
 def score_meta(q: torch.Tensor, meta: torch.Tensor, seq_start, seq_end, page_size: int, gqa_reduction: str):
@@ -297,11 +303,13 @@ def page_scores_triton(
     blocks_per_program: int | None = None,
     num_stages: int | None = None,
     signal: torch.Tensor | None = None,
+    trace: KernelTrace | None = None,
 ) -> torch.Tensor:
     """float32 ``[B, Hkv, P]`` Quest upper bounds (see module docstring). ``block_p``, ``num_warps``,
     ``blocks_per_program`` and ``num_stages`` override the tuned defaults. ``signal`` (int32 ``[>= B * Hkv]``,
     zeroed): row-chained mode (:mod:`triton_chain`), each program adds the number of pages it scored to
-    its row's counter once their scores are stored."""
+    its row's counter once their scores are stored. ``trace``: record each program's timestamps
+    (:mod:`trace`)."""
     q, meta, consts = score_meta(q, meta, seq_start, seq_end, page_size, gqa_reduction)
     b, hkv, pages, _, d = meta.shape
     out = torch.empty((b, hkv, pages), dtype=torch.float32, device=meta.device)
@@ -316,6 +324,7 @@ def page_scores_triton(
     _score_kernel[grid](
         q, meta, seq_start, seq_end, out, pages, hkv, d,
         q.stride(0), q.stride(1), meta.stride(0), meta.stride(1), meta.stride(2), meta.stride(3), page_size,
-        per, signal if chain else out, CHAIN=chain, PDL=pdl, launch_pdl=pdl, **walk, **consts,
+        per, signal if chain else out, out if trace is None else trace.region("score", grid[0] * grid[1], meta.device),
+        CHAIN=chain, PDL=pdl, TRACE=trace is not None, launch_pdl=pdl, **walk, **consts,
     )
     return out

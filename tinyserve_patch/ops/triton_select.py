@@ -25,9 +25,11 @@ from ._triton_common import (
     SELECT_WAYS,
     select_num_warps,
     signal_row,
+    trace_mark,
     use_pdl,
     wait_row,
 )
+from .trace import KernelTrace
 
 
 @triton.jit
@@ -47,12 +49,15 @@ def _select_kernel(
     recent,
     count_ptr,
     flag_ptr,
+    trace_ptr,
     BLOCK: tl.constexpr,
     WAYS: tl.constexpr,
     FINISH: tl.constexpr,
     CHAIN: tl.constexpr,
     PDL: tl.constexpr,
+    TRACE: tl.constexpr,
 ):
+    trace_mark(trace_ptr, 0, TRACE)
     bh = tl.program_id(0)
     if CHAIN:  # row-chained (triton_chain): wait until this row's pages are all scored, then re-arm
         pdl_trigger(PDL)
@@ -60,6 +65,7 @@ def _select_kernel(
         tl.atomic_xchg(count_ptr + bh, 0)
     else:
         pdl_enter(PDL)
+    trace_mark(trace_ptr, 1, TRACE)
     b = bh // kv_heads
     h = bh % kv_heads
     start = tl.load(start_ptr + b).to(tl.int32)
@@ -76,6 +82,7 @@ def _select_kernel(
     )
     if CHAIN:
         signal_row(flag_ptr + bh, 1)  # this row's attention programs wait for it
+    trace_mark(trace_ptr, 2, TRACE)
 
 
 def select_pages_triton(
@@ -90,13 +97,15 @@ def select_pages_triton(
     num_warps: int | None = None,
     finish: int | None = None,
     chain: tuple[torch.Tensor, torch.Tensor] | None = None,
+    trace: KernelTrace | None = None,
 ) -> torch.Tensor:
     """``scores`` float32 ``[B, Hkv, P]`` -> int32 ``[B, Hkv, num_select]`` (see module docstring).
     ``ways`` (thresholds per search pass), ``finish`` (bracket size at which the search ranks directly, 0:
     never) and ``num_warps`` override the tuned defaults. ``chain``:
     ``(counts, flags)``, the row-chained mode (:mod:`triton_chain`): each program waits until its row's
     count reaches ``P`` (every page scored; then zeroes it) instead of waiting for the previous grid, and
-    adds 1 to its row's flag once its pages are stored."""
+    adds 1 to its row's flag once its pages are stored. ``trace``: record each program's timestamps
+    (:mod:`trace`)."""
     check(scores.dim() == 3 and scores.dtype == torch.float32, f"scores must be float32 [B, Hkv, P], got {scores.dtype} {tuple(scores.shape)}")
     check(num_select >= 1, f"num_select={num_select} must be >= 1")
     check(sink_pages >= 0 and recent_pages >= 0, "sink_pages / recent_pages must be >= 0")
@@ -114,7 +123,8 @@ def select_pages_triton(
     _select_kernel[(b * hkv,)](
         scores, seq_start, seq_end, out, pages, num_select, hkv,
         scores.stride(0), scores.stride(1), scores.stride(2), page_size, sink_pages, recent_pages,
-        counts, flags, BLOCK=block, WAYS=ways, FINISH=finish, CHAIN=chain is not None,
+        counts, flags, out if trace is None else trace.region("select", b * hkv, scores.device),
+        BLOCK=block, WAYS=ways, FINISH=finish, CHAIN=chain is not None, TRACE=trace is not None,
         num_warps=num_warps or select_num_warps(block), PDL=pdl, launch_pdl=pdl,
     )
     return out

@@ -1,0 +1,271 @@
+"""Timeline of a decode step's kernels on the GPU, program by program (GPU only to record).
+
+    python benchmarks/chain_timeline.py [--out timeline.json]          # record (CUDA)
+    python benchmarks/chain_timeline.py --report timeline.json [--plot timeline.png]   # any machine
+
+Kernel timings say how long a chain takes, not where its time goes between and inside the kernels. Here
+every program of the score, select, attention and merge launches records the GPU's global timer when it
+starts, when its inputs are ready (its wait for the previous grid, or for its row in the row-chained
+mode, has passed) and when it ends, with its SM (``tinyserve_patch.ops.trace``). The steps run as the
+benchmark runs them: ``--calls`` consecutive decode steps captured in one CUDA graph (each over its own
+copy of the cache, so consecutive steps overlap through PDL as they do in ``bench_kernels.py``), replayed
+after warm-up; the middle steps are summarised.
+
+Per step, in microseconds from the step's first score program passing its wait: for each kernel the
+first start, the last start, the first and last "ready", the last end; per (row, KV head) the time its
+scores are complete, its selection ends and its attention ends; the step's span (first score ready to
+the last merge end) against the graph's time per step. ``--plot`` draws the middle step as bars per SM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+for path in (ROOT, ROOT / "benchmarks"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+KERNELS = ("score", "select", "attention", "merge")
+#: (model, batch, tokens, budget): the issue's 8x shape and the batch-1 shapes nearest dense.
+DEFAULT_SHAPES = ("llama3-8b:8:65536:2048", "tinyllama:1:16384:4096", "llama3-8b:1:16384:4096")
+
+
+def parse_shape(text: str) -> tuple[str, int, int, int]:
+    model, batch, tokens, budget = text.split(":")
+    return model, int(batch), int(tokens), int(budget)
+
+
+def row_of(kernel: str, mode: str, prog: int, rows: int, per_row: int, g: int, hkv: int) -> int:
+    """The (row, KV head) index ``b * Hkv + h`` that program ``prog`` (linear id) of ``kernel`` serves.
+    ``per_row``: programs per row of the score or attention grid; ``g``: query heads per KV head."""
+    if kernel == "select":
+        return prog
+    if kernel == "merge":  # program b * Hq + hq
+        hq = prog % (g * hkv)
+        return (prog // (g * hkv)) * hkv + hq // g
+    # chained grids are (per_row, rows): row-major; split grids (rows, per_row)
+    return prog // per_row if mode == "chained" else prog % rows
+
+
+def summarise(records: list[dict], mode: str, rows: int, g: int, hkv: int) -> dict:
+    """One step's records (:meth:`KernelTrace.records`, one per launch) -> times in us from the first
+    score program's ready stamp: per kernel ``first_start`` / ``last_start`` / ``first_ready`` /
+    ``last_ready`` / ``last_end`` / ``programs``, per row ``score_done`` / ``select_end`` / ``attention_end``,
+    and ``span`` (to the last end of the last kernel)."""
+    by = {r["kernel"]: r for r in records}
+    t0 = min(by["score"]["ready"])
+    us = lambda t: (t - t0) / 1e3  # noqa: E731
+    out = {"kernels": {}, "rows": {}}
+    for name in KERNELS:
+        if name not in by:
+            continue
+        r = by[name]
+        out["kernels"][name] = {
+            "programs": len(r["start"]), "first_start": us(min(r["start"])), "last_start": us(max(r["start"])),
+            "first_ready": us(min(r["ready"])), "last_ready": us(max(r["ready"])), "last_end": us(max(r["end"])),
+            "median_busy": statistics.median((e - s) / 1e3 for s, e in zip(r["ready"], r["end"])),
+        }
+        per_row = max(1, len(r["start"]) // rows)
+        done = [float("-inf")] * rows
+        for prog, end in enumerate(r["end"]):
+            row = row_of(name, mode, prog, rows, per_row, g, hkv)
+            done[row] = max(done[row], us(end))
+        out["rows"][{"score": "score_done", "select": "select_end", "attention": "attention_end",
+                     "merge": "merge_end"}[name]] = done
+    last = [k for k in KERNELS if k in by][-1]
+    out["span"] = out["kernels"][last]["last_end"]
+    return out
+
+
+def median_summary(steps: list[dict]) -> dict:
+    """Per kernel and field, the median over steps (the rows' lists element-wise)."""
+    med = {"span": statistics.median(s["span"] for s in steps), "kernels": {}, "rows": {}}
+    for name in steps[0]["kernels"]:
+        med["kernels"][name] = {f: statistics.median(s["kernels"][name][f] for s in steps) for f in steps[0]["kernels"][name]}
+    for field, vals in steps[0]["rows"].items():
+        med["rows"][field] = [statistics.median(s["rows"][field][i] for s in steps) for i in range(len(vals))]
+    return med
+
+
+def record(args) -> dict:
+    import torch
+
+    from bench_kernels import MODELS, PAGE, Copies, _commit, _n_copies, _versions
+    from tinyserve_patch.ops.trace import KernelTrace
+    from tinyserve_patch.ops.triton_chain import quest_decode_chained_triton
+    from tinyserve_patch.ops.triton_decode import sparse_decode_attention_triton
+    from tinyserve_patch.ops.triton_score import page_scores_triton
+    from tinyserve_patch.ops.triton_select import select_pages_triton
+
+    props = torch.cuda.get_device_properties(0)
+    l2 = int(getattr(props, "L2_cache_size", 50 * 2**20) or 50 * 2**20)
+    torch.manual_seed(0)
+    results = []
+    for text in args.shapes:
+        model, batch, length, budget = parse_shape(text)
+        hq, hkv, d = MODELS[model]
+        pages = length // PAGE
+        nsel = budget // PAGE
+        kv_bytes = 2 * batch * hkv * length * d * 2
+        meta_bytes = batch * hkv * pages * 2 * d * 2
+        n = max(args.calls, _n_copies(meta_bytes + 2 * batch * hkv * budget * d * 2, kv_bytes + meta_bytes, l2))
+        copies = Copies(batch, hq, hkv, d, length, n)
+        start = torch.zeros(batch, dtype=torch.int32, device="cuda")
+        end = torch.full((batch,), length, dtype=torch.int32, device="cuda")
+        scale = d**-0.5
+        for mode in args.modes:
+            traces = [KernelTrace("cuda", capacity=4 * batch * hq * 64 + 65536) for _ in range(args.calls)]
+
+            def step(i, trace=None):
+                c = copies.items[i % n]
+                if mode == "chained":
+                    return quest_decode_chained_triton(c["q"], c["k"], c["v"], c["meta"], start, end, PAGE, nsel, 1, 1,
+                                                       "max", scale, trace=trace)[0]
+                s = page_scores_triton(c["q"], c["meta"], start, end, PAGE, "max", trace=trace)
+                idx = select_pages_triton(s, start, end, PAGE, nsel, 1, 1, trace=trace)
+                return sparse_decode_attention_triton(c["q"], c["k"], c["v"], idx, start, end, PAGE, scale, trace=trace)
+
+            for i in range(2):  # compile (traced and not) and allocate outside the capture
+                step(i)
+                step(i, KernelTrace("cuda", capacity=traces[0].buffer.shape[0]))
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                with torch.cuda.graph(graph, stream=stream):
+                    for i in range(args.calls):
+                        step(i, traces[i])
+            torch.cuda.current_stream().wait_stream(stream)
+            for _ in range(args.warmup):
+                graph.replay()
+            torch.cuda.synchronize()
+            t_start, t_end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            times = []
+            for _ in range(args.replays):
+                t_start.record()
+                graph.replay()
+                t_end.record()
+                torch.cuda.synchronize()
+                times.append(t_start.elapsed_time(t_end) * 1e3 / args.calls)
+            steps = [tr.records() for tr in traces]  # the last replay's stamps
+            middle = steps[1:-1] if len(steps) > 2 else steps
+            rows = batch * hkv
+            summaries = [summarise(s, mode, rows, hq // hkv, hkv) for s in middle]
+            res = {"model": model, "batch": batch, "tokens": length, "budget": budget, "mode": mode,
+                   "q_heads": hq, "kv_heads": hkv, "head_dim": d, "calls": args.calls, "copies": n,
+                   "graph_us_per_step": statistics.median(times), "median": median_summary(summaries),
+                   "steps": summaries, "raw_middle_step": middle[len(middle) // 2]}
+            results.append(res)
+            print(render_one(res), flush=True)
+            del graph
+        copies = None  # free this shape's caches before the next
+        torch.cuda.empty_cache()
+    return {"device": props.name, "sms": props.multi_processor_count, "versions": _versions(), "commit": _commit(),
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "args": {k: v for k, v in vars(args).items() if k not in ("report", "plot", "out")}, "results": results}
+
+
+def render_one(res: dict) -> str:
+    m = res["median"]
+    lines = [f"## {res['model']} B={res['batch']} {res['tokens'] // 1024}K budget {res['budget']}, {res['mode']}: "
+             f"span {m['span']:.1f} us, graph {res['graph_us_per_step']:.1f} us per step "
+             f"(median of {len(res['steps'])} steps)", "",
+             "| kernel | programs | first start | last start | first ready | last ready | last end | median busy |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, k in m["kernels"].items():
+        lines.append(f"| {name} | {k['programs']} | {k['first_start']:.1f} | {k['last_start']:.1f} | {k['first_ready']:.1f} "
+                     f"| {k['last_ready']:.1f} | {k['last_end']:.1f} | {k['median_busy']:.1f} |")
+    rows = m["rows"]
+    if rows:
+        lines += ["", "per row (min / median / max, us): " + "; ".join(
+            f"{f} {min(v):.1f} / {statistics.median(v):.1f} / {max(v):.1f}" for f, v in rows.items())]
+        if "score_done" in rows and "select_end" in rows:
+            lag = [s - d for d, s in zip(rows["score_done"], rows["select_end"])]
+            lines.append(f"selection end - scores done, per row: min {min(lag):.1f} / median {statistics.median(lag):.1f} / max {max(lag):.1f} us")
+    return "\n".join(lines) + "\n"
+
+
+def render(doc: dict) -> str:
+    head = (f"# Decode-step timeline, {doc['device']}\n\n{doc['versions']}, commit {doc['commit']}, {doc['date']}. "
+            f"Command: `python benchmarks/chain_timeline.py` with {doc['args']}. Times in us from the step's first "
+            "score program passing its wait; 'ready': the program's wait has passed; 'busy': ready to end.\n")
+    return head + "\n" + "\n".join(render_one(r) for r in doc["results"])
+
+
+def plot(doc: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = doc["results"]
+    fig, axes = plt.subplots(len(results), 1, figsize=(12, 3.2 * len(results)), squeeze=False)
+    colors = {"score": "tab:blue", "select": "tab:red", "attention": "tab:green", "merge": "tab:purple"}
+    for ax, res in zip(axes[:, 0], results):
+        recs = res["raw_middle_step"]
+        t0 = min(next(r for r in recs if r["kernel"] == "score")["ready"])
+        slot: dict = {}
+        for r in recs:
+            for s, rd, e, sm in zip(r["start"], r["ready"], r["end"], r["sm"]):
+                # stack the programs of one SM that overlap in time on separate lanes
+                lanes = slot.setdefault(sm, [])
+                lane = next((i for i, busy_until in enumerate(lanes) if busy_until <= s), len(lanes))
+                if lane == len(lanes):
+                    lanes.append(e)
+                else:
+                    lanes[lane] = e
+                y = sm + lane / 4
+                ax.plot([(s - t0) / 1e3, (rd - t0) / 1e3], [y, y], color=colors[r["kernel"]], alpha=0.25, lw=1)
+                ax.plot([(rd - t0) / 1e3, (e - t0) / 1e3], [y, y], color=colors[r["kernel"]], lw=1.5)
+        ax.set_title(f"{res['model']} B={res['batch']} {res['tokens'] // 1024}K budget {res['budget']}, {res['mode']}: "
+                     f"span {res['median']['span']:.1f} us (faint: waiting)", fontsize=9)
+        ax.set_ylabel("SM")
+        ax.set_xlabel("us from the first score program's ready")
+    handles = [plt.Line2D([], [], color=c, label=k) for k, c in colors.items()]
+    fig.legend(handles=handles, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES), help="model:batch:tokens:budget")
+    p.add_argument("--modes", nargs="+", default=["split", "chained"], choices=["split", "chained"])
+    p.add_argument("--calls", type=int, default=8, help="decode steps per graph (the first and last are not summarised)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--replays", type=int, default=10)
+    p.add_argument("--out", default=None, help="JSON path (default $OUT/timeline.json, else benchmarks/results/timeline.json)")
+    p.add_argument("--report", default=None, help="re-render a recorded JSON instead of recording")
+    p.add_argument("--plot", default=None, help="PNG of the middle step of each result (matplotlib)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.report:
+        doc = json.loads(Path(args.report).read_text())
+    else:
+        doc = record(args)
+        out = Path(args.out or (Path(os.environ["OUT"]) / "timeline.json" if os.environ.get("OUT") else ROOT / "benchmarks/results/timeline.json"))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(doc))
+        out.with_suffix(".md").write_text(render(doc))
+        print(f"wrote {out}")
+    if args.report:
+        print(render(doc))
+    if args.plot:
+        plot(doc, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
