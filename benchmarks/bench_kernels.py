@@ -201,6 +201,10 @@ def correctness_check(chained: bool = False, fp8_kv: bool = False) -> None:
 
         c_out, c_idx = quest_decode_chained_triton(q, k, v, meta, start, end, PAGE, n, 1, 1, "max", d**-0.5)
         assert torch.equal(c_idx, idx) and torch.equal(c_out, out), "row-chained decode differs from the split chain"
+        f_idx = score_and_select_triton(q, meta, start, end, PAGE, n, 1, 1, "max")
+        f_out = sparse_decode_attention_triton(q, k, v, f_idx, start, end, PAGE, d**-0.5)
+        c_out, c_idx = quest_decode_chained_triton(q, k, v, meta, start, end, PAGE, n, 1, 1, "max", d**-0.5, fused=True)
+        assert torch.equal(c_idx, f_idx) and torch.equal(c_out, f_out), "fused row-chained decode differs from fused + attention"
     print(f"correctness check passed (attention rel err {err:.2e})")
 
 
@@ -306,9 +310,10 @@ def run(args) -> dict:
                 return sparse_decode_attention_triton(c["q"], c[kv[0]], c[kv[1]], c["idx"], start, end, PAGE, scale, 0.0,
                                                       merge_chunk=merge_chunk)
 
-            def chained_total():
+            def chained_total(fused=False):
                 c = copies.next()
-                return quest_decode_chained_triton(c["q"], c["k"], c["v"], c["meta"], start, end, PAGE, nsel, 1, 1, "max", scale)
+                return quest_decode_chained_triton(c["q"], c["k"], c["v"], c["meta"], start, end, PAGE, nsel, 1, 1, "max", scale,
+                                                   fused=fused)
 
             def fused_total():
                 c = copies.next()
@@ -332,6 +337,7 @@ def run(args) -> dict:
             add("total_fused", budget, total_bytes, fused_total, dense_ms)
             if args.chained:
                 add("total_chained", budget, total_bytes, chained_total, dense_ms)
+                add("total_chained_fused", budget, total_bytes, lambda: chained_total(fused=True), dense_ms)
             plan_rows("meta8", "_fp8meta")  # the default plan over fp8 metadata
             for per in args.score_per:
                 plan_rows("meta", f"_per{per}", blocks_per_program=per)
@@ -377,7 +383,7 @@ def markdown(rows: list[dict], graph: bool) -> str:
 
 
 #: The decode chains judged by :func:`targets` (rows of these kinds, where the run has them).
-CHAINS = ("total_split", "total_chained")
+CHAINS = ("total_split", "total_chained", "total_chained_fused")
 
 
 def targets(rows: list[dict]) -> list[str]:
@@ -455,7 +461,8 @@ def parse_args(argv=None):
     p.add_argument("--rep", type=int, default=60, help="ms of timed repetitions per measurement")
     p.add_argument("--no-graph", dest="graph", action="store_false", help="skip the CUDA-graph timings")
     p.add_argument("--chained", action="store_true",
-                   help="also time the row-chained decode (ops/triton_chain.py) as total_chained; run its GPU test "
+                   help="also time the row-chained decode (ops/triton_chain.py) as total_chained, and with the fused score + "
+                        "select kernel as total_chained_fused; run its GPU test "
                         "first: a wrong wait hangs instead of failing")
     p.add_argument("--score-per", nargs="+", type=int, default=[], metavar="BLOCKS",
                    help="also time the score walking this many page blocks per program, alone and in the split chain")

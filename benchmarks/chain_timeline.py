@@ -32,7 +32,11 @@ for path in (ROOT, ROOT / "benchmarks"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-KERNELS = ("score", "select", "attention", "merge")
+KERNELS = ("score", "score_select", "select", "attention", "merge")
+#: split: score, select, attention one grid after another; chained: per-row flags between them
+#: (``ops/triton_chain.py``); fused: the fused score + select kernel, then the attention; fused_chained:
+#: the fused kernel flags each row as its last score program selects it.
+MODES = ("split", "chained", "fused", "fused_chained")
 #: (model, batch, tokens, budget): the issue's 8x shape and the batch-1 shapes nearest dense.
 DEFAULT_SHAPES = ("llama3-8b:8:65536:2048", "tinyllama:1:16384:4096", "llama3-8b:1:16384:4096")
 
@@ -47,11 +51,13 @@ def row_of(kernel: str, mode: str, prog: int, rows: int, per_row: int, g: int, h
     ``per_row``: programs per row of the score or attention grid; ``g``: query heads per KV head."""
     if kernel == "select":
         return prog
+    if kernel == "score_select":  # always (per_row, rows)
+        return prog // per_row
     if kernel == "merge":  # program b * Hq + hq
         hq = prog % (g * hkv)
         return (prog // (g * hkv)) * hkv + hq // g
     # chained grids are (per_row, rows): row-major; split grids (rows, per_row)
-    return prog // per_row if mode == "chained" else prog % rows
+    return prog // per_row if mode.endswith("chained") else prog % rows
 
 
 def summarise(records: list[dict], mode: str, rows: int, g: int, hkv: int) -> dict:
@@ -60,7 +66,7 @@ def summarise(records: list[dict], mode: str, rows: int, g: int, hkv: int) -> di
     ``last_ready`` / ``last_end`` / ``programs``, per row ``score_done`` / ``select_end`` / ``attention_end``,
     and ``span`` (to the last end of the last kernel)."""
     by = {r["kernel"]: r for r in records}
-    t0 = min(by["score"]["ready"])
+    t0 = min(by["score" if "score" in by else "score_select"]["ready"])
     us = lambda t: (t - t0) / 1e3  # noqa: E731
     out = {"kernels": {}, "rows": {}}
     for name in KERNELS:
@@ -77,8 +83,8 @@ def summarise(records: list[dict], mode: str, rows: int, g: int, hkv: int) -> di
         for prog, end in enumerate(r["end"]):
             row = row_of(name, mode, prog, rows, per_row, g, hkv)
             done[row] = max(done[row], us(end))
-        out["rows"][{"score": "score_done", "select": "select_end", "attention": "attention_end",
-                     "merge": "merge_end"}[name]] = done
+        out["rows"][{"score": "score_done", "score_select": "select_end", "select": "select_end",
+                     "attention": "attention_end", "merge": "merge_end"}[name]] = done
     last = [k for k in KERNELS if k in by][-1]
     out["span"] = out["kernels"][last]["last_end"]
     return out
@@ -101,6 +107,7 @@ def record(args) -> dict:
     from tinyserve_patch.ops.trace import KernelTrace
     from tinyserve_patch.ops.triton_chain import quest_decode_chained_triton
     from tinyserve_patch.ops.triton_decode import sparse_decode_attention_triton
+    from tinyserve_patch.ops.triton_fused_select import score_and_select_triton
     from tinyserve_patch.ops.triton_score import page_scores_triton
     from tinyserve_patch.ops.triton_select import select_pages_triton
 
@@ -125,11 +132,16 @@ def record(args) -> dict:
 
             def step(i, trace=None):
                 c = copies.items[i % n]
-                if mode == "chained":
+                if mode.endswith("chained"):
                     return quest_decode_chained_triton(c["q"], c["k"], c["v"], c["meta"], start, end, PAGE, nsel, 1, 1,
-                                                       "max", scale, trace=trace)[0]
-                s = page_scores_triton(c["q"], c["meta"], start, end, PAGE, "max", trace=trace)
-                idx = select_pages_triton(s, start, end, PAGE, nsel, 1, 1, trace=trace)
+                                                       "max", scale, trace=trace, fused=mode == "fused_chained",
+                                                       fused_num_warps=args.fused_warps)[0]
+                if mode == "fused":
+                    idx = score_and_select_triton(c["q"], c["meta"], start, end, PAGE, nsel, 1, 1, "max",
+                                                  num_warps=args.fused_warps, trace=trace)
+                else:
+                    s = page_scores_triton(c["q"], c["meta"], start, end, PAGE, "max", trace=trace)
+                    idx = select_pages_triton(s, start, end, PAGE, nsel, 1, 1, trace=trace)
                 return sparse_decode_attention_triton(c["q"], c["k"], c["v"], idx, start, end, PAGE, scale, trace=trace)
 
             for i in range(2):  # compile (traced and not) and allocate outside the capture
@@ -208,10 +220,10 @@ def plot(doc: dict, path: str) -> None:
 
     results = doc["results"]
     fig, axes = plt.subplots(len(results), 1, figsize=(12, 3.2 * len(results)), squeeze=False)
-    colors = {"score": "tab:blue", "select": "tab:red", "attention": "tab:green", "merge": "tab:purple"}
+    colors = {"score": "tab:blue", "score_select": "tab:cyan", "select": "tab:red", "attention": "tab:green", "merge": "tab:purple"}
     for ax, res in zip(axes[:, 0], results):
         recs = res["raw_middle_step"]
-        t0 = min(next(r for r in recs if r["kernel"] == "score")["ready"])
+        t0 = min(next(r for r in recs if r["kernel"] in ("score", "score_select"))["ready"])
         slot: dict = {}
         for r in recs:
             for s, rd, e, sm in zip(r["start"], r["ready"], r["end"], r["sm"]):
@@ -238,7 +250,8 @@ def plot(doc: dict, path: str) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES), help="model:batch:tokens:budget")
-    p.add_argument("--modes", nargs="+", default=["split", "chained"], choices=["split", "chained"])
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--fused-warps", type=int, default=None, help="warps of the fused score + select kernel (default: tuned)")
     p.add_argument("--calls", type=int, default=8, help="decode steps per graph (the first and last are not summarised)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--replays", type=int, default=10)

@@ -16,6 +16,7 @@ from tinyserve_patch.ops import reference as ref  # noqa: E402
 from tinyserve_patch.ops._triton_common import ticket_counters, use_pdl  # noqa: E402
 from tinyserve_patch.ops.triton_chain import quest_decode_chained_triton  # noqa: E402
 from tinyserve_patch.ops.triton_decode import sparse_decode_attention_triton  # noqa: E402
+from tinyserve_patch.ops.triton_fused_select import score_and_select_triton  # noqa: E402
 from tinyserve_patch.ops.triton_score import page_scores_triton  # noqa: E402
 from tinyserve_patch.ops.triton_select import select_pages_triton  # noqa: E402
 
@@ -27,9 +28,12 @@ CASES = [  # q heads, kv heads, head_dim, batch, tokens, budget, page, softcap, 
 ]
 
 
-def split(q, k, v, meta, start, end, ps, n, scale, softcap):
-    scores = page_scores_triton(q, meta, start, end, ps, "max")
-    idx = select_pages_triton(scores, start, end, ps, n, 1, 1)
+def split(q, k, v, meta, start, end, ps, n, scale, softcap, fused=False):
+    if fused:
+        idx = score_and_select_triton(q, meta, start, end, ps, n, 1, 1, "max")
+    else:
+        scores = page_scores_triton(q, meta, start, end, ps, "max")
+        idx = select_pages_triton(scores, start, end, ps, n, 1, 1)
     return sparse_decode_attention_triton(q, k, v, idx, start, end, ps, scale, softcap), idx
 
 
@@ -48,31 +52,32 @@ def main() -> int:
             end[1::2] = length // 2 + 3
             start[1::2] = ps * 2 + 1
         n, scale = budget // ps, d**-0.5
-        want_out, want_idx = split(q, k, v, meta, start, end, ps, n, scale, softcap)
-        for _ in range(3):
-            out, idx = quest_decode_chained_triton(q, k, v, meta, start, end, ps, n, 1, 1, "max", scale, softcap)
+        for fused in (False, True):  # against the same kernels run one grid after another
+            want_out, want_idx = split(q, k, v, meta, start, end, ps, n, scale, softcap, fused)
+            for _ in range(3):
+                out, idx = quest_decode_chained_triton(q, k, v, meta, start, end, ps, n, 1, 1, "max", scale, softcap, fused=fused)
+                torch.cuda.synchronize()
+                if not (torch.equal(idx, want_idx) and torch.equal(out, want_out)):
+                    print(f"MISMATCH eager fused={fused} {hq}/{hkv}/{d} B={b} L={length} budget={budget}")
+                    return 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                quest_decode_chained_triton(q, k, v, meta, start, end, ps, n, 1, 1, "max", scale, softcap, fused=fused)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                g_out, g_idx = quest_decode_chained_triton(q, k, v, meta, start, end, ps, n, 1, 1, "max", scale, softcap, fused=fused)
+            for _ in range(5):
+                graph.replay()
             torch.cuda.synchronize()
-            if not (torch.equal(idx, want_idx) and torch.equal(out, want_out)):
-                print(f"MISMATCH eager {hq}/{hkv}/{d} B={b} L={length} budget={budget}")
+            if not (torch.equal(g_idx, want_idx) and torch.equal(g_out, want_out)):
+                print(f"MISMATCH graphed fused={fused} {hq}/{hkv}/{d} B={b} L={length} budget={budget}")
                 return 1
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            quest_decode_chained_triton(q, k, v, meta, start, end, ps, n, 1, 1, "max", scale, softcap)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            g_out, g_idx = quest_decode_chained_triton(q, k, v, meta, start, end, ps, n, 1, 1, "max", scale, softcap)
-        for _ in range(5):
-            graph.replay()
-        torch.cuda.synchronize()
-        if not (torch.equal(g_idx, want_idx) and torch.equal(g_out, want_out)):
-            print(f"MISMATCH graphed {hq}/{hkv}/{d} B={b} L={length} budget={budget}")
-            return 1
-        if int(ticket_counters(dev, 1, pool="chain").count_nonzero()):
-            print("counters left armed")
-            return 1
-        print(f"ok {hq}/{hkv}/{d} B={b} L={length} budget={budget} page={ps}: eager x3, graph x5")
+            if int(ticket_counters(dev, 1, pool="chain").count_nonzero()):
+                print("counters left armed")
+                return 1
+            print(f"ok fused={fused} {hq}/{hkv}/{d} B={b} L={length} budget={budget} page={ps}: eager x3, graph x5")
     print("chained == split")
     return 0
 

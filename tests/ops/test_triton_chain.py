@@ -17,6 +17,7 @@ from tinyserve_patch.ops import triton_chain
 from tinyserve_patch.ops._triton_common import ticket_counters
 from tinyserve_patch.ops.triton_chain import quest_decode_chained_triton
 from tinyserve_patch.ops.triton_decode import sparse_decode_attention_triton
+from tinyserve_patch.ops.triton_fused_select import score_and_select_triton
 from tinyserve_patch.ops.triton_score import page_scores_triton
 from tinyserve_patch.ops.triton_select import select_pages_triton
 from tests.ops.kernel_cases import cache, gen, randn, rows
@@ -26,9 +27,12 @@ from tests.ops.kernel_cases import cache, gen, randn, rows
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU interpreter only; GPU runs: tests/gpu")
 
 
-def _split(q, k, v, meta, start, end, ps, n, sink, recent, red, scale, softcap=0.0, merge=None):
-    scores = page_scores_triton(q, meta, start, end, ps, red)
-    idx = select_pages_triton(scores, start, end, ps, n, sink, recent)
+def _split(q, k, v, meta, start, end, ps, n, sink, recent, red, scale, softcap=0.0, merge=None, fused=False):
+    if fused:  # the fused score + select kernel, then the attention
+        idx = score_and_select_triton(q, meta, start, end, ps, n, sink, recent, red)
+    else:
+        scores = page_scores_triton(q, meta, start, end, ps, red)
+        idx = select_pages_triton(scores, start, end, ps, n, sink, recent)
     return sparse_decode_attention_triton(q, k, v, idx, start, end, ps, scale, softcap, merge=merge), idx
 
 
@@ -49,12 +53,14 @@ def _armed(device) -> int:
     (3, 2, 4, 32, 8, 256, 5), (1, 2, 2, 64, 16, 96, 2), (2, 1, 1, 16, 64, 512, 3),
     (2, 1, 2, 16, 8, 2048, 10),  # 256 pages: 4 score programs per row, each counted before the selection
 ])
-@pytest.mark.parametrize("merge", ["kernel", "inline"])
-def test_chained_equals_split_chain(b, h, g, d, ps, cap, n, merge):
+@pytest.mark.parametrize("merge,fused", [("kernel", False), ("inline", False), ("kernel", True)])
+def test_chained_equals_split_chain(b, h, g, d, ps, cap, n, merge, fused):
+    """Fused: the fused score + select kernel flags each row as it selects it (the last score program of
+    the row selects), against the fused kernel followed by the plain attention."""
     q, k, v, meta, start, end = _case(b, h, g, d, ps, cap, torch.float32, 3 + n)
     for _ in range(2):  # a second call on the re-armed counters
-        out, idx = quest_decode_chained_triton(q, k, v, meta, start, end, ps, n, 1, 1, "max", d**-0.5, merge=merge)
-        expect_out, expect_idx = _split(q, k, v, meta, start, end, ps, n, 1, 1, "max", d**-0.5, merge=merge)
+        out, idx = quest_decode_chained_triton(q, k, v, meta, start, end, ps, n, 1, 1, "max", d**-0.5, merge=merge, fused=fused)
+        expect_out, expect_idx = _split(q, k, v, meta, start, end, ps, n, 1, 1, "max", d**-0.5, merge=merge, fused=fused)
         assert torch.equal(idx, expect_idx)
         assert torch.equal(out, expect_out)
         assert _armed(q.device) == 0

@@ -39,6 +39,7 @@ import torch
 
 from ._triton_common import check, ticket_counters
 from .triton_decode import sparse_decode_attention_triton
+from .triton_fused_select import score_and_select_triton
 from .triton_score import page_scores_triton, score_meta
 from .trace import KernelTrace
 from .triton_select import select_pages_triton
@@ -60,9 +61,14 @@ def quest_decode_chained_triton(
     softcap: float = 0.0,
     merge: str | None = None,
     trace: KernelTrace | None = None,
+    fused: bool = False,
+    fused_num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out [B, Hq, D], indices int32 [B, Hkv, num_select])``: the split chain's results, row-chained
-    (see module docstring). ``trace``: record every program's timestamps (:mod:`trace`)."""
+    (see module docstring). ``fused``: score and select in the fused kernel (:mod:`triton_fused_select`:
+    the last score program of a row selects it at once, so no selection waits for a grid launch), which
+    flags the row for its attention programs; ``fused_num_warps`` overrides its warps. ``trace``: record
+    every program's timestamps (:mod:`trace`)."""
     q, meta, _ = score_meta(q, meta, seq_start, seq_end, page_size, gqa_reduction)
     check(num_select >= 1, f"num_select={num_select} must be >= 1")
     b, hkv, pages = meta.shape[:3]
@@ -71,9 +77,13 @@ def quest_decode_chained_triton(
     buf = ticket_counters(q.device, 3 * rows, pool="chain") if rows * pages * q.shape[1] > 0 else None
     counts, flags, done = (None,) * 3 if buf is None else (buf[:rows], buf[rows : 2 * rows], buf[2 * rows : 3 * rows])
     try:
-        scores = page_scores_triton(q, meta, seq_start, seq_end, page_size, gqa_reduction, signal=counts, trace=trace)
-        idx = select_pages_triton(scores, seq_start, seq_end, page_size, num_select, sink_pages, recent_pages,
-                                  chain=None if buf is None else (counts, flags), trace=trace)
+        if fused:
+            idx = score_and_select_triton(q, meta, seq_start, seq_end, page_size, num_select, sink_pages, recent_pages,
+                                          gqa_reduction, num_warps=fused_num_warps, flags=flags, trace=trace)
+        else:
+            scores = page_scores_triton(q, meta, seq_start, seq_end, page_size, gqa_reduction, signal=counts, trace=trace)
+            idx = select_pages_triton(scores, seq_start, seq_end, page_size, num_select, sink_pages, recent_pages,
+                                      chain=None if buf is None else (counts, flags), trace=trace)
         out = sparse_decode_attention_triton(q, k_cache, v_cache, idx, seq_start, seq_end, page_size, scale, softcap,
                                              merge=merge, chain=None if buf is None else (flags, done), trace=trace)
     except BaseException:

@@ -22,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import SELECT_FINISH, SELECT_WAYS, check, check_finish, check_select_pages, check_ways, pdl_enter, select_from_scores, select_num_warps, ticket_counters, use_pdl
+from ._triton_common import SELECT_FINISH, SELECT_WAYS, check, check_finish, check_select_pages, check_ways, pdl_enter, select_from_scores, select_num_warps, signal_row, ticket_counters, trace_mark, use_pdl
+from .trace import KernelTrace
 from .triton_score import load_group_query, plan_walk, score_blocks, score_meta
 
 
@@ -50,6 +51,8 @@ def _fused_kernel(
     page_size,
     sink,
     recent,
+    flag_ptr,
+    trace_ptr,
     G: tl.constexpr,
     G_PAD: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -63,9 +66,13 @@ def _fused_kernel(
     WAYS: tl.constexpr,
     FINISH: tl.constexpr,
     SINGLE: tl.constexpr,
+    CHAIN: tl.constexpr,
     PDL: tl.constexpr,
+    TRACE: tl.constexpr,
 ):
+    trace_mark(trace_ptr, 0, TRACE)
     pdl_enter(PDL)
+    trace_mark(trace_ptr, 1, TRACE)
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // kv_heads
@@ -88,12 +95,17 @@ def _fused_kernel(
     if SINGLE:
         scores = tl.load(ws + offs, mask=offs < num_pages, other=float("-inf"))
         select_from_scores(scores, offs, num_pages, start, end, out_bh, num_select, page_size, sink, recent, BLOCK, WAYS, FINISH)
+        if CHAIN:
+            signal_row(flag_ptr + bh, 1)  # this row's attention programs wait for it
     else:
         ticket = tl.atomic_add(counter_ptr + bh, 1)  # default: acq_rel, gpu scope
         if ticket == programs_per_row - 1:  # every other program of this (row, head) has stored its scores
             tl.store(counter_ptr + bh, 0)
             scores = tl.load(ws + offs, mask=offs < num_pages, other=float("-inf"), cache_modifier=".cg")
             select_from_scores(scores, offs, num_pages, start, end, out_bh, num_select, page_size, sink, recent, BLOCK, WAYS, FINISH)
+            if CHAIN:
+                signal_row(flag_ptr + bh, 1)
+    trace_mark(trace_ptr, 2, TRACE)
 
 
 def score_and_select_triton(
@@ -112,9 +124,14 @@ def score_and_select_triton(
     num_warps: int | None = None,
     block_p: int | None = None,
     num_stages: int | None = None,
+    flags: torch.Tensor | None = None,
+    trace: KernelTrace | None = None,
 ) -> torch.Tensor:
     """int32 ``[B, Hkv, num_select]`` (see module docstring). ``blocks_per_program``, ``ways``, ``finish``,
-    ``num_warps``, ``block_p`` and ``num_stages`` override the tuned defaults (tests, tuning)."""
+    ``num_warps``, ``block_p`` and ``num_stages`` override the tuned defaults (tests, tuning). ``flags``
+    (int32 ``[>= B * Hkv]``, zeroed): the row-chained mode (:mod:`triton_chain`), the program that selects a
+    row adds 1 to its flag once the row's pages are stored. ``trace``: record each program's timestamps
+    (:mod:`trace`)."""
     q, meta, consts = score_meta(q, meta, seq_start, seq_end, page_size, gqa_reduction)
     check(num_select >= 1, f"num_select={num_select} must be >= 1")
     check(sink_pages >= 0 and recent_pages >= 0, "sink_pages / recent_pages must be >= 0")
@@ -140,7 +157,9 @@ def score_and_select_triton(
         q, meta, seq_start, seq_end, ws, counters, out,
         pages, num_select, hkv, d, per, nprog,
         q.stride(0), q.stride(1), meta.stride(0), meta.stride(1), meta.stride(2), meta.stride(3),
-        page_size, sink_pages, recent_pages, BLOCK=block, WAYS=ways, FINISH=finish, SINGLE=nprog == 1,
+        page_size, sink_pages, recent_pages, out if flags is None else flags,
+        out if trace is None else trace.region("score_select", nprog * b * hkv, meta.device),
+        BLOCK=block, WAYS=ways, FINISH=finish, SINGLE=nprog == 1, CHAIN=flags is not None, TRACE=trace is not None,
         PDL=pdl, launch_pdl=pdl, **walk, **consts,
     )
     return out
