@@ -36,7 +36,9 @@ KERNELS = ("score", "score_select", "select", "attention", "merge")
 #: split: score, select, attention one grid after another; chained: per-row flags between them
 #: (``ops/triton_chain.py``); fused: the fused score + select kernel, then the attention; fused_chained:
 #: the fused kernel flags each row as its last score program selects it.
-MODES = ("split", "chained", "fused", "fused_chained")
+#: groupedN: the batch's (row, KV head) pairs in N groups (by batch rows, else by KV heads), each a split
+#: chain on its own stream, so one group's selection runs beside another's memory-bound kernels.
+MODES = ("split", "chained", "fused", "fused_chained", "grouped2", "grouped4")
 #: (model, batch, tokens, budget): the issue's 8x shape and the batch-1 shapes nearest dense.
 DEFAULT_SHAPES = ("llama3-8b:8:65536:2048", "tinyllama:1:16384:4096", "llama3-8b:1:16384:4096")
 
@@ -65,7 +67,13 @@ def summarise(records: list[dict], mode: str, rows: int, g: int, hkv: int) -> di
     score program's ready stamp: per kernel ``first_start`` / ``last_start`` / ``first_ready`` /
     ``last_ready`` / ``last_end`` / ``programs``, per row ``score_done`` / ``select_end`` / ``attention_end``,
     and ``span`` (to the last end of the last kernel)."""
-    by = {r["kernel"]: r for r in records}
+    by: dict = {}
+    for r in records:  # grouped modes launch each kernel once per group: one list of programs per kernel
+        if r["kernel"] in by:
+            by[r["kernel"]] = {f: by[r["kernel"]][f] + r[f] for f in ("start", "ready", "end", "sm")}
+        else:
+            by[r["kernel"]] = r
+    per_launch = len(by) == len(records)
     t0 = min(by["score" if "score" in by else "score_select"]["ready"])
     us = lambda t: (t - t0) / 1e3  # noqa: E731
     out = {"kernels": {}, "rows": {}}
@@ -78,6 +86,8 @@ def summarise(records: list[dict], mode: str, rows: int, g: int, hkv: int) -> di
             "first_ready": us(min(r["ready"])), "last_ready": us(max(r["ready"])), "last_end": us(max(r["end"])),
             "median_busy": statistics.median((e - s) / 1e3 for s, e in zip(r["ready"], r["end"])),
         }
+        if not per_launch:
+            continue
         per_row = max(1, len(r["start"]) // rows)
         done = [float("-inf")] * rows
         for prog, end in enumerate(r["end"]):
@@ -130,8 +140,34 @@ def record(args) -> dict:
         for mode in args.modes:
             traces = [KernelTrace("cuda", capacity=4 * batch * hq * 64 + 65536) for _ in range(args.calls)]
 
+            groups = int(mode.removeprefix("grouped")) if mode.startswith("grouped") else 1
+            streams = [torch.cuda.Stream() for _ in range(groups)]
+            g_size = hq // hkv
+            if batch >= groups:  # (batch slice, KV-head slice) per group
+                parts = [(slice(i * batch // groups, (i + 1) * batch // groups), slice(None)) for i in range(groups)]
+            else:
+                parts = [(slice(None), slice(i * hkv // groups, (i + 1) * hkv // groups)) for i in range(groups)]
+
+            def grouped(c, trace):
+                out = torch.empty(batch, hq, d, dtype=c["q"].dtype, device="cuda")
+                cur = torch.cuda.current_stream()
+                for st, (bs, hs) in zip(streams, parts):
+                    st.wait_stream(cur)
+                    qs = slice(None) if hs == slice(None) else slice(hs.start * g_size, hs.stop * g_size)
+                    with torch.cuda.stream(st):
+                        q = c["q"][bs, qs]
+                        s = page_scores_triton(q, c["meta"][bs, hs], start[bs], end[bs], PAGE, "max", trace=trace)
+                        idx = select_pages_triton(s, start[bs], end[bs], PAGE, nsel, 1, 1, trace=trace)
+                        sparse_decode_attention_triton(q, c["k"][bs, hs], c["v"][bs, hs], idx, start[bs], end[bs], PAGE,
+                                                       scale, trace=trace, out=out[bs, qs])
+                for st in streams:
+                    cur.wait_stream(st)
+                return out
+
             def step(i, trace=None):
                 c = copies.items[i % n]
+                if groups > 1:
+                    return grouped(c, trace)
                 if mode.endswith("chained"):
                     return quest_decode_chained_triton(c["q"], c["k"], c["v"], c["meta"], start, end, PAGE, nsel, 1, 1,
                                                        "max", scale, trace=trace, fused=mode == "fused_chained",
@@ -144,6 +180,14 @@ def record(args) -> dict:
                     idx = select_pages_triton(s, start, end, PAGE, nsel, 1, 1, trace=trace)
                 return sparse_decode_attention_triton(c["q"], c["k"], c["v"], idx, start, end, PAGE, scale, trace=trace)
 
+            if groups > 1:  # the groups' chains give the whole batch's answer (their splits may round differently)
+                c = copies.items[0]
+                sc = page_scores_triton(c["q"], c["meta"], start, end, PAGE, "max")
+                want = sparse_decode_attention_triton(c["q"], c["k"], c["v"], select_pages_triton(sc, start, end, PAGE, nsel, 1, 1),
+                                                      start, end, PAGE, scale)
+                got = step(0)
+                torch.cuda.synchronize()
+                assert torch.allclose(got.float(), want.float(), atol=2e-2, rtol=2e-2), f"{mode} differs from the split chain"
             for i in range(2):  # compile (traced and not) and allocate outside the capture
                 step(i)
                 step(i, KernelTrace("cuda", capacity=traces[0].buffer.shape[0]))

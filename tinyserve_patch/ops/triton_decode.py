@@ -306,6 +306,7 @@ def sparse_decode_attention_triton(
     chain: tuple[torch.Tensor, torch.Tensor] | None = None,
     merge_chunk: int | None = None,
     trace: KernelTrace | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``[B, Hq, D]`` attention over the selected pages (see module docstring). ``num_splits``,
     ``block_n``, ``num_warps``, ``num_stages`` and ``merge`` (``"kernel"`` / ``"inline"``, see
@@ -313,7 +314,9 @@ def sparse_decode_attention_triton(
     merge kernel reads per tile (default: all of them in one tile, see :func:`merge_tile`). ``chain``: ``(flags, done)``, the
     row-chained mode (:mod:`triton_chain`): a row's programs wait until its flag is set (by its selection)
     instead of waiting for the previous grid, and the row's last program zeroes its flag again. ``trace``:
-    record each program's timestamps, of the split kernel and of the merge kernel (:mod:`trace`)."""
+    record each program's timestamps, of the split kernel and of the merge kernel (:mod:`trace`). ``out``: write
+    the result there (``[B, Hq, D]`` in q's dtype on q's device, last dim contiguous; e.g. a slice of a
+    larger batch's output) instead of a new tensor."""
     merge = merge or DEFAULT_MERGE
     check(merge in ("kernel", "inline"), f"merge={merge!r}: allowed 'kernel' or 'inline'")
     check(k_cache.dim() == 4 and v_cache.shape == k_cache.shape, "k_cache / v_cache must be [B, Hkv, cap, D] alike")
@@ -339,7 +342,12 @@ def sparse_decode_attention_triton(
         indices = indices.contiguous()
     hq = q.shape[1]
     g = hq // hkv
-    out = torch.empty((b, hq, d), dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty((b, hq, d), dtype=q.dtype, device=q.device)
+    else:
+        check(out.shape == (b, hq, d) and out.dtype == q.dtype and out.device == q.device and out.stride(-1) == 1,
+              f"out {tuple(out.shape)} {out.dtype} on {out.device} (stride {out.stride()}): need {(b, hq, d)} {q.dtype} "
+              f"on {q.device}, last dim contiguous")
     n_sel = indices.shape[2]
     if out.numel() == 0:
         return out
