@@ -171,14 +171,16 @@ def record(args) -> dict:
                 if mode.endswith("chained"):
                     return quest_decode_chained_triton(c["q"], c["k"], c["v"], c["meta"], start, end, PAGE, nsel, 1, 1,
                                                        "max", scale, trace=trace, fused=mode == "fused_chained",
-                                                       fused_num_warps=args.fused_warps)[0]
+                                                       fused_num_warps=args.fused_warps, fused_maxnreg=args.fused_maxnreg,
+                                                       num_splits=args.splits, merge=args.merge)[0]
                 if mode == "fused":
                     idx = score_and_select_triton(c["q"], c["meta"], start, end, PAGE, nsel, 1, 1, "max",
-                                                  num_warps=args.fused_warps, trace=trace)
+                                                  num_warps=args.fused_warps, maxnreg=args.fused_maxnreg, trace=trace)
                 else:
                     s = page_scores_triton(c["q"], c["meta"], start, end, PAGE, "max", trace=trace)
                     idx = select_pages_triton(s, start, end, PAGE, nsel, 1, 1, trace=trace)
-                return sparse_decode_attention_triton(c["q"], c["k"], c["v"], idx, start, end, PAGE, scale, trace=trace)
+                return sparse_decode_attention_triton(c["q"], c["k"], c["v"], idx, start, end, PAGE, scale, trace=trace,
+                                                      num_splits=args.splits, merge=args.merge)
 
             if groups > 1:  # the groups' chains give the whole batch's answer (their splits may round differently)
                 c = copies.items[0]
@@ -296,6 +298,9 @@ def parse_args(argv=None):
     p.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES), help="model:batch:tokens:budget")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--fused-warps", type=int, default=None, help="warps of the fused score + select kernel (default: tuned)")
+    p.add_argument("--fused-maxnreg", type=int, default=None, help="register cap of the fused score + select kernel")
+    p.add_argument("--splits", type=int, default=None, help="the attention's splits per row (default: planned)")
+    p.add_argument("--merge", choices=["kernel", "inline"], default=None, help="how the attention merges its splits")
     p.add_argument("--calls", type=int, default=8, help="decode steps per graph (the first and last are not summarised)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--replays", type=int, default=10)

@@ -63,12 +63,15 @@ def quest_decode_chained_triton(
     trace: KernelTrace | None = None,
     fused: bool = False,
     fused_num_warps: int | None = None,
+    fused_maxnreg: int | None = None,
+    num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out [B, Hq, D], indices int32 [B, Hkv, num_select])``: the split chain's results, row-chained
     (see module docstring). ``fused``: score and select in the fused kernel (:mod:`triton_fused_select`:
     the last score program of a row selects it at once, so no selection waits for a grid launch), which
-    flags the row for its attention programs; ``fused_num_warps`` overrides its warps. ``trace``: record
-    every program's timestamps (:mod:`trace`)."""
+    flags the row for its attention programs; ``fused_num_warps`` / ``fused_maxnreg`` override its warps and
+    its register cap; ``num_splits`` the attention's splits per row. ``trace``: record every program's
+    timestamps (:mod:`trace`)."""
     q, meta, _ = score_meta(q, meta, seq_start, seq_end, page_size, gqa_reduction)
     check(num_select >= 1, f"num_select={num_select} must be >= 1")
     b, hkv, pages = meta.shape[:3]
@@ -79,13 +82,15 @@ def quest_decode_chained_triton(
     try:
         if fused:
             idx = score_and_select_triton(q, meta, seq_start, seq_end, page_size, num_select, sink_pages, recent_pages,
-                                          gqa_reduction, num_warps=fused_num_warps, flags=flags, trace=trace)
+                                          gqa_reduction, num_warps=fused_num_warps, maxnreg=fused_maxnreg, flags=flags,
+                                          trace=trace)
         else:
             scores = page_scores_triton(q, meta, seq_start, seq_end, page_size, gqa_reduction, signal=counts, trace=trace)
             idx = select_pages_triton(scores, seq_start, seq_end, page_size, num_select, sink_pages, recent_pages,
                                       chain=None if buf is None else (counts, flags), trace=trace)
         out = sparse_decode_attention_triton(q, k_cache, v_cache, idx, seq_start, seq_end, page_size, scale, softcap,
-                                             merge=merge, chain=None if buf is None else (flags, done), trace=trace)
+                                             num_splits=num_splits, merge=merge, chain=None if buf is None else (flags, done),
+                                             trace=trace)
     except BaseException:
         if buf is not None:  # a launch that failed part-way must not leave a row armed for the next call
             buf[: 3 * rows].zero_()

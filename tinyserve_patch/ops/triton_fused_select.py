@@ -126,12 +126,13 @@ def score_and_select_triton(
     num_stages: int | None = None,
     flags: torch.Tensor | None = None,
     trace: KernelTrace | None = None,
+    maxnreg: int | None = None,
 ) -> torch.Tensor:
     """int32 ``[B, Hkv, num_select]`` (see module docstring). ``blocks_per_program``, ``ways``, ``finish``,
     ``num_warps``, ``block_p`` and ``num_stages`` override the tuned defaults (tests, tuning). ``flags``
     (int32 ``[>= B * Hkv]``, zeroed): the row-chained mode (:mod:`triton_chain`), the program that selects a
     row adds 1 to its flag once the row's pages are stored. ``trace``: record each program's timestamps
-    (:mod:`trace`)."""
+    (:mod:`trace`). ``maxnreg``: cap the registers per thread (tuning the occupancy of the score part)."""
     q, meta, consts = score_meta(q, meta, seq_start, seq_end, page_size, gqa_reduction)
     check(num_select >= 1, f"num_select={num_select} must be >= 1")
     check(sink_pages >= 0 and recent_pages >= 0, "sink_pages / recent_pages must be >= 0")
@@ -160,6 +161,6 @@ def score_and_select_triton(
         page_size, sink_pages, recent_pages, out if flags is None else flags,
         out if trace is None else trace.region("score_select", nprog * b * hkv, meta.device),
         BLOCK=block, WAYS=ways, FINISH=finish, SINGLE=nprog == 1, CHAIN=flags is not None, TRACE=trace is not None,
-        PDL=pdl, launch_pdl=pdl, **walk, **consts,
+        PDL=pdl, launch_pdl=pdl, **({} if maxnreg is None else {"maxnreg": maxnreg}), **walk, **consts,
     )
     return out
