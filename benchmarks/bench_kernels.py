@@ -197,12 +197,14 @@ def correctness_check(chained: bool = False, fp8_kv: bool = False) -> None:
         err8 = ((out8.float() - expect8).norm() / expect8.norm()).item()
         assert err8 < 1e-2, f"attention over an fp8 cache: relative error {err8}"
     if chained:
-        from tinyserve_patch.ops.triton_chain import quest_decode_chained_triton
+        from tinyserve_patch.ops.triton_chain import fused_chain_plan, quest_decode_chained_triton
 
         c_out, c_idx = quest_decode_chained_triton(q, k, v, meta, start, end, PAGE, n, 1, 1, "max", d**-0.5)
         assert torch.equal(c_idx, idx) and torch.equal(c_out, out), "row-chained decode differs from the split chain"
         f_idx = score_and_select_triton(q, meta, start, end, PAGE, n, 1, 1, "max")
-        f_out = sparse_decode_attention_triton(q, k, v, f_idx, start, end, PAGE, d**-0.5)
+        plan = fused_chain_plan(b * hkv, meta.shape[2], n, PAGE, d, q.device)
+        f_out = sparse_decode_attention_triton(q, k, v, f_idx, start, end, PAGE, d**-0.5, num_splits=plan["num_splits"],
+                                               merge=plan["merge"])
         c_out, c_idx = quest_decode_chained_triton(q, k, v, meta, start, end, PAGE, n, 1, 1, "max", d**-0.5, fused=True)
         assert torch.equal(c_idx, f_idx) and torch.equal(c_out, f_out), "fused row-chained decode differs from fused + attention"
     print(f"correctness check passed (attention rel err {err:.2e})")

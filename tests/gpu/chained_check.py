@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tinyserve_patch.ops import reference as ref  # noqa: E402
 from tinyserve_patch.ops._triton_common import ticket_counters, use_pdl  # noqa: E402
-from tinyserve_patch.ops.triton_chain import quest_decode_chained_triton  # noqa: E402
+from tinyserve_patch.ops.triton_chain import fused_chain_plan, quest_decode_chained_triton  # noqa: E402
 from tinyserve_patch.ops.triton_decode import sparse_decode_attention_triton  # noqa: E402
 from tinyserve_patch.ops.triton_fused_select import score_and_select_triton  # noqa: E402
 from tinyserve_patch.ops.triton_score import page_scores_triton  # noqa: E402
@@ -29,12 +29,15 @@ CASES = [  # q heads, kv heads, head_dim, batch, tokens, budget, page, softcap, 
 
 
 def split(q, k, v, meta, start, end, ps, n, scale, softcap, fused=False):
-    if fused:
+    plan = {}
+    if fused:  # with the fused chain's attention plan (splits, merge): the same rounding
         idx = score_and_select_triton(q, meta, start, end, ps, n, 1, 1, "max")
+        plan = fused_chain_plan(k.shape[0] * k.shape[1], meta.shape[2], n, ps, k.shape[3], k.device)
+        plan = dict(num_splits=plan["num_splits"], merge=plan["merge"])
     else:
         scores = page_scores_triton(q, meta, start, end, ps, "max")
         idx = select_pages_triton(scores, start, end, ps, n, 1, 1)
-    return sparse_decode_attention_triton(q, k, v, idx, start, end, ps, scale, softcap), idx
+    return sparse_decode_attention_triton(q, k, v, idx, start, end, ps, scale, softcap, **plan), idx
 
 
 def main() -> int:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from tinyserve_patch.ops import reference as ref
 from tinyserve_patch.ops import triton_chain
 from tinyserve_patch.ops._triton_common import ticket_counters
-from tinyserve_patch.ops.triton_chain import quest_decode_chained_triton
+from tinyserve_patch.ops.triton_chain import fused_chain_plan, quest_decode_chained_triton
 from tinyserve_patch.ops.triton_decode import sparse_decode_attention_triton
 from tinyserve_patch.ops.triton_fused_select import score_and_select_triton
 from tinyserve_patch.ops.triton_score import page_scores_triton
@@ -28,12 +28,14 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU interpret
 
 
 def _split(q, k, v, meta, start, end, ps, n, sink, recent, red, scale, softcap=0.0, merge=None, fused=False):
-    if fused:  # the fused score + select kernel, then the attention
+    splits = None
+    if fused:  # the fused score + select kernel, then the attention with the fused chain's splits
         idx = score_and_select_triton(q, meta, start, end, ps, n, sink, recent, red)
+        splits = fused_chain_plan(k.shape[0] * k.shape[1], meta.shape[2], n, ps, k.shape[3], k.device)["num_splits"]
     else:
         scores = page_scores_triton(q, meta, start, end, ps, red)
         idx = select_pages_triton(scores, start, end, ps, n, sink, recent)
-    return sparse_decode_attention_triton(q, k, v, idx, start, end, ps, scale, softcap, merge=merge), idx
+    return sparse_decode_attention_triton(q, k, v, idx, start, end, ps, scale, softcap, merge=merge, num_splits=splits), idx
 
 
 def _case(b, h, g, d, ps, cap, dtype, seed, meta_dtype=None):
@@ -119,3 +121,16 @@ def test_chained_without_counters_runs_the_split_chain(monkeypatch):
 def test_chain_counters_are_their_own_pool():
     dev = torch.device("cpu")
     assert ticket_counters(dev, 8, pool="chain").data_ptr() != ticket_counters(dev, 8).data_ptr()
+
+
+def test_fused_chain_plan_keeps_score_occupancy_and_doubles_splits():
+    """The fused chain's defaults: a register cap that fits 3 CTAs per SM, twice the split chain's
+    attention programs, the inline merge up to 8 splits (from the H200 timeline sweep)."""
+    from tinyserve_patch.ops.triton_decode import plan_splits
+
+    dev = torch.device("cpu")  # 132 SMs (an H100's) for the interpreter
+    big = fused_chain_plan(64, 4096, 128, 16, 128, dev)  # Llama-3-8B B=8 / 64K / 2048: 8 warps
+    assert big["fused_maxnreg"] == 80 and 3 * 256 * 80 <= 65536
+    assert big["num_splits"] == 2 * plan_splits(64, 128, 16, 128, 132)[0] == 8 and big["merge"] == "inline"
+    small = fused_chain_plan(4, 1024, 256, 16, 64, dev)  # TinyLlama B=1 / 16K / 4096: 4 warps, 32 splits
+    assert small["fused_maxnreg"] == 168 and small["num_splits"] == 32 and small["merge"] == "kernel"

@@ -49,6 +49,32 @@ def test_decode_split_counts_agree(num_splits):
     _check(q, k, v, idx, start, end, 8, 0.2, 0.0, num_splits=num_splits)
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_into_a_slice_of_a_larger_output(num_splits):
+    """out=: the result lands in a strided slice (rows of a larger batch, or some KV heads' query heads)
+    and nothing around it is touched; a wrong shape, dtype or layout is refused."""
+    gn = gen(12)
+    k, v, _ = cache(3, 2, 128, 32, 8, torch.float32, gn)
+    q = randn((3, 4, 32), torch.float32, gn)
+    idx = random_indices(3, 2, 16, 6, gn, pad=1)
+    start, end = rows(3, 128, gn, empty_row=False)
+    want = sparse_decode_attention_triton(q, k, v, idx, start, end, 8, 0.2, num_splits=num_splits)
+    big = torch.full((5, 6, 32), 7.0, device=q.device)
+    got = sparse_decode_attention_triton(q, k, v, idx, start, end, 8, 0.2, num_splits=num_splits, out=big[1:4, 2:6])
+    assert got.data_ptr() == big[1:4, 2:6].data_ptr() and torch.equal(big[1:4, 2:6], want)
+    rest = big.clone()
+    rest[1:4, 2:6] = 7.0
+    assert (rest == 7.0).all()
+    # per KV head: the query heads of KV head 1 alone, written into their slice
+    part = torch.zeros_like(q)
+    sparse_decode_attention_triton(q[:, 2:], k[:, 1:], v[:, 1:], idx[:, 1:], start, end, 8, 0.2, out=part[:, 2:])
+    assert torch.allclose(part[:, 2:], want[:, 2:], atol=1e-6)
+    with pytest.raises(ValueError, match="out"):
+        sparse_decode_attention_triton(q, k, v, idx, start, end, 8, 0.2, out=torch.empty(3, 4, 16, device=q.device))
+    with pytest.raises(ValueError, match="out"):
+        sparse_decode_attention_triton(q, k, v, idx, start, end, 8, 0.2, out=torch.empty(3, 4, 32, device=q.device, dtype=torch.float16))
+
+
 def test_merge_tile_reads_every_split_at_once_while_it_fits():
     assert merge_tile(5, 128) == 8 and merge_tile(32, 64) == 32 and merge_tile(64, 128) == 64
     assert merge_tile(100, 128) == MERGE_TILE_ELEMS // 128  # chunked beyond the tile

@@ -37,12 +37,27 @@ from __future__ import annotations
 
 import torch
 
-from ._triton_common import check, ticket_counters
-from .triton_decode import sparse_decode_attention_triton
+import triton
+
+from ._triton_common import check, select_num_warps, sm_count, ticket_counters
+from .triton_decode import default_block_n, plan_splits, sparse_decode_attention_triton
 from .triton_fused_select import score_and_select_triton
 from .triton_score import page_scores_triton, score_meta
 from .trace import KernelTrace
 from .triton_select import select_pages_triton
+
+
+def fused_chain_plan(rows: int, pages: int, num_select: int, page_size: int, head_dim: int, device: torch.device,
+                     num_warps: int | None = None) -> dict:
+    """Launch defaults of the fused row-chained decode: the fused kernel's register cap that keeps the score
+    kernel's 3 CTAs per SM (``65536 / (3 * threads)``, a multiple of 8: 80 at 8 warps), twice the split
+    chain's attention programs (shorter programs: the last rows' attention is the step's tail), and the
+    inline merge up to 8 splits (no merge grid after the last row). From the H200 timeline sweep at
+    Llama-3-8B B=8 / 64K / 2048 (``benchmarks/results/timeline_h200_sweep.md``)."""
+    warps = num_warps or select_num_warps(triton.next_power_of_2(pages))
+    splits, _ = plan_splits(rows, num_select, page_size, default_block_n(head_dim), 2 * sm_count(device))
+    return dict(fused_maxnreg=65536 // (3 * 32 * warps) // 8 * 8, num_splits=splits,
+                merge="inline" if splits <= 8 else "kernel")
 
 
 def quest_decode_chained_triton(
@@ -70,12 +85,17 @@ def quest_decode_chained_triton(
     (see module docstring). ``fused``: score and select in the fused kernel (:mod:`triton_fused_select`:
     the last score program of a row selects it at once, so no selection waits for a grid launch), which
     flags the row for its attention programs; ``fused_num_warps`` / ``fused_maxnreg`` override its warps and
-    its register cap; ``num_splits`` the attention's splits per row. ``trace``: record every program's
-    timestamps (:mod:`trace`)."""
+    its register cap; ``num_splits`` the attention's splits per row (fused: defaults from
+    :func:`fused_chain_plan`). ``trace``: record every program's timestamps (:mod:`trace`)."""
     q, meta, _ = score_meta(q, meta, seq_start, seq_end, page_size, gqa_reduction)
     check(num_select >= 1, f"num_select={num_select} must be >= 1")
     b, hkv, pages = meta.shape[:3]
     rows = b * hkv
+    if fused:
+        plan = fused_chain_plan(rows, pages, num_select, page_size, q.shape[2], q.device, fused_num_warps)
+        fused_maxnreg = plan["fused_maxnreg"] if fused_maxnreg is None else fused_maxnreg
+        num_splits = plan["num_splits"] if num_splits is None else num_splits
+        merge = plan["merge"] if merge is None else merge
     # no persistent counters (nothing to chain, or a first call inside a capture): the split chain
     buf = ticket_counters(q.device, 3 * rows, pool="chain") if rows * pages * q.shape[1] > 0 else None
     counts, flags, done = (None,) * 3 if buf is None else (buf[:rows], buf[rows : 2 * rows], buf[2 * rows : 3 * rows])

@@ -263,6 +263,11 @@ def _decode_merge_kernel(
 DEFAULT_MERGE = "kernel"
 
 
+def default_block_n(head_dim: int) -> int:
+    """Tokens per attention block: 128 up to head_dim 128, else 32 (H100: 128 tokens, 4 warps, 2 stages were best)."""
+    return 128 if max(16, triton.next_power_of_2(head_dim)) <= 128 else 32
+
+
 def plan_splits(batch_heads: int, num_select: int, page_size: int, block_n: int, sm_count: int) -> tuple[int, int]:
     """``(num_splits, tokens_per_split)``: about two programs per SM, at least ``block_n`` tokens each;
     ``tokens_per_split`` is a multiple of ``block_n``. Shapes only (no data), so launches are static."""
@@ -355,7 +360,7 @@ def sparse_decode_attention_triton(
         return out.zero_()
 
     block_d = max(16, triton.next_power_of_2(d))
-    block_n = block_n or (128 if block_d <= 128 else 32)  # H100: 128 tokens, 4 warps, 2 stages were best
+    block_n = block_n or default_block_n(d)
     check(block_n >= 16 and block_n & (block_n - 1) == 0, f"block_n={block_n}: a power of two >= 16 (tl.dot's smallest K)")
     if num_splits is None:
         splits, per = plan_splits(b * hkv, n_sel, page_size, block_n, sm_count(q.device))
