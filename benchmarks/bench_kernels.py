@@ -143,6 +143,21 @@ def without_pdl(fn):
     return call
 
 
+def parse_options(text: str) -> dict:
+    """``"num_splits=8,merge=inline,finish=32"`` -> keyword arguments of the fused row-chained decode:
+    integers where the value is one, the rest as strings; fused-kernel options go under ``fused_options``."""
+    chain_keys = {"num_splits", "merge", "fused_maxnreg", "fused_num_warps"}
+    out: dict = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        val = int(value) if value.lstrip("-").isdigit() else value
+        if key in chain_keys:
+            out[key] = val
+        else:
+            out.setdefault("fused_options", {})[key] = val
+    return out
+
+
 def _n_copies(touched: int, per_copy: int, l2: int) -> int:
     want = max(2, math.ceil(2 * l2 / max(1, touched)))
     return max(1, min(want, 64, MEM_LIMIT // max(1, per_copy)))
@@ -312,10 +327,10 @@ def run(args) -> dict:
                 return sparse_decode_attention_triton(c["q"], c[kv[0]], c[kv[1]], c["idx"], start, end, PAGE, scale, 0.0,
                                                       merge_chunk=merge_chunk)
 
-            def chained_total(fused=False):
+            def chained_total(fused=False, **options):
                 c = copies.next()
                 return quest_decode_chained_triton(c["q"], c["k"], c["v"], c["meta"], start, end, PAGE, nsel, 1, 1, "max", scale,
-                                                   fused=fused)
+                                                   fused=fused, **options)
 
             def fused_total():
                 c = copies.next()
@@ -340,6 +355,10 @@ def run(args) -> dict:
             if args.chained:
                 add("total_chained", budget, total_bytes, chained_total, dense_ms)
                 add("total_chained_fused", budget, total_bytes, lambda: chained_total(fused=True), dense_ms)
+                for text in args.fused_chain:  # the fused row-chained decode with other launch options
+                    opts = parse_options(text)
+                    add(f"total_chained_fused_{text.replace('=', '').replace(',', '_')}", budget, total_bytes,
+                        lambda opts=opts: chained_total(fused=True, **opts), dense_ms)
             plan_rows("meta8", "_fp8meta")  # the default plan over fp8 metadata
             for per in args.score_per:
                 plan_rows("meta", f"_per{per}", blocks_per_program=per)
@@ -466,6 +485,10 @@ def parse_args(argv=None):
                    help="also time the row-chained decode (ops/triton_chain.py) as total_chained, and with the fused score + "
                         "select kernel as total_chained_fused; run its GPU test "
                         "first: a wrong wait hangs instead of failing")
+    p.add_argument("--fused-chain", nargs="+", default=[], metavar="KEY=VALUE,...",
+                   help="with --chained, also time the fused row-chained decode with these options, one row each: "
+                        "num_splits, merge, fused_maxnreg, fused_num_warps, or any score_and_select_triton option "
+                        "(blocks_per_program, finish, ways, num_stages), e.g. blocks_per_program=2,finish=32")
     p.add_argument("--score-per", nargs="+", type=int, default=[], metavar="BLOCKS",
                    help="also time the score walking this many page blocks per program, alone and in the split chain")
     p.add_argument("--fp8-score-plan", nargs=2, type=int, metavar=("WARPS", "STAGES"),

@@ -258,13 +258,15 @@ def render(doc: dict) -> str:
     return head + "\n" + "\n".join(render_one(r) for r in doc["results"])
 
 
-def plot(doc: dict, path: str) -> None:
+def plot(doc: dict, path: str, shape: str | None = None) -> None:
+    """Bars per SM of each result's middle step (only ``shape``'s, ``model:batch:tokens:budget``, if given)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = doc["results"]
+    results = [r for r in doc["results"]
+               if shape is None or (r["model"], r["batch"], r["tokens"], r["budget"]) == parse_shape(shape)]
     fig, axes = plt.subplots(len(results), 1, figsize=(12, 3.2 * len(results)), squeeze=False)
     colors = {"score": "tab:blue", "score_select": "tab:cyan", "select": "tab:red", "attention": "tab:green", "merge": "tab:purple"}
     for ax, res in zip(axes[:, 0], results):
@@ -307,6 +309,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="JSON path (default $OUT/timeline.json, else benchmarks/results/timeline.json)")
     p.add_argument("--report", default=None, help="re-render a recorded JSON instead of recording")
     p.add_argument("--plot", default=None, help="PNG of the middle step of each result (matplotlib)")
+    p.add_argument("--plot-shape", default=None, help="plot only this shape's results (model:batch:tokens:budget)")
     return p.parse_args(argv)
 
 
@@ -324,7 +327,7 @@ def main(argv=None) -> int:
     if args.report:
         print(render(doc))
     if args.plot:
-        plot(doc, args.plot)
+        plot(doc, args.plot, args.plot_shape)
         print(f"wrote {args.plot}")
     return 0
 

@@ -17,7 +17,9 @@
 # GIT_COMMIT (required): the literal sha of the commit the copied tree is at, taken on the machine that sends
 # it (the copy's .git HEAD may be stale, so neither a default nor $(git rev-parse HEAD) run here will do);
 # it goes into the JSON. env.txt also records a hash of the package's sources, to check the pairing
-# locally: find tinyserve_patch -name '*.py' | sort | xargs cat | sha256sum
+# locally: find tinyserve_patch -name '*.py' | LC_ALL=C sort | xargs cat | sha256sum
+# (env.txt files written before 2026-12-02 07:10 UTC hashed in the device's locale order, which ignores punctuation:
+# sort the paths by their letters and digits only to reproduce those)
 set -u -o pipefail
 OUT=${OUT:-/tmp/tinyserve-gpu}
 mkdir -p "$OUT"
@@ -37,7 +39,7 @@ T_E2E=${T_E2E:-280} T_QUICK=${T_QUICK:-120} T_OPS=${T_OPS:-120} T_ABLATION=${T_A
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
   echo "commit $COMMIT; stages: $STAGES"
-  echo "source sha256 $(find tinyserve_patch -name '*.py' | sort | xargs cat | sha256sum | cut -c1-16)"
+  echo "source sha256 $(find tinyserve_patch -name '*.py' | LC_ALL=C sort | xargs cat | sha256sum | cut -c1-16)"
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 

@@ -57,3 +57,14 @@ def test_report_rewrites_the_markdown_of_a_recorded_run(tmp_path, monkeypatch):
     md = (tmp_path / "kernels.md").read_text()
     assert "commit abc" in md and "## Targets" in md and "| llama3-8b | 8 | 64K | 2048 | total_split |" in md
     assert "| llama3-8b | 8 | 64K | - | copy_meta |" in md
+
+
+def test_fused_chain_options_parse():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_kernels
+
+    assert bench_kernels.parse_options("num_splits=8,merge=inline,blocks_per_program=2,finish=32") == {
+        "num_splits": 8, "merge": "inline", "fused_options": {"blocks_per_program": 2, "finish": 32}}
+    assert bench_kernels.parse_options("") == {}

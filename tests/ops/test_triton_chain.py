@@ -134,3 +134,17 @@ def test_fused_chain_plan_keeps_score_occupancy_and_doubles_splits():
     assert big["num_splits"] == 2 * plan_splits(64, 128, 16, 128, 132)[0] == 8 and big["merge"] == "inline"
     small = fused_chain_plan(4, 1024, 256, 16, 64, dev)  # TinyLlama B=1 / 16K / 4096: 4 warps, 32 splits
     assert small["fused_maxnreg"] == 168 and small["num_splits"] == 32 and small["merge"] == "kernel"
+
+
+def test_fused_chain_options_reach_the_fused_kernel():
+    """fused_options (tuning) change the fused launch, not the answer: 1 block per program and the finish
+    step give the fused chain's pages and output."""
+    q, k, v, meta, start, end = _case(2, 1, 2, 16, 8, 2048, torch.float32, 21)
+    want_out, want_idx = _split(q, k, v, meta, start, end, 8, 10, 1, 1, "max", 0.25, fused=True)
+    out, idx = quest_decode_chained_triton(q, k, v, meta, start, end, 8, 10, 1, 1, "max", 0.25, fused=True,
+                                           merge="kernel", fused_options={"blocks_per_program": 1, "finish": 16})
+    assert torch.equal(idx, want_idx) and torch.equal(out, want_out)
+    assert _armed(q.device) == 0
+    with pytest.raises(TypeError):
+        quest_decode_chained_triton(q, k, v, meta, start, end, 8, 10, 1, 1, "max", 0.25, fused=True,
+                                    fused_options={"no_such_option": 1})

@@ -80,13 +80,16 @@ def quest_decode_chained_triton(
     fused_num_warps: int | None = None,
     fused_maxnreg: int | None = None,
     num_splits: int | None = None,
+    fused_options: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out [B, Hq, D], indices int32 [B, Hkv, num_select])``: the split chain's results, row-chained
     (see module docstring). ``fused``: score and select in the fused kernel (:mod:`triton_fused_select`:
     the last score program of a row selects it at once, so no selection waits for a grid launch), which
     flags the row for its attention programs; ``fused_num_warps`` / ``fused_maxnreg`` override its warps and
     its register cap; ``num_splits`` the attention's splits per row (fused: defaults from
-    :func:`fused_chain_plan`). ``trace``: record every program's timestamps (:mod:`trace`)."""
+    :func:`fused_chain_plan`); ``fused_options``: more overrides of the fused launch (``blocks_per_program``,
+    ``finish``, ``ways``, ``num_stages``, ``block_p``; tuning). ``trace``: record every program's timestamps
+    (:mod:`trace`)."""
     q, meta, _ = score_meta(q, meta, seq_start, seq_end, page_size, gqa_reduction)
     check(num_select >= 1, f"num_select={num_select} must be >= 1")
     b, hkv, pages = meta.shape[:3]
@@ -103,7 +106,7 @@ def quest_decode_chained_triton(
         if fused:
             idx = score_and_select_triton(q, meta, seq_start, seq_end, page_size, num_select, sink_pages, recent_pages,
                                           gqa_reduction, num_warps=fused_num_warps, maxnreg=fused_maxnreg, flags=flags,
-                                          trace=trace)
+                                          trace=trace, **(fused_options or {}))
         else:
             scores = page_scores_triton(q, meta, seq_start, seq_end, page_size, gqa_reduction, signal=counts, trace=trace)
             idx = select_pages_triton(scores, seq_start, seq_end, page_size, num_select, sink_pages, recent_pages,
