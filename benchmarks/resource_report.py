@@ -63,7 +63,7 @@ def capture_launch(kernel, launcher, skip=()) -> dict:
     def run(*args, grid, warmup, **kwargs):
         names = [p.name for p in kernel.params]
         bound = dict(zip(names, args))
-        options = {k: kwargs.pop(k) for k in list(kwargs) if k in ("num_warps", "num_stages", "launch_pdl", "num_ctas")}
+        options = {k: kwargs.pop(k) for k in list(kwargs) if k in ("num_warps", "num_stages", "launch_pdl", "num_ctas", "maxnreg")}
         bound.update(kwargs)
         seen.update(args=bound, options=options, grid=grid)
         raise _Captured
@@ -119,7 +119,7 @@ def _tool(name: str) -> str:
 def report(name: str, kernel, launch: dict) -> dict:
     """Compile one captured launch for sm_90 and summarise its resources and SASS."""
     signature, constexprs, attrs = specialize(kernel, launch["args"])
-    options = {k: v for k, v in launch["options"].items() if k in ("num_warps", "num_stages", "num_ctas")}
+    options = {k: v for k, v in launch["options"].items() if k in ("num_warps", "num_stages", "num_ctas", "maxnreg")}
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
                               target=GPUTarget("cuda", 90, 32), options=options)
     with tempfile.TemporaryDirectory() as tmp:
@@ -147,9 +147,10 @@ def chain_launches(model: str, batch: int, tokens: int, budget: int) -> list[tup
     """The score -> select -> attention (+ merge, when the attention splits) launches of one decode step of
     one layer and the selection with the narrowing search (``ways=0``) and ranking its last 64 keys
     (``finish=64``), then the same three in
-    the row-chained mode (``ops/triton_chain.py``), then the score over fp8 page metadata and the attention
+    the row-chained mode (``ops/triton_chain.py``), the fused score + select kernel of its fused mode (with
+    its register cap), then the score over fp8 page metadata and the attention
     over an fp8 K/V cache (``page_meta_dtype`` / ``kv_cache_dtype="fp8_e4m3"``), captured on meta tensors."""
-    from tinyserve_patch.ops import triton_chain, triton_decode, triton_score, triton_select
+    from tinyserve_patch.ops import triton_chain, triton_decode, triton_fused_select, triton_score, triton_select
 
     chained = (triton_score._score_kernel, triton_select._select_kernel, triton_decode._decode_split_kernel)
     hq, hkv, d = MODELS[model]
@@ -187,6 +188,9 @@ def chain_launches(model: str, batch: int, tokens: int, budget: int) -> list[tup
             q, k, k, meta, start, end, PAGE, budget // PAGE, 1, 1, "max", d**-0.5), skip=chained[:i]))
         for i, (name, kernel) in enumerate(zip(("score", "select", "attention"), chained))
     ] + [
+        ("score + select (fused chain)", triton_fused_select._fused_kernel,
+         capture_launch(triton_fused_select._fused_kernel, lambda: triton_chain.quest_decode_chained_triton(
+             q, k, k, meta, start, end, PAGE, budget // PAGE, 1, 1, "max", d**-0.5, fused=True))),
         ("score (fp8 metadata)", triton_score._score_kernel,
          capture_launch(triton_score._score_kernel, lambda: triton_score.page_scores_triton(q, meta8, start, end, PAGE, "max"))),
         ("attention (fp8 K/V)", triton_decode._decode_split_kernel,

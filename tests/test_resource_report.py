@@ -30,7 +30,10 @@ def test_resource_report_on_a_small_shape(tmp_path):
     chained = ["score (chained)", "select (chained)", "attention (chained)"]
     fp8 = ["score (fp8 metadata)", "attention (fp8 K/V)"]
     searches = ["select (narrowing search)", "select (ranking the last 64 keys)"]
-    assert set(rows) == {"score", "select", "attention", "merge", *searches, *chained, *fp8}
+    assert set(rows) == {"score", "select", "attention", "merge", *searches, *chained, *fp8, "score + select (fused chain)"}
+    # the fused chain's register cap (fused_chain_plan) holds without spills
+    fused = rows["score + select (fused chain)"]
+    assert fused["regs"] <= 65536 // (3 * 32 * fused["num_warps"]) and fused["ctas"] == rows["score"]["ctas"]
     assert rows["merge"]["ctas"] == 32  # one program per query head (batch 1, 32 heads)
     for r in rows.values():
         assert 0 < r["regs"] <= 255 and r["local_bytes"] == 0, r  # no spills
