@@ -146,7 +146,7 @@ def without_pdl(fn):
 def parse_options(text: str) -> dict:
     """``"num_splits=8,merge=inline,finish=32"`` -> keyword arguments of the fused row-chained decode:
     integers where the value is one, the rest as strings; fused-kernel options go under ``fused_options``."""
-    chain_keys = {"num_splits", "merge", "fused_maxnreg", "fused_num_warps"}
+    chain_keys = {"num_splits", "merge"}
     out: dict = {}
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")
@@ -487,8 +487,8 @@ def parse_args(argv=None):
                         "first: a wrong wait hangs instead of failing")
     p.add_argument("--fused-chain", nargs="+", default=[], metavar="KEY=VALUE,...",
                    help="with --chained, also time the fused row-chained decode with these options, one row each: "
-                        "num_splits, merge, fused_maxnreg, fused_num_warps, or any score_and_select_triton option "
-                        "(blocks_per_program, finish, ways, num_stages), e.g. blocks_per_program=2,finish=32")
+                        "num_splits, merge, or any option of the fused launch (num_warps, maxnreg, blocks_per_program, "
+                        "finish, ways, num_stages), e.g. blocks_per_program=2,finish=32")
     p.add_argument("--score-per", nargs="+", type=int, default=[], metavar="BLOCKS",
                    help="also time the score walking this many page blocks per program, alone and in the split chain")
     p.add_argument("--fp8-score-plan", nargs=2, type=int, metavar=("WARPS", "STAGES"),

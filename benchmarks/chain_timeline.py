@@ -125,6 +125,7 @@ def record(args) -> dict:
     l2 = int(getattr(props, "L2_cache_size", 50 * 2**20) or 50 * 2**20)
     torch.manual_seed(0)
     results = []
+    fused_options = {k: v for k, v in (("num_warps", args.fused_warps), ("maxnreg", args.fused_maxnreg)) if v is not None}
     for text in args.shapes:
         model, batch, length, budget = parse_shape(text)
         hq, hkv, d = MODELS[model]
@@ -171,11 +172,11 @@ def record(args) -> dict:
                 if mode.endswith("chained"):
                     return quest_decode_chained_triton(c["q"], c["k"], c["v"], c["meta"], start, end, PAGE, nsel, 1, 1,
                                                        "max", scale, trace=trace, fused=mode == "fused_chained",
-                                                       fused_num_warps=args.fused_warps, fused_maxnreg=args.fused_maxnreg,
-                                                       num_splits=args.splits, merge=args.merge)[0]
+                                                       fused_options=fused_options, num_splits=args.splits,
+                                                       merge=args.merge)[0]
                 if mode == "fused":
-                    idx = score_and_select_triton(c["q"], c["meta"], start, end, PAGE, nsel, 1, 1, "max",
-                                                  num_warps=args.fused_warps, maxnreg=args.fused_maxnreg, trace=trace)
+                    idx = score_and_select_triton(c["q"], c["meta"], start, end, PAGE, nsel, 1, 1, "max", trace=trace,
+                                                  **fused_options)
                 else:
                     s = page_scores_triton(c["q"], c["meta"], start, end, PAGE, "max", trace=trace)
                     idx = select_pages_triton(s, start, end, PAGE, nsel, 1, 1, trace=trace)

@@ -130,10 +130,10 @@ def test_fused_chain_plan_keeps_score_occupancy_and_doubles_splits():
 
     dev = torch.device("cpu")  # 132 SMs (an H100's) for the interpreter
     big = fused_chain_plan(64, 4096, 128, 16, 128, dev)  # Llama-3-8B B=8 / 64K / 2048: 8 warps
-    assert big["fused_maxnreg"] == 80 and 3 * 256 * 80 <= 65536
+    assert big["maxnreg"] == 80 and 3 * 256 * 80 <= 65536
     assert big["num_splits"] == 2 * plan_splits(64, 128, 16, 128, 132)[0] == 8 and big["merge"] == "inline"
     small = fused_chain_plan(4, 1024, 256, 16, 64, dev)  # TinyLlama B=1 / 16K / 4096: 4 warps, 32 splits
-    assert small["fused_maxnreg"] == 168 and small["num_splits"] == 32 and small["merge"] == "kernel"
+    assert small["maxnreg"] == 168 and small["num_splits"] == 32 and small["merge"] == "kernel"
 
 
 def test_fused_chain_options_reach_the_fused_kernel():

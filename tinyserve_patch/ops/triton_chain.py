@@ -49,15 +49,15 @@ from .triton_select import select_pages_triton
 
 def fused_chain_plan(rows: int, pages: int, num_select: int, page_size: int, head_dim: int, device: torch.device,
                      num_warps: int | None = None) -> dict:
-    """Launch defaults of the fused row-chained decode: the fused kernel's register cap that keeps the score
-    kernel's 3 CTAs per SM (``65536 / (3 * threads)``, a multiple of 8: 80 at 8 warps), twice the split
-    chain's attention programs (shorter programs: the last rows' attention is the step's tail), and the
-    inline merge up to 8 splits (no merge grid after the last row). From the H200 timeline sweep at
-    Llama-3-8B B=8 / 64K / 2048 (``benchmarks/results/timeline_h200_sweep.md``)."""
+    """Launch defaults of the fused row-chained decode: ``maxnreg``, the fused kernel's register cap that
+    keeps the score kernel's 3 CTAs per SM (``65536 / (3 * threads)``, a multiple of 8: 80 at 8 warps);
+    ``num_splits``, twice the split chain's attention programs (shorter programs: the last rows' attention
+    is the step's tail); ``merge``, inline up to 8 splits (no merge grid after the last row). From the
+    H200 timeline sweep at Llama-3-8B B=8 / 64K / 2048 (``benchmarks/results/timeline_h200_sweep_*.json``,
+    ``timeline_h200_fused_plan_1848585.*``)."""
     warps = num_warps or select_num_warps(triton.next_power_of_2(pages))
     splits, _ = plan_splits(rows, num_select, page_size, default_block_n(head_dim), 2 * sm_count(device))
-    return dict(fused_maxnreg=65536 // (3 * 32 * warps) // 8 * 8, num_splits=splits,
-                merge="inline" if splits <= 8 else "kernel")
+    return dict(maxnreg=65536 // (3 * 32 * warps) // 8 * 8, num_splits=splits, merge="inline" if splits <= 8 else "kernel")
 
 
 def quest_decode_chained_triton(
@@ -77,26 +77,25 @@ def quest_decode_chained_triton(
     merge: str | None = None,
     trace: KernelTrace | None = None,
     fused: bool = False,
-    fused_num_warps: int | None = None,
-    fused_maxnreg: int | None = None,
     num_splits: int | None = None,
     fused_options: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out [B, Hq, D], indices int32 [B, Hkv, num_select])``: the split chain's results, row-chained
     (see module docstring). ``fused``: score and select in the fused kernel (:mod:`triton_fused_select`:
     the last score program of a row selects it at once, so no selection waits for a grid launch), which
-    flags the row for its attention programs; ``fused_num_warps`` / ``fused_maxnreg`` override its warps and
-    its register cap; ``num_splits`` the attention's splits per row (fused: defaults from
-    :func:`fused_chain_plan`); ``fused_options``: more overrides of the fused launch (``blocks_per_program``,
-    ``finish``, ``ways``, ``num_stages``, ``block_p``; tuning). ``trace``: record every program's timestamps
+    flags the row for its attention programs. ``num_splits`` and ``merge``: the attention's splits per row
+    and how they merge; ``fused_options``: overrides of the fused launch (``num_warps``, ``maxnreg``,
+    ``blocks_per_program``, ``finish``, ``ways``, ``num_stages``, ``block_p``; tuning). With ``fused`` the
+    unset ones default to :func:`fused_chain_plan`. ``trace``: record every program's timestamps
     (:mod:`trace`)."""
     q, meta, _ = score_meta(q, meta, seq_start, seq_end, page_size, gqa_reduction)
     check(num_select >= 1, f"num_select={num_select} must be >= 1")
     b, hkv, pages = meta.shape[:3]
     rows = b * hkv
     if fused:
-        plan = fused_chain_plan(rows, pages, num_select, page_size, q.shape[2], q.device, fused_num_warps)
-        fused_maxnreg = plan["fused_maxnreg"] if fused_maxnreg is None else fused_maxnreg
+        fused_options = dict(fused_options or {})
+        plan = fused_chain_plan(rows, pages, num_select, page_size, q.shape[2], q.device, fused_options.get("num_warps"))
+        fused_options.setdefault("maxnreg", plan["maxnreg"])
         num_splits = plan["num_splits"] if num_splits is None else num_splits
         merge = plan["merge"] if merge is None else merge
     # no persistent counters (nothing to chain, or a first call inside a capture): the split chain
@@ -105,8 +104,7 @@ def quest_decode_chained_triton(
     try:
         if fused:
             idx = score_and_select_triton(q, meta, seq_start, seq_end, page_size, num_select, sink_pages, recent_pages,
-                                          gqa_reduction, num_warps=fused_num_warps, maxnreg=fused_maxnreg, flags=flags,
-                                          trace=trace, **(fused_options or {}))
+                                          gqa_reduction, flags=flags, trace=trace, **fused_options)
         else:
             scores = page_scores_triton(q, meta, seq_start, seq_end, page_size, gqa_reduction, signal=counts, trace=trace)
             idx = select_pages_triton(scores, seq_start, seq_end, page_size, num_select, sink_pages, recent_pages,
