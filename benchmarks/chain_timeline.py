@@ -62,11 +62,27 @@ def row_of(kernel: str, mode: str, prog: int, rows: int, per_row: int, g: int, h
     return prog // per_row if mode.endswith("chained") else prog % rows
 
 
+#: Kernels whose programs stream the cache (the score's metadata, the attention's pages): while none of
+#: them runs, the memory system idles. (A fused score + select program counts whole, its selection too.)
+STREAMING = ("score", "score_select", "attention")
+
+
+def busy_union(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of ``(start, end)`` intervals."""
+    total, reach = 0.0, float("-inf")
+    for s, e in sorted(intervals):
+        if e > reach:
+            total += e - max(s, reach)
+            reach = e
+    return total
+
+
 def summarise(records: list[dict], mode: str, rows: int, g: int, hkv: int) -> dict:
     """One step's records (:meth:`KernelTrace.records`, one per launch) -> times in us from the first
     score program's ready stamp: per kernel ``first_start`` / ``last_start`` / ``first_ready`` /
     ``last_ready`` / ``last_end`` / ``programs``, per row ``score_done`` / ``select_end`` / ``attention_end``,
-    and ``span`` (to the last end of the last kernel)."""
+    ``span`` (to the last end of the last kernel) and ``memory_idle`` (the part of the span, after the first
+    score program's wait, in which no streaming program of :data:`STREAMING` runs)."""
     by: dict = {}
     for r in records:  # grouped modes launch each kernel once per group: one list of programs per kernel
         if r["kernel"] in by:
@@ -97,12 +113,16 @@ def summarise(records: list[dict], mode: str, rows: int, g: int, hkv: int) -> di
                      "attention": "attention_end", "merge": "merge_end"}[name]] = done
     last = [k for k in KERNELS if k in by][-1]
     out["span"] = out["kernels"][last]["last_end"]
+    streaming = [(max(0.0, us(s)), us(e)) for k in STREAMING if k in by for s, e in zip(by[k]["ready"], by[k]["end"])]
+    out["memory_idle"] = out["span"] - busy_union([(s, min(e, out["span"])) for s, e in streaming if e > 0])
     return out
 
 
 def median_summary(steps: list[dict]) -> dict:
     """Per kernel and field, the median over steps (the rows' lists element-wise)."""
     med = {"span": statistics.median(s["span"] for s in steps), "kernels": {}, "rows": {}}
+    if all("memory_idle" in s for s in steps):
+        med["memory_idle"] = statistics.median(s["memory_idle"] for s in steps)
     for name in steps[0]["kernels"]:
         med["kernels"][name] = {f: statistics.median(s["kernels"][name][f] for s in steps) for f in steps[0]["kernels"][name]}
     for field, vals in steps[0]["rows"].items():
@@ -234,9 +254,14 @@ def record(args) -> dict:
 
 def render_one(res: dict) -> str:
     m = res["median"]
+    idle = m.get("memory_idle")
+    if idle is None:  # recorded before the field existed: the middle step's, from its stamps
+        idle = summarise(res["raw_middle_step"], res["mode"], res["batch"] * res["kv_heads"],
+                         res["q_heads"] // res["kv_heads"], res["kv_heads"])["memory_idle"]
     lines = [f"## {res['model']} B={res['batch']} {res['tokens'] // 1024}K budget {res['budget']}, {res['mode']}: "
              f"span {m['span']:.1f} us, graph {res['graph_us_per_step']:.1f} us per step "
-             f"(median of {len(res['steps'])} steps)", "",
+             f"(median of {len(res['steps'])} steps); memory idle {idle:.1f} us of the span"
+             + (" (at least: the fused programs' selections count as streaming)" if "score_select" in m["kernels"] else ""), "",
              "| kernel | programs | first start | last start | first ready | last ready | last end | median busy |",
              "|---|---|---|---|---|---|---|---|"]
     for name, k in m["kernels"].items():

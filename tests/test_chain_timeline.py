@@ -51,13 +51,16 @@ def test_summarise_times_from_first_score_ready(tl_mod):
     assert s["rows"]["score_done"] == pytest.approx([9, 19])
     assert s["rows"]["select_end"] == pytest.approx([24, 29])
     assert s["rows"]["attention_end"] == pytest.approx([39, 44])
+    # streaming (score, attention) programs busy over [0, 19] and [30, 44]: idle 19-30 and 44-46
+    assert s["memory_idle"] == pytest.approx(13.0)
+    assert tl_mod.busy_union([(0, 2), (1, 3), (5, 6), (5.5, 5.7)]) == pytest.approx(4.0)
     med = tl_mod.median_summary([s, s, s])
     assert med["span"] == pytest.approx(46.0) and med["rows"]["select_end"] == pytest.approx([24, 29])
     doc = {"device": "test", "versions": {}, "commit": "x", "date": "d", "args": {}, "results": [
         {"model": "m", "batch": 1, "tokens": 16384, "budget": 4096, "mode": "split", "graph_us_per_step": 40.0,
          "median": med, "steps": [s], "raw_middle_step": recs}]}
     text = tl_mod.render(doc)
-    assert "span 46.0 us" in text and "| select | 2 | 4.0 | 5.0 | 20.0 |" in text
+    assert "span 46.0 us" in text and "memory idle 13.0 us" in text and "| select | 2 | 4.0 | 5.0 | 20.0 |" in text
     assert "selection end - scores done, per row: min 10.0" in text
 
 
