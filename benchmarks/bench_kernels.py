@@ -158,6 +158,12 @@ def parse_options(text: str) -> dict:
     return out
 
 
+def dense_decode(c: dict, scale: float) -> torch.Tensor:
+    """The dense baseline: SDPA decode of ``c["q"]`` ``[B, Hq, D]`` over the whole cache ``c["k"]`` /
+    ``c["v"]`` ``[B, Hkv, L, D]`` (``enable_gqa``), ``[B, Hq, 1, D]``."""
+    return torch.nn.functional.scaled_dot_product_attention(c["q"][:, :, None, :], c["k"], c["v"], scale=scale, enable_gqa=True)
+
+
 def _n_copies(touched: int, per_copy: int, l2: int) -> int:
     want = max(2, math.ceil(2 * l2 / max(1, touched)))
     return max(1, min(want, 64, MEM_LIMIT // max(1, per_copy)))
@@ -235,7 +241,6 @@ def run(args) -> dict:
     from tinyserve_patch.ops.triton_score import page_scores_triton
     from tinyserve_patch.ops.triton_select import select_pages_triton
 
-    sdpa = torch.nn.functional.scaled_dot_product_attention
     other_merge = "kernel" if DEFAULT_MERGE == "inline" else "inline"
     props = torch.cuda.get_device_properties(0)
     l2 = int(getattr(props, "L2_cache_size", 50 * 2**20) or 50 * 2**20)
@@ -272,8 +277,7 @@ def run(args) -> dict:
             return rec
 
         def dense():
-            c = copies.next()
-            return sdpa(c["q"][:, :, None, :], c["k"], c["v"], scale=scale, enable_gqa=True)
+            return dense_decode(copies.next(), scale)
 
         drec = add("dense_sdpa", length, kv_bytes + qo_bytes, dense)
         dense_ms = {m: drec[f"{m}_ms"] for m in ("eager", "graph") if f"{m}_ms" in drec}

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import itertools
 import json
 import os
 import statistics
@@ -133,7 +134,7 @@ def median_summary(steps: list[dict]) -> dict:
 def record(args) -> dict:
     import torch
 
-    from bench_kernels import MODELS, PAGE, Copies, _commit, _n_copies, _versions
+    from bench_kernels import MODELS, PAGE, Copies, _bench, _commit, _n_copies, _versions, dense_decode
     from tinyserve_patch.ops.trace import KernelTrace
     from tinyserve_patch.ops.triton_chain import quest_decode_chained_triton
     from tinyserve_patch.ops.triton_decode import sparse_decode_attention_triton
@@ -158,6 +159,8 @@ def record(args) -> dict:
         start = torch.zeros(batch, dtype=torch.int32, device="cuda")
         end = torch.full((batch,), length, dtype=torch.int32, device="cuda")
         scale = d**-0.5
+        rotation = itertools.cycle(copies.items)  # the baseline of this run: dense SDPA decode, CUDA graph
+        dense_us = 1e3 * _bench(lambda: dense_decode(next(rotation), scale), graph=True, rep=40)
         for mode in args.modes:
             traces = [KernelTrace("cuda", capacity=4 * batch * hq * 64 + 65536) for _ in range(args.calls)]
 
@@ -240,7 +243,8 @@ def record(args) -> dict:
             summaries = [summarise(s, mode, rows, hq // hkv, hkv) for s in middle]
             res = {"model": model, "batch": batch, "tokens": length, "budget": budget, "mode": mode,
                    "q_heads": hq, "kv_heads": hkv, "head_dim": d, "calls": args.calls, "copies": n,
-                   "graph_us_per_step": statistics.median(times), "median": median_summary(summaries),
+                   "graph_us_per_step": statistics.median(times), "dense_sdpa_us": dense_us,
+                   "median": median_summary(summaries),
                    "steps": summaries, "raw_middle_step": middle[len(middle) // 2]}
             results.append(res)
             print(render_one(res), flush=True)
@@ -260,7 +264,9 @@ def render_one(res: dict) -> str:
                          res["q_heads"] // res["kv_heads"], res["kv_heads"])["memory_idle"]
     lines = [f"## {res['model']} B={res['batch']} {res['tokens'] // 1024}K budget {res['budget']}, {res['mode']}: "
              f"span {m['span']:.1f} us, graph {res['graph_us_per_step']:.1f} us per step "
-             f"(median of {len(res['steps'])} steps); memory idle {idle:.1f} us of the span"
+             f"(median of {len(res['steps'])} steps)"
+             + (f", dense SDPA {res['dense_sdpa_us']:.1f} us in the same run" if "dense_sdpa_us" in res else "")
+             + f"; memory idle {idle:.1f} us of the span"
              + (" (at least: the fused programs' selections count as streaming)" if "score_select" in m["kernels"] else ""), "",
              "| kernel | programs | first start | last start | first ready | last ready | last end | median busy |",
              "|---|---|---|---|---|---|---|---|"]
@@ -281,6 +287,9 @@ def render(doc: dict) -> str:
     head = (f"# Decode-step timeline, {doc['device']}\n\n{doc['versions']}, commit {doc['commit']}, {doc['date']}. "
             f"Command: `python benchmarks/chain_timeline.py` with {doc['args']}. Times in us from the step's first "
             "score program passing its wait; 'ready': the program's wait has passed; 'busy': ready to end.\n")
+    if any("dense_sdpa_us" not in r for r in doc["results"]):
+        head += ("\nRecorded before the script timed dense SDPA: the dense baseline of these shapes on the same "
+                 "machine and day is in the `kernels_*.json` runs beside this file.\n")
     return head + "\n" + "\n".join(render_one(r) for r in doc["results"])
 
 

@@ -62,6 +62,10 @@ def test_summarise_times_from_first_score_ready(tl_mod):
     text = tl_mod.render(doc)
     assert "span 46.0 us" in text and "memory idle 13.0 us" in text and "| select | 2 | 4.0 | 5.0 | 20.0 |" in text
     assert "selection end - scores done, per row: min 10.0" in text
+    assert "Recorded before the script timed dense SDPA" in text  # this result has no dense_sdpa_us
+    doc["results"][0]["dense_sdpa_us"] = 480.0
+    text = tl_mod.render(doc)
+    assert "dense SDPA 480.0 us in the same run" in text and "Recorded before" not in text
 
 
 def test_parse_shape(tl_mod):
