@@ -36,14 +36,13 @@ capture) the split chain runs instead.
 from __future__ import annotations
 
 import torch
-
 import triton
 
 from ._triton_common import check, select_num_warps, sm_count, ticket_counters
 from .triton_decode import default_block_n, plan_splits, sparse_decode_attention_triton
 from .triton_fused_select import score_and_select_triton
-from .triton_score import page_scores_triton, score_meta
 from .trace import KernelTrace
+from .triton_score import page_scores_triton, score_meta
 from .triton_select import select_pages_triton
 
 
