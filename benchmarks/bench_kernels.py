@@ -13,7 +13,7 @@ what the launch overlap gains on Hopper) and with the attention's other way of m
 and the split pipeline again over fp8 page metadata (``SparseConfig.page_meta_dtype="fp8_e4m3"``: half
 the metadata bytes). Options add rows for a non-default plan, each alone and in the split chain:
 ``--select-ways`` / ``--select-finish`` (the selection's search), ``--merge-chunk`` (splits per tile of the attention's merge
-kernel), ``--score-per`` / ``--fp8-score-plan`` (score launch plans), ``--fp8-kv`` (an fp8 K/V cache).
+kernel), ``--score-plan`` / ``--fp8-score-plan`` (score launch plans), ``--fp8-kv`` (an fp8 K/V cache).
 
 Timing: ``triton.testing.do_bench`` (median, L2 flushed before each call) and, for every row, the same
 calls captured in a CUDA graph (``do_bench_cudagraph``, no launch overhead); each call rotates through
@@ -156,6 +156,27 @@ def parse_options(text: str) -> dict:
         else:
             out.setdefault("fused_options", {})[key] = val
     return out
+
+
+SCORE_PLAN_KEYS = ("blocks_per_program", "num_stages", "num_warps", "block_p")
+
+
+def parse_plan(text: str) -> dict:
+    """``"blocks_per_program=4,num_stages=4"`` -> keyword arguments of ``page_scores_triton`` (integers;
+    an unknown key or a non-integer value is an error)."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if key not in SCORE_PLAN_KEYS or not value.isdigit():
+            raise ValueError(f"score plan item {item!r}: expected one of {', '.join(SCORE_PLAN_KEYS)} = a positive integer")
+        out[key] = int(value)
+    return out
+
+
+def plan_tag(text: str) -> str:
+    """Row-name suffix of a plan: ``"blocks_per_program=4,num_stages=4"`` -> ``"p4s4"`` (keys' initials)."""
+    short = {"blocks_per_program": "p", "num_stages": "s", "num_warps": "w", "block_p": "b"}
+    return "".join(f"{short[k]}{v}" for k, v in parse_plan(text).items())
 
 
 def dense_decode(c: dict, scale: float) -> torch.Tensor:
@@ -364,8 +385,8 @@ def run(args) -> dict:
                     add(f"total_chained_fused_{text.replace('=', '').replace(',', '_')}", budget, total_bytes,
                         lambda opts=opts: chained_total(fused=True, **opts), dense_ms)
             plan_rows("meta8", "_fp8meta")  # the default plan over fp8 metadata
-            for per in args.score_per:
-                plan_rows("meta", f"_per{per}", blocks_per_program=per)
+            for text in args.score_plan:
+                plan_rows("meta", "_" + plan_tag(text), **parse_plan(text))
             if args.fp8_score_plan:
                 warps, stages = args.fp8_score_plan
                 plan_rows("meta8", f"_fp8meta_w{warps}s{stages}", num_warps=warps, num_stages=stages)
@@ -493,8 +514,10 @@ def parse_args(argv=None):
                    help="with --chained, also time the fused row-chained decode with these options, one row each: "
                         "num_splits, merge, or any option of the fused launch (num_warps, maxnreg, blocks_per_program, "
                         "finish, ways, num_stages), e.g. blocks_per_program=2,finish=32")
-    p.add_argument("--score-per", nargs="+", type=int, default=[], metavar="BLOCKS",
-                   help="also time the score walking this many page blocks per program, alone and in the split chain")
+    p.add_argument("--score-plan", nargs="+", default=[], metavar="KEY=VALUE,...",
+                   help="also time the score with this launch plan (blocks_per_program, num_stages, num_warps, block_p), "
+                        "alone and in the split chain, one pair of rows each (score_<plan>, total_split_<plan>), e.g. "
+                        "blocks_per_program=4,num_stages=4")
     p.add_argument("--fp8-score-plan", nargs=2, type=int, metavar=("WARPS", "STAGES"),
                    help="also time the fp8-metadata score with this launch plan, alone and in the split chain")
     p.add_argument("--fp8-kv", action="store_true",
@@ -513,6 +536,11 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.models, args.batches, args.lengths, args.budgets, args.rep = ["llama3-8b"], [1, 8], [16 * K, 64 * K], [2048], 25
+    for text in args.score_plan:
+        try:
+            parse_plan(text)
+        except ValueError as e:
+            p.error(str(e))
     for b in args.budgets:
         if b % PAGE:
             p.error(f"budget {b} is not a multiple of the page size {PAGE}")

@@ -129,7 +129,7 @@ def sweep(shape, bw: float, l2: int, rep: int, kernels, full_attention: bool = T
             rows.append(dict(base, kernel=kernel, **kw, default=not kw, ok=ok, graph_ms=_bench(fsc, graph=True, rep=rep),
                              floor_ms=nbytes / bw * 1e3))
     want_idx = c0["idx"]
-    select_grid = [{}] + [dict(num_warps=w, ways=k) for w, k in itertools.product((2, 4, 8, 16), (0, 1, 2, 3, 4))]
+    select_grid = [{}] + [dict(num_warps=w, ways=k) for w, k in itertools.product((1, 2, 4, 8, 16), (0, 1, 2, 3, 4))]
     select_grid += [dict(ways=2, finish=f) for f in (0, 16, 32, 64, 128)]  # the search ranking its last keys
     for kw in select_grid if "select" in kernels else ():
         got = select_pages_triton(c0["scores"], start, end, PAGE, nsel, 1, 1, **kw)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 K = 1024
 
@@ -68,3 +70,18 @@ def test_fused_chain_options_parse():
     assert bench_kernels.parse_options("num_splits=8,merge=inline,blocks_per_program=2,finish=32") == {
         "num_splits": 8, "merge": "inline", "fused_options": {"blocks_per_program": 2, "finish": 32}}
     assert bench_kernels.parse_options("") == {}
+
+
+def test_score_plan_parse_and_tag():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_kernels
+
+    assert bench_kernels.parse_plan("blocks_per_program=4,num_stages=4") == {"blocks_per_program": 4, "num_stages": 4}
+    assert bench_kernels.plan_tag("blocks_per_program=8,num_warps=8") == "p8w8"
+    for bad in ("stages=4", "num_stages=x", "num_stages"):
+        with pytest.raises(ValueError, match="score plan item"):
+            bench_kernels.parse_plan(bad)
+    with pytest.raises(SystemExit):
+        bench_kernels.parse_args(["--score-plan", "num_stages=two"])
