@@ -66,8 +66,9 @@ def test_scores_blocks_per_program(per):
 
 def test_default_launch():
     """About one program per SM, at most 4 blocks each, 4 warps; pipelined over 3 stages (2 over fp8
-    metadata) unless a program has one block."""
-    from tinyserve_patch.ops.triton_score import default_launch, walk_stages
+    metadata) unless a program has one block; 8 blocks where 4 would fill between half and all of one
+    wave (model-dtype metadata)."""
+    from tinyserve_patch.ops.triton_score import default_launch, resident_programs, score_shared_bytes, walk_stages
 
     bf16, fp8 = torch.bfloat16, torch.float8_e4m3fn
     assert default_launch(64, 132, bf16) == (1, 4, 1)  # TinyLlama B=1 / 16K
@@ -75,7 +76,17 @@ def test_default_launch():
     assert default_launch(512, 132, bf16) == (4, 4, 3)  # Llama-3-8B B=1 / 64K
     assert default_launch(4096, 132, fp8) == (4, 4, 2)  # Llama-3-8B B=8 / 64K
     assert default_launch(64, 132, fp8) == (1, 4, 1)
-    assert all(1 <= default_launch(n, 132, bf16)[0] <= 4 for n in range(1, 20000, 37))
+    assert default_launch(1024, 132, bf16, 64, 128) == (8, 4, 3)  # Llama-3-8B B=1 / 128K, B=8 / 16K: 256 of 396 slots
+    assert default_launch(2048, 132, bf16, 64, 64) == (8, 4, 3)  # TinyLlama B=8 / 64K: 512 of 792
+    assert default_launch(4096, 132, bf16, 64, 64) == (4, 4, 3)  # TinyLlama B=8 / 128K: 1.3 waves
+    assert default_launch(1024, 132, fp8, 64, 128) == (4, 4, 2)  # fp8 metadata keeps the rule
+    assert score_shared_bytes(64, 128, 2, 3) == 73984 and score_shared_bytes(64, 64, 2, 3) == 37120  # the sm_90 compile
+    assert resident_programs(132, 73984, 4) == 396
+    for n in range(1, 20000, 37):
+        per = default_launch(n, 132, bf16, 64, 128)[0]
+        assert 1 <= per <= 8
+        if per == 8:  # only where 4 blocks a program would fill more than half of one wave, not more
+            assert 396 < 2 * -(-n // 4) <= 792
     assert [walk_stages(per, bf16) for per in (1, 2, 8)] == [1, 3, 3]  # an override of the walk keeps the rule
 
 

@@ -239,25 +239,55 @@ def default_block_p(block_d: int) -> int:
     return 64 if block_d <= 128 else 32
 
 
-def default_launch(blocks: int, sms: int, meta_dtype: torch.dtype) -> tuple[int, int, int]:
-    """``(blocks_per_program, num_warps, num_stages)`` of a launch walking ``blocks`` page blocks in all
-    (rows x KV heads x blocks) on ``sms`` SMs: about one program per SM, walking at most 4 blocks each,
-    software-pipelined over 3 stages (1 when a program has one block), 4 warps. Chosen on the decode chain
-    (score -> select -> attention with PDL), where it counts, over three H100 runs of ``bench_kernels.py``
-    (2026-11-23, ``kernels_h100.json`` and ``kernels_h100_score_plan_old*.json``): against the earlier ~2
-    programs per SM with up to 8 blocks each, Llama-3-8B B=8 / 16K 58.7 -> 48.4 us, B=8 / 64K 89.0-92.1
-    -> 87.4, B=1 / 64K 30.3 -> 25.1, TinyLlama B=8 / 128K 55.3 -> 52.1 (a score grid of 1-2 waves followed
-    by a PDL launch loses up to 9 us). Timed alone the score prefers 8 blocks at 1-2K blocks (H200:
-    13.7 -> 10.6 us, ``tune_decode_h200_score.json``), but the chain does not gain from it (Llama-3-8B
-    B=8 / 16K 38.8 vs 39.5 us, B=1 / 128K 31.7 vs 32.6; ``kernels_h200_score_per_fd62df8.json``). The
-    fused score + select kernel (same walk) measured best at 4 blocks too (``tune_decode_h100_fused.json``).
+#: Shared memory and threads of one SM (sm_90) for :func:`resident_programs`.
+SM_SHARED_BYTES = 227 * 1024
+SM_THREADS = 2048
+
+
+def score_shared_bytes(block_p: int, block_d: int, meta_bytes: int, stages: int) -> int:
+    """Shared memory of one score program: ``stages - 1`` pipelined metadata blocks ``[BLOCK_P, 2, BLOCK_D]``
+    plus a ``[BLOCK_P, BLOCK_D]`` byte tile and 256 bytes of scratch. Equal to the sm_90 compile
+    (``benchmarks/resource_report.py``, Triton 3.9) at head_dim 64 and 128, bf16 and fp8, 1-4 stages
+    (e.g. 73984 bytes at d 128 / bf16 / 3 stages); at head_dim 256 it is low by 8 KB (an estimate)."""
+    return max(1, stages - 1) * block_p * 2 * block_d * meta_bytes + block_p * block_d + 256
+
+
+def resident_programs(sms: int, shared: int, num_warps: int) -> int:
+    """Score programs resident at once on ``sms`` SMs (shared memory and threads bound; 40-60 registers a
+    thread never do)."""
+    return sms * max(1, min(SM_SHARED_BYTES // shared, SM_THREADS // (32 * num_warps), 32))
+
+
+def default_launch(blocks: int, sms: int, meta_dtype: torch.dtype, block_p: int = 64, block_d: int = 128) -> tuple[int, int, int]:
+    """``(blocks_per_program, num_warps, num_stages)`` of a launch walking ``blocks`` page blocks of
+    ``block_p`` pages x ``block_d`` (all rows x KV heads) on ``sms`` SMs: about one program per SM, walking
+    at most 4 blocks each, software-pipelined over 3 stages (1 when a program has one block), 4 warps.
+    Chosen on the decode chain (score -> select -> attention with PDL), where it counts, over three H100
+    runs of ``bench_kernels.py`` (2026-11-23, ``kernels_h100.json`` and ``kernels_h100_score_plan_old*.json``):
+    against the earlier ~2 programs per SM with up to 8 blocks each, Llama-3-8B B=8 / 16K 58.7 -> 48.4 us,
+    B=8 / 64K 89.0-92.1 -> 87.4, B=1 / 64K 30.3 -> 25.1, TinyLlama B=8 / 128K 55.3 -> 52.1 (a score grid of
+    1-2 waves followed by a PDL launch loses up to 9 us). The fused score + select kernel (same walk)
+    measured best at 4 blocks too (``tune_decode_h100_fused.json``).
+
+    One exception over the model's dtype, 8 blocks a program: when the 4-block grid fills more than half
+    of one wave but not all of it (``resident_programs``). There the score launched back to back with itself ran at 57-58%
+    of its byte floor on the H200 (Llama-3-8B B=1 / 128K and B=8 / 16K, TinyLlama B=8 / 64K: 13.7-13.8
+    us) and at 8 blocks at 73-77% (10.3-10.8 us), while the decode chain was level (30.9 vs 31.2, 31.8
+    vs 31.3, 39.0 vs 38.8 us; ``kernels_h200_score_plan_ba01a82.json``, same run). The 4-block grid is
+    also fast there at 4 stages (2 programs an SM: 71%), and other shapes keep the rule (8 blocks at
+    0.16-0.32 or 1.3-2.6 waves: up to 35% slower alone, up to 4 us slower in the chain; same run).
     fp8 metadata: 2 stages (the fp16 products of :func:`load_group_query`): over the H200 grid of
     ``kernels_h200.json`` (48 shapes) the chain is up to 5.7 us faster than with the 8 warps / 3 stages
     chosen when its upcast went through fp32 (Llama-3-8B B=8 / 128K 81.2 -> 75.6 us, TinyLlama B=8 / 64K
     32.2 -> 28.6), 38 us less over the grid in all, and at most 1.6 us slower (TinyLlama B=1 / 128K;
     Llama-3-8B B=8 / 64K / 2048 +1.0)."""
+    warps = 4
     per = min(4, triton.cdiv(blocks, sms))
-    return per, 4, walk_stages(per, meta_dtype)
+    if per == 4 and meta_dtype not in FP8_DTYPES:  # (measured over the model's dtype only)
+        slots = resident_programs(sms, score_shared_bytes(block_p, block_d, meta_dtype.itemsize, walk_stages(4, meta_dtype)), warps)
+        if slots < 2 * triton.cdiv(blocks, 4) <= 2 * slots:
+            per = 8
+    return per, warps, walk_stages(per, meta_dtype)
 
 
 def walk_stages(per: int, meta_dtype: torch.dtype) -> int:
@@ -282,7 +312,7 @@ def plan_walk(
     unless overridden; shared by the score and the fused score + select launches)."""
     block_p = block_p or default_block_p(consts["BLOCK_D"])
     blocks = triton.cdiv(pages, block_p)
-    per, warps, _ = default_launch(batch_heads * blocks, sm_count(device), meta_dtype)
+    per, warps, _ = default_launch(batch_heads * blocks, sm_count(device), meta_dtype, block_p, consts["BLOCK_D"])
     per = blocks_per_program or per
     check(per >= 1, f"blocks_per_program={per} must be >= 1")
     return dict(
