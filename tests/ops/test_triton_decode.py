@@ -199,9 +199,8 @@ def test_decode_fp8_cache_bf16_query_any_magnitude(softcap):
 
 @pytest.mark.parametrize("g,d,n_sel,num_splits", [(4, 32, 12, 2), (4, 32, 12, 3), (4, 32, 12, 5), (5, 128, 20, 10)])
 def test_decode_inline_merge_equals_reference_call_after_call(g, d, n_sel, num_splits):
-    """merge="inline": the last split of each (row, KV head) merges, in one tile or (10 splits of 5 heads x
-    128 dims: over MERGE_TILE_ELEMS) in two; its counter is reset, so repeated launches (as CUDA graphs
-    replay them) stay right; it agrees with the merge kernel."""
+    """merge="inline": the last split of each (row, KV head) merges (up to 10 splits of 5 heads x 128
+    dims); its counter is reset, so repeated launches (as CUDA graphs replay them) stay right."""
     gn = gen(13)
     b, h, ps, cap = 2, 2, 8, 256
     k, v, _ = cache(b, h, cap, d, ps, torch.bfloat16, gn)
@@ -210,7 +209,7 @@ def test_decode_inline_merge_equals_reference_call_after_call(g, d, n_sel, num_s
         idx = random_indices(b, h, cap // ps, n_sel, gn, pad=step)
         start, end = rows(b, cap, gn, empty_row=step == 1)
         out = sparse_decode_attention_triton(q, k, v, idx, start, end, ps, d**-0.5, num_splits=num_splits, block_n=16, merge="inline")
-        kernel = sparse_decode_attention_triton(q, k, v, idx, start, end, ps, d**-0.5, num_splits=num_splits, block_n=16, merge="kernel")
+        kernel = sparse_decode_attention_triton(q, k, v, idx, start, end, ps, d**-0.5, num_splits=num_splits, block_n=16)
         expect = ref.sparse_decode_attention(q.float(), k.float(), v.float(), idx, start, end, ps, d**-0.5)
         assert rel_err(out, expect) < TOL[torch.bfloat16]
         torch.testing.assert_close(out.float(), kernel.float(), atol=2e-2, rtol=2e-2)
@@ -218,19 +217,3 @@ def test_decode_inline_merge_equals_reference_call_after_call(g, d, n_sel, num_s
     from tinyserve_patch.ops._triton_common import ticket_counters
 
     assert not ticket_counters(q.device, b * h)[: b * h].any()  # every counter back to zero
-
-
-def test_auto_merge_is_inline_where_one_tile_holds_every_split():
-    """The default merge ("auto"): inline (one round trip in the last program) while [splits, G, D] fits one
-    tile of MERGE_TILE_ELEMS fp32, else the merge kernel; the tiles are powers of two."""
-    from tinyserve_patch.ops.triton_decode import DEFAULT_MERGE, MERGE_TILE_ELEMS, inline_merge_tiles
-
-    assert DEFAULT_MERGE == "auto"
-    assert inline_merge_tiles(8, 4, 128) == {"G_M": 4, "MERGE_S": 8, "MERGE_CHUNK": 8}  # Llama-3-8B, 8 splits: one tile
-    assert inline_merge_tiles(32, 8, 64) == {"G_M": 8, "MERGE_S": 32, "MERGE_CHUNK": 16}  # TinyLlama, 32 splits: two
-    assert inline_merge_tiles(10, 5, 128) == {"G_M": 8, "MERGE_S": 16, "MERGE_CHUNK": 8}
-    assert inline_merge_tiles(3, 64, 256)["MERGE_CHUNK"] == 1  # a tile larger than the budget: one split at a time
-    for splits, g, d in [(2, 4, 64), (16, 8, 64), (7, 5, 128), (64, 1, 128)]:
-        t = inline_merge_tiles(splits, g, d)
-        assert t["MERGE_CHUNK"] & (t["MERGE_CHUNK"] - 1) == 0 and t["MERGE_CHUNK"] <= t["MERGE_S"]
-        assert t["MERGE_CHUNK"] * t["G_M"] * d <= MERGE_TILE_ELEMS or t["MERGE_CHUNK"] == 1

@@ -12,8 +12,7 @@ and walks it ``BLOCK_N`` tokens at a time, all ``G`` query heads of the KV head 
 soft-capping ``cap * tanh(s / cap)``. With one split it writes the output directly; otherwise it writes
 the normalised partial output and the log2-sum-exp to an fp32 workspace and kernel 2, grid ``(B * Hq,)``,
 merges the splits (or, with ``merge="inline"``, the last split of each (row, KV head) to finish merges
-them in one tile, found with an atomic counter that it resets; ``"auto"``, the default, picks inline
-where every split fits one tile). ``num_splits`` depends on shapes only (``~2 x`` SM
+them, found with an atomic counter that it resets). ``num_splits`` depends on shapes only (``~2 x`` SM
 count programs), so the launch is static and CUDA-graph safe. K/V may be stored as float8_e4m3fn: loads
 are upcast to q's dtype.
 """
@@ -31,46 +30,6 @@ from .reference import FP8_DTYPES
 from .trace import KernelTrace
 
 LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _merge_row(o_ws_ptr, lse_ws_ptr, out_base, ws0, num_splits, stride_oh, offs_d, dmask,
-               G: tl.constexpr, G_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-               MERGE_S: tl.constexpr, MERGE_CHUNK: tl.constexpr):
-    """The inline merge of one (row, KV head): its ``num_splits`` partial outputs (workspace rows
-    ``ws0 + split * G + g``, fp32 ``[HEAD_DIM]`` each, normalised) and log2-sum-exps into the ``G`` output
-    rows at ``out_base`` (``stride_oh`` apart), weighted by ``2^(lse - max)``. Every split's lse in one
-    ``[MERGE_S, G_M]`` tile and, while ``MERGE_CHUNK == MERGE_S``, every partial in one ``[MERGE_S, G_M,
-    BLOCK_D]`` tile loaded beside it (one memory round trip); above :data:`MERGE_TILE_ELEMS` the partials
-    in ``MERGE_CHUNK``-split tiles after the lse (one round trip each). ``.cg``: the workspace was
-    written by other programs of this grid."""
-    g = tl.arange(0, G_M)
-    s = tl.arange(0, MERGE_S)
-    live = (s[:, None] < num_splits) & (g[None, :] < G)  # [MERGE_S, G_M]
-    rows = ws0 + s[:, None] * G + g[None, :]
-    if MERGE_CHUNK == MERGE_S:  # the partials loaded beside the lse
-        o = tl.load(o_ws_ptr + rows[:, :, None] * HEAD_DIM + offs_d[None, None, :], mask=live[:, :, None] & dmask[None, None, :],
-                    other=0.0, cache_modifier=".cg")  # [MERGE_S, G_M, BLOCK_D]
-    lse = tl.load(lse_ws_ptr + rows, mask=live, other=float("-inf"), cache_modifier=".cg")
-    m = tl.max(lse, axis=0)
-    m_use = tl.where(m == float("-inf"), 0.0, m)  # a query head with no token in any split: weights 0
-    w = tl.exp2(lse - m_use[None, :])
-    w_sum = tl.sum(w, axis=0)  # [G_M]
-    if MERGE_CHUNK == MERGE_S:
-        merged = tl.sum(w[:, :, None] * o, axis=0)
-    else:
-        merged = tl.zeros([G_M, BLOCK_D], tl.float32)
-        for c in range(0, num_splits, MERGE_CHUNK):
-            sc = c + tl.arange(0, MERGE_CHUNK)
-            live_c = (sc[:, None] < num_splits) & (g[None, :] < G)
-            rows_c = ws0 + sc[:, None] * G + g[None, :]
-            w_c = tl.exp2(tl.load(lse_ws_ptr + rows_c, mask=live_c, other=float("-inf"), cache_modifier=".cg") - m_use[None, :])
-            o_c = tl.load(o_ws_ptr + rows_c[:, :, None] * HEAD_DIM + offs_d[None, None, :],
-                          mask=live_c[:, :, None] & dmask[None, None, :], other=0.0, cache_modifier=".cg")
-            merged += tl.sum(w_c[:, :, None] * o_c, axis=0)
-    res = tl.where(w_sum[:, None] > 0.0, merged / tl.where(w_sum > 0.0, w_sum, 1.0)[:, None], 0.0)
-    tl.store(out_base + g[:, None].to(tl.int64) * stride_oh + offs_d[None, :], res.to(out_base.dtype.element_ty),
-             mask=(g[:, None] < G) & dmask[None, :])
 
 
 @triton.jit
@@ -117,9 +76,6 @@ def _decode_split_kernel(
     SCALED_F16: tl.constexpr,
     PDL: tl.constexpr,
     TRACE: tl.constexpr,
-    G_M: tl.constexpr,
-    MERGE_S: tl.constexpr,
-    MERGE_CHUNK: tl.constexpr,
 ):
     trace_mark(trace_ptr, 0, TRACE)
     if CHAIN:  # row-chained (triton_chain): grid (num_splits, B * Hkv); wait for this row's selection only
@@ -212,9 +168,26 @@ def _decode_split_kernel(
             tl.debug_barrier()
             done = tl.atomic_add(counter_ptr + bh, 1, sem="acq_rel")
             if done == num_splits - 1:
-                _merge_row(o_ws_ptr, lse_ws_ptr, out_ptr + b.to(tl.int64) * stride_ob + (h * G).to(tl.int64) * stride_oh,
-                           bh.to(tl.int64) * num_splits * G, num_splits, stride_oh, offs_d, dmask,
-                           G, G_M, HEAD_DIM, BLOCK_D, MERGE_S, MERGE_CHUNK)
+                ws0 = bh.to(tl.int64) * num_splits * G + rows  # [G_PAD] workspace rows of split 0
+                m = tl.full([G_PAD], float("-inf"), tl.float32)
+                for s in range(0, num_splits):
+                    ls = tl.load(lse_ws_ptr + ws0 + s * G, mask=row_mask, other=float("-inf"), cache_modifier=".cg")
+                    m = tl.maximum(m, ls)
+                m_use = tl.where(m == float("-inf"), 0.0, m)
+                w_sum = tl.zeros([G_PAD], tl.float32)
+                merged = tl.zeros([G_PAD, BLOCK_D], tl.float32)
+                for s in range(0, num_splits):
+                    ls = tl.load(lse_ws_ptr + ws0 + s * G, mask=row_mask, other=float("-inf"), cache_modifier=".cg")
+                    w = tl.exp2(ls - m_use)
+                    o_s = tl.load(
+                        o_ws_ptr + (ws0 + s * G)[:, None] * HEAD_DIM + offs_d[None, :],
+                        mask=row_mask[:, None] & dmask[None, :], other=0.0, cache_modifier=".cg",
+                    )
+                    merged += w[:, None] * o_s
+                    w_sum += w
+                res = tl.where(w_sum[:, None] > 0.0, merged / tl.where(w_sum > 0.0, w_sum, 1.0)[:, None], 0.0)
+                out_ptrs = out_ptr + b.to(tl.int64) * stride_ob + (h * G + rows)[:, None].to(tl.int64) * stride_oh + offs_d[None, :]
+                tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & dmask[None, :])
                 tl.atomic_xchg(counter_ptr + bh, 0)
     if CHAIN:  # the last program of the row re-arms its flag for the next launch
         tl.debug_barrier()
@@ -283,13 +256,11 @@ def _decode_merge_kernel(
     trace_mark(trace_ptr, 2, TRACE)
 
 
-#: How several splits are merged by default: ``"kernel"`` (a second launch), ``"inline"`` (the last split
-#: of each (row, KV head) merges, found by an atomic counter; one launch) or ``"auto"``: inline where one
-#: tile holds every split's partial outputs (:func:`inline_merge_tiles`: one memory round trip in the last
-#: program instead of a dependent launch), else the kernel. Until 2026-12-02 the inline merge read the
-#: splits one at a time (a round trip each: 4.8 us median in the fused chain's timeline, up to 9) and the
-#: kernel was the default; see ``benchmarks/NOTES.md`` for the measurement behind ``"auto"``.
-DEFAULT_MERGE = "auto"
+#: How several splits are merged by default: ``"kernel"`` (a second launch) or ``"inline"`` (the last split
+#: of each (row, KV head) merges, found by an atomic counter; one launch). The H100 sweep
+#: (``benchmarks/tune_decode.py``, 2026-11-23) measured them equal (30.7 vs 30.8 us at Llama-3-8B B=8 / 64K),
+#: so the simpler second kernel stays the default and inline stays a tuning option.
+DEFAULT_MERGE = "kernel"
 
 
 def default_block_n(head_dim: int) -> int:
@@ -322,17 +293,6 @@ def merge_tile(splits: int, block_d: int, chunk: int | None = None) -> int:
     return min(block_s, triton.next_power_of_2(want))
 
 
-def inline_merge_tiles(splits: int, g: int, block_d: int) -> dict:
-    """Constexprs of the inline merge (:func:`_merge_row`): ``G_M`` (query heads per KV head, a power of
-    two), ``MERGE_S`` (every split's lse in one tile) and ``MERGE_CHUNK`` (splits per partial-output tile:
-    all of them while ``[splits, G_M, block_d]`` fp32 fits :data:`MERGE_TILE_ELEMS`, else the largest power
-    of two that does, at least 1)."""
-    g_m = triton.next_power_of_2(g)
-    block_s = triton.next_power_of_2(splits)
-    chunk = max(1, min(block_s, MERGE_TILE_ELEMS // (g_m * block_d)))
-    return dict(G_M=g_m, MERGE_S=block_s, MERGE_CHUNK=1 << (chunk.bit_length() - 1))
-
-
 def sparse_decode_attention_triton(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -354,7 +314,7 @@ def sparse_decode_attention_triton(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``[B, Hq, D]`` attention over the selected pages (see module docstring). ``num_splits``,
-    ``block_n``, ``num_warps``, ``num_stages`` and ``merge`` (``"auto"`` / ``"kernel"`` / ``"inline"``, see
+    ``block_n``, ``num_warps``, ``num_stages`` and ``merge`` (``"kernel"`` / ``"inline"``, see
     :data:`DEFAULT_MERGE`) override the tuned defaults (tests, tuning); so does ``merge_chunk``, the splits the
     merge kernel reads per tile (default: all of them in one tile, see :func:`merge_tile`). ``chain``: ``(flags, done)``, the
     row-chained mode (:mod:`triton_chain`): a row's programs wait until its flag is set (by its selection)
@@ -363,7 +323,7 @@ def sparse_decode_attention_triton(
     the result there (``[B, Hq, D]`` in q's dtype on q's device, last dim contiguous; e.g. a slice of a
     larger batch's output) instead of a new tensor."""
     merge = merge or DEFAULT_MERGE
-    check(merge in ("auto", "kernel", "inline"), f"merge={merge!r}: allowed 'auto', 'kernel' or 'inline'")
+    check(merge in ("kernel", "inline"), f"merge={merge!r}: allowed 'kernel' or 'inline'")
     check(k_cache.dim() == 4 and v_cache.shape == k_cache.shape, "k_cache / v_cache must be [B, Hkv, cap, D] alike")
     check_float_dtype(q, "q")
     check(
@@ -408,9 +368,6 @@ def sparse_decode_attention_triton(
         per = triton.cdiv(triton.cdiv(n_sel * page_size, num_splits), block_n) * block_n
         splits = triton.cdiv(n_sel * page_size, per)
     single = splits == 1
-    if merge == "auto":
-        tiles = inline_merge_tiles(splits, g, block_d)
-        merge = "inline" if tiles["MERGE_CHUNK"] == tiles["MERGE_S"] else "kernel"
     counters = ticket_counters(q.device, b * hkv) if merge == "inline" and not single else None
     inline = counters is not None
     if single:
@@ -432,7 +389,6 @@ def sparse_decode_attention_triton(
         PAGE_SIZE=page_size, SOFTCAP=bool(softcap), SINGLE=single, F32=f32_dot(q.dtype), INLINE_MERGE=inline,
         CHAIN=chain is not None, SCALED_F16=scaled_f16(q.dtype, k_cache.dtype), TRACE=traced,
         num_warps=num_warps or (4 if block_d <= 128 else 8), num_stages=num_stages, PDL=pdl, launch_pdl=pdl,
-        **(inline_merge_tiles(splits, g, block_d) if inline else dict(G_M=1, MERGE_S=1, MERGE_CHUNK=1)),
     )
     if not single and not inline:
         _decode_merge_kernel[(b * hq,)](
