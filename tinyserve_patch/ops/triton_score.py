@@ -274,8 +274,9 @@ def default_launch(blocks: int, sms: int, meta_dtype: torch.dtype, block_p: int 
     of its byte floor on the H200 (Llama-3-8B B=1 / 128K and B=8 / 16K, TinyLlama B=8 / 64K: 13.7-13.8
     us) and at 8 blocks at 73-77% (10.3-10.8 us), while the decode chain was level (30.9 vs 31.2, 31.8
     vs 31.3, 39.0 vs 38.8 us; ``kernels_h200_score_plan_ba01a82.json``, same run). The 4-block grid is
-    also fast there at 4 stages (2 programs an SM: 71%), and other shapes keep the rule (8 blocks at
-    0.16-0.32 or 1.3-2.6 waves: up to 35% slower alone, up to 4 us slower in the chain; same run).
+    also fast there alone at 4 stages (2 programs an SM: 70-72%), but 7 us slower in the chain at
+    Llama-3-8B B=8 / 16K; and every other shape keeps the rule (8 blocks at 0.16-0.32 or 1.3-2.6 waves:
+    up to 2.5x slower alone, up to 4.1 us slower in the chain; same run).
     fp8 metadata: 2 stages (the fp16 products of :func:`load_group_query`): over the H200 grid of
     ``kernels_h200.json`` (48 shapes) the chain is up to 5.7 us faster than with the 8 warps / 3 stages
     chosen when its upcast went through fp32 (Llama-3-8B B=8 / 128K 81.2 -> 75.6 us, TinyLlama B=8 / 64K
