@@ -55,3 +55,34 @@ def test_resource_report_on_a_small_shape(tmp_path):
     # conversion-bound on the H200)
     for name in fp8:
         assert rows[name]["f2f"] == 0 and rows[name]["hmma"] > 0, rows[name]
+
+
+def test_score_shared_bytes_matches_the_sm90_compile(tmp_path):
+    """triton_score.score_shared_bytes (the score plan's occupancy estimate) equals the shared memory of the
+    score kernel compiled for sm_90 by the installed Triton, at head_dim 64 and 128, bf16 and fp8, 2-4
+    stages (a real compile in a subprocess: the tests run under the interpreter)."""
+    triton = pytest.importorskip("triton")
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("this Triton has no bundled ptxas")
+    script = tmp_path / "smem.py"
+    script.write_text(
+        "import sys, torch\n"
+        f"sys.path[:0] = [{str(ROOT / 'benchmarks')!r}, {str(ROOT)!r}]\n"
+        "import resource_report as rr\n"
+        "from tinyserve_patch.ops import triton_score as ts\n"
+        "dev = torch.device('meta')\n"
+        "for d, dtype, stages in [(64, torch.bfloat16, 3), (128, torch.bfloat16, 2), (128, torch.bfloat16, 4),\n"
+        "                         (128, torch.float8_e4m3fn, 2), (64, torch.float8_e4m3fn, 3)]:\n"
+        "    q = torch.empty(2, 8, d, dtype=torch.bfloat16, device=dev)\n"
+        "    meta = torch.empty(2, 2, 1024, 2, d, dtype=dtype, device=dev)\n"
+        "    s = torch.empty(2, dtype=torch.int32, device=dev)\n"
+        "    launch = rr.capture_launch(ts._score_kernel, lambda: ts.page_scores_triton(q, meta, s, s, 16, 'max',\n"
+        "                               blocks_per_program=4, num_stages=stages))\n"
+        "    got = rr.report('score', ts._score_kernel, launch)['smem_bytes']\n"
+        "    want = ts.score_shared_bytes(ts.default_block_p(d), d, dtype.itemsize, stages)\n"
+        "    print(d, dtype, stages, got, want)\n"
+        "    assert got == want, (d, dtype, stages, got, want)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
