@@ -13,7 +13,8 @@ after warm-up; the middle steps are summarised.
 
 Per step, in microseconds from the step's first score program passing its wait: for each kernel the
 first start, the last start, the first and last "ready", the last end; per (row, KV head) the time its
-scores are complete, its selection ends and its attention ends; the step's span (first score ready to
+scores are complete, its selection ends, its attention is ready, all but its last attention program
+have ended (the last one merges, with the inline merge) and its attention ends; the step's span (first score ready to
 the last merge end) against the graph's time per step. ``--plot`` draws the middle step as bars per SM.
 """
 
@@ -106,12 +107,17 @@ def summarise(records: list[dict], mode: str, rows: int, g: int, hkv: int) -> di
         if not per_launch:
             continue
         per_row = max(1, len(r["start"]) // rows)
-        done = [float("-inf")] * rows
-        for prog, end in enumerate(r["end"]):
+        ends: list[list[float]] = [[] for _ in range(rows)]
+        ready = [float("inf")] * rows
+        for prog, (rdy, end) in enumerate(zip(r["ready"], r["end"])):
             row = row_of(name, mode, prog, rows, per_row, g, hkv)
-            done[row] = max(done[row], us(end))
+            ends[row].append(us(end))
+            ready[row] = min(ready[row], us(rdy))
         out["rows"][{"score": "score_done", "score_select": "select_end", "select": "select_end",
-                     "attention": "attention_end", "merge": "merge_end"}[name]] = done
+                     "attention": "attention_end", "merge": "merge_end"}[name]] = [max(e) for e in ends]
+        if name == "attention":  # where a row's attention tail goes: its first program ready, all but its last done
+            out["rows"]["attention_ready"] = ready
+            out["rows"]["attention_but_last"] = [sorted(e)[-2] if len(e) > 1 else max(e) for e in ends]
     last = [k for k in KERNELS if k in by][-1]
     out["span"] = out["kernels"][last]["last_end"]
     streaming = [(max(0.0, us(s)), us(e)) for k in STREAMING if k in by for s, e in zip(by[k]["ready"], by[k]["end"])]
@@ -280,6 +286,20 @@ def render_one(res: dict) -> str:
         if "score_done" in rows and "select_end" in rows:
             lag = [s - d for d, s in zip(rows["score_done"], rows["select_end"])]
             lines.append(f"selection end - scores done, per row: min {min(lag):.1f} / median {statistics.median(lag):.1f} / max {max(lag):.1f} us")
+        tail, which = rows, ""
+        if "attention_end" in rows and "attention_ready" not in rows and res.get("raw_middle_step"):
+            # recorded before the field existed: the middle step's, from its stamps
+            tail = summarise(res["raw_middle_step"], res["mode"], res["batch"] * res["kv_heads"],
+                             res["q_heads"] // res["kv_heads"], res["kv_heads"])["rows"]
+            which = " (middle step)"
+        if "attention_ready" in tail:
+            last = max(range(len(tail["attention_end"])), key=tail["attention_end"].__getitem__)
+            after = [e - b for b, e in zip(tail["attention_but_last"], tail["attention_end"])]
+            lines.append(
+                f"attention tail{which}: the row ending last ({last}) is ready at {tail['attention_ready'][last]:.1f}, all but its "
+                f"last program end by {tail['attention_but_last'][last]:.1f}, its last at {tail['attention_end'][last]:.1f} us; a "
+                f"row's last program ends after the row's others by median {statistics.median(after):.1f} / max {max(after):.1f} us "
+                f"(its own later attention, and the merge where the attention merges inline)")
     return "\n".join(lines) + "\n"
 
 

@@ -51,6 +51,8 @@ def test_summarise_times_from_first_score_ready(tl_mod):
     assert s["rows"]["score_done"] == pytest.approx([9, 19])
     assert s["rows"]["select_end"] == pytest.approx([24, 29])
     assert s["rows"]["attention_end"] == pytest.approx([39, 44])
+    assert s["rows"]["attention_ready"] == pytest.approx([30, 30])
+    assert s["rows"]["attention_but_last"] == pytest.approx([39, 44])  # one program per row: its own end
     # streaming (score, attention) programs busy over [0, 19] and [30, 44]: idle 19-30 and 44-46
     assert s["memory_idle"] == pytest.approx(13.0)
     assert tl_mod.busy_union([(0, 2), (1, 3), (5, 6), (5.5, 5.7)]) == pytest.approx(4.0)
@@ -62,10 +64,31 @@ def test_summarise_times_from_first_score_ready(tl_mod):
     text = tl_mod.render(doc)
     assert "span 46.0 us" in text and "memory idle 13.0 us" in text and "| select | 2 | 4.0 | 5.0 | 20.0 |" in text
     assert "selection end - scores done, per row: min 10.0" in text
+    assert "attention tail: the row ending last (1) is ready at 30.0, all but its last program end by 44.0" in text
     assert "Recorded before the script timed dense SDPA" in text  # this result has no dense_sdpa_us
     doc["results"][0]["dense_sdpa_us"] = 480.0
     text = tl_mod.render(doc)
     assert "dense SDPA 480.0 us in the same run" in text and "Recorded before" not in text
+
+
+def test_attention_tail_per_row(tl_mod):
+    """Chained attention grid (per_row, rows): per row its first ready stamp, the end of all but its last
+    program and the last end (the inline merge runs in that last program)."""
+    us = 1000
+    recs = [
+        _rec("score_select", [(0, 0, 10 * us)] * 2 + [(0, 0, 20 * us)] * 2),  # 2 rows x 2 programs
+        _rec("attention", [(5 * us, 12 * us, 18 * us), (5 * us, 11 * us, 25 * us),  # row 0: ready 11, ends 18 / 25
+                           (6 * us, 22 * us, 30 * us), (6 * us, 21 * us, 31 * us)]),  # row 1: ready 21, ends 30 / 31
+    ]
+    s = tl_mod.summarise(recs, "fused_chained", rows=2, g=4, hkv=2)
+    assert s["rows"]["attention_ready"] == pytest.approx([11, 21])
+    assert s["rows"]["attention_but_last"] == pytest.approx([18, 30])
+    assert s["rows"]["attention_end"] == pytest.approx([25, 31])
+    res = {"model": "m", "batch": 1, "tokens": 65536, "budget": 2048, "mode": "fused_chained", "graph_us_per_step": 33.0,
+           "median": tl_mod.median_summary([s]), "steps": [s], "raw_middle_step": recs, "dense_sdpa_us": 100.0}
+    text = tl_mod.render_one(res)
+    assert "the row ending last (1) is ready at 21.0, all but its last program end by 30.0, its last at 31.0 us" in text
+    assert "by median 4.0 / max 7.0 us" in text  # each row's last program after its others: 7 and 1
 
 
 def test_parse_shape(tl_mod):
