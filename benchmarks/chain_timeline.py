@@ -264,10 +264,12 @@ def record(args) -> dict:
 
 def render_one(res: dict) -> str:
     m = res["median"]
-    idle = m.get("memory_idle")
-    if idle is None:  # recorded before the field existed: the middle step's, from its stamps
-        idle = summarise(res["raw_middle_step"], res["mode"], res["batch"] * res["kv_heads"],
-                         res["q_heads"] // res["kv_heads"], res["kv_heads"])["memory_idle"]
+    middle = None  # fields recorded after this result: the middle step's, from its stamps (summarised once)
+    if "memory_idle" not in m or ("attention_end" in m["rows"] and "attention_ready" not in m["rows"]
+                                  and res.get("raw_middle_step")):
+        middle = summarise(res["raw_middle_step"], res["mode"], res["batch"] * res["kv_heads"],
+                           res["q_heads"] // res["kv_heads"], res["kv_heads"])
+    idle = m["memory_idle"] if "memory_idle" in m else middle["memory_idle"]
     lines = [f"## {res['model']} B={res['batch']} {res['tokens'] // 1024}K budget {res['budget']}, {res['mode']}: "
              f"span {m['span']:.1f} us, graph {res['graph_us_per_step']:.1f} us per step "
              f"(median of {len(res['steps'])} steps)"
@@ -287,11 +289,8 @@ def render_one(res: dict) -> str:
             lag = [s - d for d, s in zip(rows["score_done"], rows["select_end"])]
             lines.append(f"selection end - scores done, per row: min {min(lag):.1f} / median {statistics.median(lag):.1f} / max {max(lag):.1f} us")
         tail, which = rows, ""
-        if "attention_end" in rows and "attention_ready" not in rows and res.get("raw_middle_step"):
-            # recorded before the field existed: the middle step's, from its stamps
-            tail = summarise(res["raw_middle_step"], res["mode"], res["batch"] * res["kv_heads"],
-                             res["q_heads"] // res["kv_heads"], res["kv_heads"])["rows"]
-            which = " (middle step)"
+        if "attention_ready" not in rows and middle is not None:
+            tail, which = middle["rows"], " (middle step)"
         if "attention_ready" in tail:
             last = max(range(len(tail["attention_end"])), key=tail["attention_end"].__getitem__)
             after = [e - b for b, e in zip(tail["attention_but_last"], tail["attention_end"])]
