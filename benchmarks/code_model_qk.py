@@ -3,6 +3,7 @@ the shipped code model's queries and keys over CPython source, and the JSON they
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import sys
@@ -17,6 +18,18 @@ if str(ROOT) not in sys.path:
 from benchmarks.bench_kernels import _commit, _versions  # noqa: E402
 
 DEFAULT_MODEL = str(ROOT / "tinyserve_patch/models/tinyserve-code-lm")
+
+
+def study_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments every study on the code model takes (``--model``, ``--tokens``, ``--budgets``,
+    ``--dense-layers``, ``--out``), described by the first paragraph of the study's ``doc``."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--budgets", nargs="+", type=int, default=[128, 256, 512, 1024])
+    p.add_argument("--dense-layers", type=int, default=2)
+    p.add_argument("--out", default=None)
+    return p
 
 
 def capture_qk(model, input_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -21,7 +21,6 @@ metadata) ``+ candidates / pages`` (their exact metadata).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -31,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.code_model_qk import DEFAULT_MODEL, code_model_qk, write_study  # noqa: E402
+from benchmarks.code_model_qk import code_model_qk, study_parser, write_study  # noqa: E402
 from tinyserve_patch.ops.reference import fp8_round_directed, meta_to_fp8, page_scores  # noqa: E402
 
 PAGE = 16
@@ -69,14 +68,9 @@ def step_stats(q: torch.Tensor, keys: torch.Tensor, k_sel: int) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--tokens", type=int, default=8192)
-    p.add_argument("--budgets", nargs="+", type=int, default=[128, 256, 512, 1024])
+    p = study_parser(__doc__)
     p.add_argument("--positions", type=int, default=24, help="decode positions sampled in [2K, tokens)")
-    p.add_argument("--dense-layers", type=int, default=2)
     p.add_argument("--source", default=None, help="a text file (default: CPython's own source files)")
-    p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
     qk, n = code_model_qk(args.model, args.tokens, args.source)

@@ -21,7 +21,6 @@ independent step to step), which is why it is measured here first.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -31,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.code_model_qk import DEFAULT_MODEL, code_model_qk, write_study  # noqa: E402
+from benchmarks.code_model_qk import code_model_qk, study_parser, write_study  # noqa: E402
 from benchmarks.select_ablation import _sortable, search_passes  # noqa: E402
 from tinyserve_patch.ops.reference import page_scores  # noqa: E402
 
@@ -122,15 +121,10 @@ def summarize(rows: list[dict], margins) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--tokens", type=int, default=8192)
-    p.add_argument("--budgets", nargs="+", type=int, default=[128, 256, 512, 1024])
+    p = study_parser(__doc__)
     p.add_argument("--starts", type=int, default=8, help="runs of consecutive positions, spread over [2K, tokens)")
     p.add_argument("--steps", type=int, default=8, help="consecutive decode steps per run")
     p.add_argument("--margins", nargs="+", type=float, default=[0.005, 0.02, 0.05, 0.1])
-    p.add_argument("--dense-layers", type=int, default=2)
-    p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
     qk, n = code_model_qk(args.model, args.tokens)
