@@ -143,13 +143,19 @@ def without_pdl(fn):
     return call
 
 
+def key_values(text: str):
+    """``"a=1,b=x"`` -> ``("a=1", "a", "1"), ("b=x", "b", "x")``: the items of a ``KEY=VALUE,...`` option."""
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        yield item, key, value
+
+
 def parse_options(text: str) -> dict:
     """``"num_splits=8,merge=inline,finish=32"`` -> keyword arguments of the fused row-chained decode:
     integers where the value is one, the rest as strings; fused-kernel options go under ``fused_options``."""
     chain_keys = {"num_splits", "merge"}
     out: dict = {}
-    for item in filter(None, text.split(",")):
-        key, _, value = item.partition("=")
+    for _, key, value in key_values(text):
         val = int(value) if value.lstrip("-").isdigit() else value
         if key in chain_keys:
             out[key] = val
@@ -158,15 +164,15 @@ def parse_options(text: str) -> dict:
     return out
 
 
-SCORE_PLAN_KEYS = ("blocks_per_program", "num_stages", "num_warps", "block_p")
+#: Options of a score launch plan (``--score-plan``) and their initials in row names.
+SCORE_PLAN_KEYS = {"blocks_per_program": "p", "num_stages": "s", "num_warps": "w", "block_p": "b"}
 
 
 def parse_plan(text: str) -> dict:
     """``"blocks_per_program=4,num_stages=4"`` -> keyword arguments of ``page_scores_triton`` (integers;
     an unknown key or a non-integer value is an error)."""
     out = {}
-    for item in filter(None, text.split(",")):
-        key, _, value = item.partition("=")
+    for item, key, value in key_values(text):
         if key not in SCORE_PLAN_KEYS or not value.isdigit():
             raise ValueError(f"score plan item {item!r}: expected one of {', '.join(SCORE_PLAN_KEYS)} = a positive integer")
         out[key] = int(value)
@@ -175,8 +181,7 @@ def parse_plan(text: str) -> dict:
 
 def plan_tag(text: str) -> str:
     """Row-name suffix of a plan: ``"blocks_per_program=4,num_stages=4"`` -> ``"p4s4"`` (keys' initials)."""
-    short = {"blocks_per_program": "p", "num_stages": "s", "num_warps": "w", "block_p": "b"}
-    return "".join(f"{short[k]}{v}" for k, v in parse_plan(text).items())
+    return "".join(f"{SCORE_PLAN_KEYS[k]}{v}" for k, v in parse_plan(text).items())
 
 
 def dense_decode(c: dict, scale: float) -> torch.Tensor:
