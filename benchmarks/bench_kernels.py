@@ -151,14 +151,17 @@ def key_values(text: str):
 
 
 def parse_options(text: str) -> dict:
-    """``"num_splits=8,merge=inline,finish=32"`` -> keyword arguments of the fused row-chained decode:
-    integers where the value is one, the rest as strings; fused-kernel options go under ``fused_options``."""
+    """``"num_splits=8,merge=inline,finish=32,attn_block_n=64"`` -> keyword arguments of the fused
+    row-chained decode: integers where the value is one, the rest as strings; ``attn_<option>`` goes under
+    ``attention_options`` (the attention launch), the other fused-kernel options under ``fused_options``."""
     chain_keys = {"num_splits", "merge"}
     out: dict = {}
     for _, key, value in key_values(text):
         val = int(value) if value.lstrip("-").isdigit() else value
         if key in chain_keys:
             out[key] = val
+        elif key.startswith("attn_"):
+            out.setdefault("attention_options", {})[key.removeprefix("attn_")] = val
         else:
             out.setdefault("fused_options", {})[key] = val
     return out
@@ -166,22 +169,24 @@ def parse_options(text: str) -> dict:
 
 #: Options of a score launch plan (``--score-plan``) and their initials in row names.
 SCORE_PLAN_KEYS = {"blocks_per_program": "p", "num_stages": "s", "num_warps": "w", "block_p": "b"}
+#: Options of an attention launch plan (``--attention-plan``) and their initials in row names (after an ``a``).
+ATTENTION_PLAN_KEYS = {"block_n": "n", "num_stages": "s", "num_warps": "w", "num_splits": "k"}
 
 
-def parse_plan(text: str) -> dict:
-    """``"blocks_per_program=4,num_stages=4"`` -> keyword arguments of ``page_scores_triton`` (integers;
-    an unknown key or a non-integer value is an error)."""
+def parse_plan(text: str, keys: dict = SCORE_PLAN_KEYS, what: str = "score") -> dict:
+    """``"blocks_per_program=4,num_stages=4"`` -> keyword arguments of the launcher whose plan options are
+    ``keys`` (integers; an unknown key or a non-integer value is an error naming the ``what`` plan)."""
     out = {}
     for item, key, value in key_values(text):
-        if key not in SCORE_PLAN_KEYS or not value.isdigit():
-            raise ValueError(f"score plan item {item!r}: expected one of {', '.join(SCORE_PLAN_KEYS)} = a positive integer")
+        if key not in keys or not value.isdigit():
+            raise ValueError(f"{what} plan item {item!r}: expected one of {', '.join(keys)} = a positive integer")
         out[key] = int(value)
     return out
 
 
-def plan_tag(text: str) -> str:
+def plan_tag(text: str, keys: dict = SCORE_PLAN_KEYS) -> str:
     """Row-name suffix of a plan: ``"blocks_per_program=4,num_stages=4"`` -> ``"p4s4"`` (keys' initials)."""
-    return "".join(f"{SCORE_PLAN_KEYS[k]}{v}" for k, v in parse_plan(text).items())
+    return "".join(f"{keys[k]}{v}" for k, v in parse_plan(text, keys).items())
 
 
 def dense_decode(c: dict, scale: float) -> torch.Tensor:
@@ -333,14 +338,15 @@ def run(args) -> dict:
 
                 return score
 
-            def split_over(key, merge=None, kv=("k", "v"), ways=None, finish=None, merge_chunk=None, **plan):
-                # score (over c[key], launch plan) + select (ways, finish) + attend (over c[kv]; merge, merge_chunk)
+            def split_over(key, merge=None, kv=("k", "v"), ways=None, finish=None, merge_chunk=None, attention=None, **plan):
+                # score (over c[key], launch plan) + select (ways, finish) + attend (over c[kv]; merge, merge_chunk,
+                # attention: an attention plan)
                 def split_total():
                     c = copies.next()
                     s = page_scores_triton(c["q"], c[key], start, end, PAGE, "max", **plan)
                     i = select_pages_triton(s, start, end, PAGE, nsel, 1, 1, ways=ways, finish=finish)
                     return sparse_decode_attention_triton(c["q"], c[kv[0]], c[kv[1]], i, start, end, PAGE, scale, 0.0,
-                                                          merge=merge, merge_chunk=merge_chunk)
+                                                          merge=merge, merge_chunk=merge_chunk, **(attention or {}))
 
                 return split_total
 
@@ -352,10 +358,10 @@ def run(args) -> dict:
                 c = copies.next()
                 return score_and_select_triton(c["q"], c["meta"], start, end, PAGE, nsel, 1, 1, "max")
 
-            def attend(kv=("k", "v"), merge_chunk=None):
+            def attend(kv=("k", "v"), **launch):  # launch: merge_chunk or an attention plan
                 c = copies.next()
                 return sparse_decode_attention_triton(c["q"], c[kv[0]], c[kv[1]], c["idx"], start, end, PAGE, scale, 0.0,
-                                                      merge_chunk=merge_chunk)
+                                                      **launch)
 
             def chained_total(fused=False, **options):
                 c = copies.next()
@@ -392,6 +398,10 @@ def run(args) -> dict:
             plan_rows("meta8", "_fp8meta")  # the default plan over fp8 metadata
             for text in args.score_plan:
                 plan_rows("meta", "_" + plan_tag(text), **parse_plan(text))
+            for text in args.attention_plan:  # the attention with another launch plan, alone and in the split chain
+                plan, tag = parse_plan(text, ATTENTION_PLAN_KEYS), "_a" + plan_tag(text, ATTENTION_PLAN_KEYS)
+                add(f"sparse_attention{tag}", budget, sel_kv + qo_bytes + idx_bytes, lambda plan=plan: attend(**plan), dense_ms)
+                add(f"total_split{tag}", budget, total_bytes, split_over("meta", attention=plan), dense_ms)
             if args.fp8_score_plan:
                 warps, stages = args.fp8_score_plan
                 plan_rows("meta8", f"_fp8meta_w{warps}s{stages}", num_warps=warps, num_stages=stages)
@@ -517,12 +527,17 @@ def parse_args(argv=None):
                         "first: a wrong wait hangs instead of failing")
     p.add_argument("--fused-chain", nargs="+", default=[], metavar="KEY=VALUE,...",
                    help="with --chained, also time the fused row-chained decode with these options, one row each: "
-                        "num_splits, merge, or any option of the fused launch (num_warps, maxnreg, blocks_per_program, "
-                        "finish, ways, num_stages), e.g. blocks_per_program=2,finish=32")
+                        "num_splits, merge, any option of the fused launch (num_warps, maxnreg, blocks_per_program, "
+                        "finish, ways, num_stages) or of the attention's as attn_<option> (attn_block_n, attn_num_stages, "
+                        "attn_num_warps), e.g. blocks_per_program=2,finish=32 or attn_block_n=64,attn_num_stages=3")
     p.add_argument("--score-plan", nargs="+", default=[], metavar="KEY=VALUE,...",
                    help="also time the score with this launch plan (blocks_per_program, num_stages, num_warps, block_p), "
                         "alone and in the split chain, one pair of rows each (score_<plan>, total_split_<plan>), e.g. "
                         "blocks_per_program=4,num_stages=4")
+    p.add_argument("--attention-plan", nargs="+", default=[], metavar="KEY=VALUE,...",
+                   help="also time the attention with this launch plan (block_n, num_stages, num_warps, num_splits), "
+                        "alone and in the split chain, one pair of rows each (sparse_attention_a<plan>, "
+                        "total_split_a<plan>), e.g. block_n=64,num_stages=3")
     p.add_argument("--fp8-score-plan", nargs=2, type=int, metavar=("WARPS", "STAGES"),
                    help="also time the fp8-metadata score with this launch plan, alone and in the split chain")
     p.add_argument("--fp8-kv", action="store_true",
@@ -541,11 +556,13 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.models, args.batches, args.lengths, args.budgets, args.rep = ["llama3-8b"], [1, 8], [16 * K, 64 * K], [2048], 25
-    for text in args.score_plan:
-        try:
+    try:
+        for text in args.score_plan:
             parse_plan(text)
-        except ValueError as e:
-            p.error(str(e))
+        for text in args.attention_plan:
+            parse_plan(text, ATTENTION_PLAN_KEYS, "attention")
+    except ValueError as e:
+        p.error(str(e))
     for b in args.budgets:
         if b % PAGE:
             p.error(f"budget {b} is not a multiple of the page size {PAGE}")

@@ -70,6 +70,8 @@ def test_fused_chain_options_parse():
     assert bench_kernels.parse_options("num_splits=8,merge=inline,blocks_per_program=2,finish=32") == {
         "num_splits": 8, "merge": "inline", "fused_options": {"blocks_per_program": 2, "finish": 32}}
     assert bench_kernels.parse_options("") == {}
+    assert bench_kernels.parse_options("attn_block_n=64,attn_num_stages=3,num_splits=16") == {
+        "attention_options": {"block_n": 64, "num_stages": 3}, "num_splits": 16}
 
 
 def test_score_plan_parse_and_tag():
@@ -85,3 +87,10 @@ def test_score_plan_parse_and_tag():
             bench_kernels.parse_plan(bad)
     with pytest.raises(SystemExit):
         bench_kernels.parse_args(["--score-plan", "num_stages=two"])
+    keys = bench_kernels.ATTENTION_PLAN_KEYS
+    assert bench_kernels.parse_plan("block_n=64,num_stages=3", keys) == {"block_n": 64, "num_stages": 3}
+    assert bench_kernels.plan_tag("block_n=64,num_stages=3", keys) == "n64s3"
+    with pytest.raises(ValueError, match="attention plan item"):
+        bench_kernels.parse_plan("blocks_per_program=2", keys, "attention")
+    with pytest.raises(SystemExit):
+        bench_kernels.parse_args(["--attention-plan", "block_p=64"])

@@ -28,12 +28,12 @@ CASES = [  # q heads, kv heads, head_dim, batch, tokens, budget, page, softcap, 
 ]
 
 
-def split(q, k, v, meta, start, end, ps, n, scale, softcap, fused=False):
-    plan = {}
+def split(q, k, v, meta, start, end, ps, n, scale, softcap, fused=False, attention=None):
+    plan = dict(attention or {})
     if fused:  # with the fused chain's attention plan (splits, merge): the same rounding
         idx = score_and_select_triton(q, meta, start, end, ps, n, 1, 1, "max")
-        plan = fused_chain_plan(k.shape[0] * k.shape[1], meta.shape[2], n, ps, k.shape[3], k.device)
-        plan = dict(num_splits=plan["num_splits"], merge=plan["merge"])
+        chain_plan = fused_chain_plan(k.shape[0] * k.shape[1], meta.shape[2], n, ps, k.shape[3], k.device)
+        plan.update(num_splits=chain_plan["num_splits"], merge=chain_plan["merge"])
     else:
         scores = page_scores_triton(q, meta, start, end, ps, "max")
         idx = select_pages_triton(scores, start, end, ps, n, 1, 1)
@@ -55,32 +55,37 @@ def main() -> int:
             end[1::2] = length // 2 + 3
             start[1::2] = ps * 2 + 1
         n, scale = budget // ps, d**-0.5
-        for fused in (False, True):  # against the same kernels run one grid after another
-            want_out, want_idx = split(q, k, v, meta, start, end, ps, n, scale, softcap, fused)
+        # against the same kernels run one grid after another; the fused chain also with multi-buffered
+        # gathers (page numbers read as PTX, ordered after the row's flag through the sequence end)
+        for fused, attn in ((False, None), (True, None), (True, dict(block_n=64, num_stages=3))):
+            want_out, want_idx = split(q, k, v, meta, start, end, ps, n, scale, softcap, fused, attn)
             for _ in range(3):
-                out, idx = quest_decode_chained_triton(q, k, v, meta, start, end, ps, n, 1, 1, "max", scale, softcap, fused=fused)
+                out, idx = quest_decode_chained_triton(q, k, v, meta, start, end, ps, n, 1, 1, "max", scale, softcap, fused=fused,
+                                                       attention_options=attn)
                 torch.cuda.synchronize()
                 if not (torch.equal(idx, want_idx) and torch.equal(out, want_out)):
-                    print(f"MISMATCH eager fused={fused} {hq}/{hkv}/{d} B={b} L={length} budget={budget}")
+                    print(f"MISMATCH eager fused={fused} attention={attn} {hq}/{hkv}/{d} B={b} L={length} budget={budget}")
                     return 1
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                quest_decode_chained_triton(q, k, v, meta, start, end, ps, n, 1, 1, "max", scale, softcap, fused=fused)
+                quest_decode_chained_triton(q, k, v, meta, start, end, ps, n, 1, 1, "max", scale, softcap, fused=fused,
+                                            attention_options=attn)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                g_out, g_idx = quest_decode_chained_triton(q, k, v, meta, start, end, ps, n, 1, 1, "max", scale, softcap, fused=fused)
+                g_out, g_idx = quest_decode_chained_triton(q, k, v, meta, start, end, ps, n, 1, 1, "max", scale, softcap, fused=fused,
+                                                           attention_options=attn)
             for _ in range(5):
                 graph.replay()
             torch.cuda.synchronize()
             if not (torch.equal(g_idx, want_idx) and torch.equal(g_out, want_out)):
-                print(f"MISMATCH graphed fused={fused} {hq}/{hkv}/{d} B={b} L={length} budget={budget}")
+                print(f"MISMATCH graphed fused={fused} attention={attn} {hq}/{hkv}/{d} B={b} L={length} budget={budget}")
                 return 1
             if int(ticket_counters(dev, 1, pool="chain").count_nonzero()):
                 print("counters left armed")
                 return 1
-            print(f"ok fused={fused} {hq}/{hkv}/{d} B={b} L={length} budget={budget} page={ps}: eager x3, graph x5")
+            print(f"ok fused={fused} attention={attn} {hq}/{hkv}/{d} B={b} L={length} budget={budget} page={ps}: eager x3, graph x5")
     print("chained == split")
     return 0
 

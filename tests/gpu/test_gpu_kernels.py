@@ -212,9 +212,12 @@ def test_gpu_sparse_decode(name, length, batch, ps, dtype):
         idx = ref.select_pages(scores, start, end, ps, n, 1, 1)
         idx[0, 0, -3:] = -1  # padding inside a row
         # the merge kernel over every split in one tile (default), in chunks of 4, and the inline merge
-        for softcap, merge, chunk in ((0.0, "kernel", None), (30.0, "kernel", None), (0.0, "kernel", 4), (0.0, "inline", None)):
+        # and the multi-buffered gathers (page numbers read as PTX: 3 and 4 stages)
+        for softcap, merge, chunk, plan in ((0.0, "kernel", None, {}), (30.0, "kernel", None, {}), (0.0, "kernel", 4, {}),
+                                            (0.0, "inline", None, {}), (0.0, "kernel", None, dict(block_n=64, num_stages=3)),
+                                            (0.0, "inline", None, dict(block_n=32, num_stages=4))):
             _poison(batch * hq * d, dtype)
-            out = sparse_decode_attention_triton(q, k, v, idx, start, end, ps, d**-0.5, softcap, merge=merge, merge_chunk=chunk)
+            out = sparse_decode_attention_triton(q, k, v, idx, start, end, ps, d**-0.5, softcap, merge=merge, merge_chunk=chunk, **plan)
             expect = ref.sparse_decode_attention(q.float(), k.float(), v.float(), idx, start, end, ps, d**-0.5, softcap)
             assert not torch.isnan(out).any()
             err = ((out.float() - expect).norm() / expect.norm()).item()

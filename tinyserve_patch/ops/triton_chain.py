@@ -78,6 +78,7 @@ def quest_decode_chained_triton(
     fused: bool = False,
     num_splits: int | None = None,
     fused_options: dict | None = None,
+    attention_options: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out [B, Hq, D], indices int32 [B, Hkv, num_select])``: the split chain's results, row-chained
     (see module docstring). ``fused``: score and select in the fused kernel (:mod:`triton_fused_select`:
@@ -85,7 +86,8 @@ def quest_decode_chained_triton(
     flags the row for its attention programs. ``num_splits`` and ``merge``: the attention's splits per row
     and how they merge; ``fused_options``: overrides of the fused launch (``num_warps``, ``maxnreg``,
     ``blocks_per_program``, ``finish``, ``ways``, ``num_stages``, ``block_p``; tuning). With ``fused`` the
-    unset ones default to :func:`fused_chain_plan`. ``trace``: record every program's timestamps
+    unset ones default to :func:`fused_chain_plan`. ``attention_options``: overrides of the attention
+    launch (``block_n``, ``num_warps``, ``num_stages``; tuning). ``trace``: record every program's timestamps
     (:mod:`trace`)."""
     q, meta, _ = score_meta(q, meta, seq_start, seq_end, page_size, gqa_reduction)
     check(num_select >= 1, f"num_select={num_select} must be >= 1")
@@ -110,7 +112,7 @@ def quest_decode_chained_triton(
                                       chain=None if buf is None else (counts, flags), trace=trace)
         out = sparse_decode_attention_triton(q, k_cache, v_cache, idx, seq_start, seq_end, page_size, scale, softcap,
                                              num_splits=num_splits, merge=merge, chain=None if buf is None else (flags, done),
-                                             trace=trace)
+                                             trace=trace, **(attention_options or {}))
     except BaseException:
         if buf is not None:  # a launch that failed part-way must not leave a row armed for the next call
             buf[: 3 * rows].zero_()
