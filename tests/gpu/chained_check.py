@@ -55,8 +55,8 @@ def main() -> int:
             end[1::2] = length // 2 + 3
             start[1::2] = ps * 2 + 1
         n, scale = budget // ps, d**-0.5
-        # against the same kernels run one grid after another; the fused chain also with multi-buffered
-        # gathers (page numbers read as PTX, ordered after the row's flag through the sequence end)
+        # against the same kernels run one grid after another; the fused chain also with another attention
+        # plan (its options reach the attention launch)
         for fused, attn in ((False, None), (True, None), (True, dict(block_n=64, num_stages=3))):
             want_out, want_idx = split(q, k, v, meta, start, end, ps, n, scale, softcap, fused, attn)
             for _ in range(3):

@@ -212,7 +212,7 @@ def test_gpu_sparse_decode(name, length, batch, ps, dtype):
         idx = ref.select_pages(scores, start, end, ps, n, 1, 1)
         idx[0, 0, -3:] = -1  # padding inside a row
         # the merge kernel over every split in one tile (default), in chunks of 4, and the inline merge
-        # and the multi-buffered gathers (page numbers read as PTX: 3 and 4 stages)
+        # and two other attention plans (64- and 32-token blocks, 3 and 4 stages)
         for softcap, merge, chunk, plan in ((0.0, "kernel", None, {}), (30.0, "kernel", None, {}), (0.0, "kernel", 4, {}),
                                             (0.0, "inline", None, {}), (0.0, "kernel", None, dict(block_n=64, num_stages=3)),
                                             (0.0, "inline", None, dict(block_n=32, num_stages=4))):

@@ -228,31 +228,6 @@ def wait_row(counter_ptr, target):
         n = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
 
 
-def ptx_loads(device: torch.device) -> bool:
-    """Whether kernels may read through inline PTX (:func:`load_i32_cg`): on an NVIDIA CUDA device, not
-    under the interpreter (which cannot run inline assembly) nor on ROCm; also for ``meta`` tensors, which
-    only the offline sm_90 compile of ``benchmarks/resource_report.py`` launches with."""
-    return device.type in ("cuda", "meta") and not interpreting() and torch.version.hip is None
-
-
-@triton.jit
-def load_i32_cg(ptrs, after, PTX: tl.constexpr):
-    """The int32 values at ``ptrs`` (every address valid: no mask), read past L1 (``ld.global.cg``).
-    ``PTX`` (:func:`ptx_loads`): as inline PTX, which Triton's software pipeliner treats as arithmetic:
-    a gather whose addresses come from these values is then pipelined with its own multi-buffered stage
-    (``num_stages - 1`` blocks in flight), where a ``tl.load`` of them becomes a pipelined load of its own
-    and leaves the gather one buffer, issued only after the previous block's compute. An inline-assembly
-    read has no memory ordering for the compiler, so its addresses also depend on ``after`` (an int32
-    scalar loaded after the kernel's wait, e.g. the row's sequence end) through an opaque zero: the read
-    cannot be moved above that wait. Without ``PTX``: a ``tl.load`` of the same values."""
-    if PTX:
-        zero = tl.inline_asm_elementwise("and.b32 $0, $1, 0;", "=r,r", [after], dtype=tl.int32, is_pure=True, pack=1)
-        return tl.inline_asm_elementwise("ld.global.cg.b32 $0, [$1];", "=r,l", [ptrs + zero], dtype=tl.int32,
-                                         is_pure=True, pack=1)
-    else:
-        return tl.load(ptrs, cache_modifier=".cg")
-
-
 @triton.jit
 def scaled_f16_query(q, dtype: tl.constexpr = tl.float16):
     """``(q * 2^k in dtype, 2^-k)`` for a query tile whose largest ``|q|`` (finite, nonzero) lands in

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import check, check_float_dtype, check_head_dim, check_page_size, check_rows, f32_dot, load_i32_cg, mm, pdl_enter, pdl_trigger, ptx_loads, scaled_f16, scaled_f16_query, sm_count, ticket_counters, trace_mark, use_pdl, wait_row
+from ._triton_common import check, check_float_dtype, check_head_dim, check_page_size, check_rows, f32_dot, mm, pdl_enter, pdl_trigger, scaled_f16, scaled_f16_query, sm_count, ticket_counters, trace_mark, use_pdl, wait_row
 from .reference import FP8_DTYPES
 from .trace import KernelTrace
 
@@ -74,7 +74,6 @@ def _decode_split_kernel(
     INLINE_MERGE: tl.constexpr,
     CHAIN: tl.constexpr,
     SCALED_F16: tl.constexpr,
-    PTX: tl.constexpr,
     PDL: tl.constexpr,
     TRACE: tl.constexpr,
 ):
@@ -116,14 +115,14 @@ def _decode_split_kernel(
     acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
     tok0 = split * tokens_per_split
     tok_end = tl.minimum(tok0 + tokens_per_split, num_select * PAGE_SIZE)
-    # the page numbers past L1 (in CHAIN mode written by a grid still running), one per token of the block;
-    # with PTX (num_stages > 2 on the GPU) as inline PTX, so that the gathers they address get
-    # num_stages - 1 buffers and the next blocks are in flight during this one's compute (load_i32_cg;
-    # with 2 stages there is one buffer either way and the tl.load keeps the registers down: 96 vs 168)
+    # (loading the next block's page numbers one iteration ahead measured no faster on the H100: the
+    # pipeliner already hides them; benchmarks/results/tune_decode_h100_prefetch.json)
     for j0 in range(tok0, tok_end, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
-        page = load_i32_cg(idx_base + tl.minimum(j, tok_end - 1) // PAGE_SIZE, end, PTX)
-        page = tl.where(j < tok_end, page, -1)
+        if CHAIN:  # written by a grid still running: past L1
+            page = tl.load(idx_base + j // PAGE_SIZE, mask=j < tok_end, other=-1, cache_modifier=".cg")
+        else:
+            page = tl.load(idx_base + j // PAGE_SIZE, mask=j < tok_end, other=-1)
         pos = page * PAGE_SIZE + j % PAGE_SIZE
         valid = (page >= 0) & (pos >= start) & (pos < end)
         k_t = tl.load(
@@ -388,7 +387,7 @@ def sparse_decode_attention_triton(
         trace.region("attention", splits * b * hkv, q.device) if traced else out,
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=block_n,
         PAGE_SIZE=page_size, SOFTCAP=bool(softcap), SINGLE=single, F32=f32_dot(q.dtype), INLINE_MERGE=inline,
-        CHAIN=chain is not None, SCALED_F16=scaled_f16(q.dtype, k_cache.dtype), PTX=ptx_loads(q.device) and num_stages > 2, TRACE=traced,
+        CHAIN=chain is not None, SCALED_F16=scaled_f16(q.dtype, k_cache.dtype), TRACE=traced,
         num_warps=num_warps or (4 if block_d <= 128 else 8), num_stages=num_stages, PDL=pdl, launch_pdl=pdl,
     )
     if not single and not inline:
