@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from . import library as _lib  # registers torch.ops.tinyserve.*
+from . import library as _lib  # noqa: F401 (imported for its side effect: registers torch.ops.tinyserve.*)
 from . import reference
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
