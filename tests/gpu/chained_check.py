@@ -28,10 +28,10 @@ CASES = [  # q heads, kv heads, head_dim, batch, tokens, budget, page, softcap, 
 ]
 
 
-def split(q, k, v, meta, start, end, ps, n, scale, softcap, fused=False, attention=None):
+def split(q, k, v, meta, start, end, ps, n, scale, softcap, fused=False, attention=None, fused_options=None):
     plan = dict(attention or {})
     if fused:  # with the fused chain's attention plan (splits, merge): the same rounding
-        idx = score_and_select_triton(q, meta, start, end, ps, n, 1, 1, "max")
+        idx = score_and_select_triton(q, meta, start, end, ps, n, 1, 1, "max", **(fused_options or {}))
         chain_plan = fused_chain_plan(k.shape[0] * k.shape[1], meta.shape[2], n, ps, k.shape[3], k.device)
         plan.update(num_splits=chain_plan["num_splits"], merge=chain_plan["merge"])
     else:
@@ -56,36 +56,37 @@ def main() -> int:
             start[1::2] = ps * 2 + 1
         n, scale = budget // ps, d**-0.5
         # against the same kernels run one grid after another; the fused chain also with another attention
-        # plan (its options reach the attention launch)
-        for fused, attn in ((False, None), (True, None), (True, dict(block_n=64, num_stages=3))):
-            want_out, want_idx = split(q, k, v, meta, start, end, ps, n, scale, softcap, fused, attn)
+        # plan and another score walk (their options reach the attention and fused launches)
+        for fused, attn, walk in ((False, None, None), (True, None, None), (True, dict(block_n=64, num_stages=3), None),
+                                  (True, None, dict(blocks_per_program=8))):
+            want_out, want_idx = split(q, k, v, meta, start, end, ps, n, scale, softcap, fused, attn, walk)
             for _ in range(3):
                 out, idx = quest_decode_chained_triton(q, k, v, meta, start, end, ps, n, 1, 1, "max", scale, softcap, fused=fused,
-                                                       attention_options=attn)
+                                                       attention_options=attn, fused_options=walk)
                 torch.cuda.synchronize()
                 if not (torch.equal(idx, want_idx) and torch.equal(out, want_out)):
-                    print(f"MISMATCH eager fused={fused} attention={attn} {hq}/{hkv}/{d} B={b} L={length} budget={budget}")
+                    print(f"MISMATCH eager fused={fused} attention={attn} walk={walk} {hq}/{hkv}/{d} B={b} L={length} budget={budget}")
                     return 1
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 quest_decode_chained_triton(q, k, v, meta, start, end, ps, n, 1, 1, "max", scale, softcap, fused=fused,
-                                            attention_options=attn)
+                                            attention_options=attn, fused_options=walk)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 g_out, g_idx = quest_decode_chained_triton(q, k, v, meta, start, end, ps, n, 1, 1, "max", scale, softcap, fused=fused,
-                                                           attention_options=attn)
+                                                           attention_options=attn, fused_options=walk)
             for _ in range(5):
                 graph.replay()
             torch.cuda.synchronize()
             if not (torch.equal(g_idx, want_idx) and torch.equal(g_out, want_out)):
-                print(f"MISMATCH graphed fused={fused} attention={attn} {hq}/{hkv}/{d} B={b} L={length} budget={budget}")
+                print(f"MISMATCH graphed fused={fused} attention={attn} walk={walk} {hq}/{hkv}/{d} B={b} L={length} budget={budget}")
                 return 1
             if int(ticket_counters(dev, 1, pool="chain").count_nonzero()):
                 print("counters left armed")
                 return 1
-            print(f"ok fused={fused} attention={attn} {hq}/{hkv}/{d} B={b} L={length} budget={budget} page={ps}: eager x3, graph x5")
+            print(f"ok fused={fused} attention={attn} walk={walk} {hq}/{hkv}/{d} B={b} L={length} budget={budget} page={ps}: eager x3, graph x5")
     print("chained == split")
     return 0
 
