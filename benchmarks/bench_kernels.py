@@ -338,15 +338,15 @@ def run(args) -> dict:
 
                 return score
 
-            def split_over(key, merge=None, kv=("k", "v"), ways=None, finish=None, merge_chunk=None, attention=None, **plan):
-                # score (over c[key], launch plan) + select (ways, finish) + attend (over c[kv]; merge, merge_chunk,
-                # attention: an attention plan)
+            def split_over(key, kv=("k", "v"), ways=None, finish=None, attention=None, **plan):
+                # score (over c[key], launch plan) + select (ways, finish) + attend (over c[kv]; attention: its launch
+                # options, e.g. merge, merge_chunk or an attention plan)
                 def split_total():
                     c = copies.next()
                     s = page_scores_triton(c["q"], c[key], start, end, PAGE, "max", **plan)
                     i = select_pages_triton(s, start, end, PAGE, nsel, 1, 1, ways=ways, finish=finish)
                     return sparse_decode_attention_triton(c["q"], c[kv[0]], c[kv[1]], i, start, end, PAGE, scale, 0.0,
-                                                          merge=merge, merge_chunk=merge_chunk, **(attention or {}))
+                                                          **(attention or {}))
 
                 return split_total
 
@@ -386,7 +386,7 @@ def run(args) -> dict:
             add("sparse_attention", budget, sel_kv + qo_bytes + idx_bytes, attend, dense_ms)
             add("total_split", budget, total_bytes, split_over("meta"), dense_ms)
             add("total_split_nopdl", budget, total_bytes, without_pdl(split_over("meta")), dense_ms)
-            add(f"total_split_merge_{other_merge}", budget, total_bytes, split_over("meta", other_merge), dense_ms)
+            add(f"total_split_merge_{other_merge}", budget, total_bytes, split_over("meta", attention={"merge": other_merge}), dense_ms)
             add("total_fused", budget, total_bytes, fused_total, dense_ms)
             if args.chained:
                 add("total_chained", budget, total_bytes, chained_total, dense_ms)
@@ -416,7 +416,7 @@ def run(args) -> dict:
             for chunk in args.merge_chunk:  # the merge kernel reading this many splits per tile
                 add(f"sparse_attention_chunk{chunk}", budget, sel_kv + qo_bytes + idx_bytes,
                     lambda chunk=chunk: attend(merge_chunk=chunk), dense_ms)
-                add(f"total_split_chunk{chunk}", budget, total_bytes, split_over("meta", merge_chunk=chunk), dense_ms)
+                add(f"total_split_chunk{chunk}", budget, total_bytes, split_over("meta", attention={"merge_chunk": chunk}), dense_ms)
             if args.fp8_kv:  # K/V stored as float8_e4m3fn (kv_cache_dtype="fp8_e4m3"): half the page bytes
                 fp8 = ("k8", "v8")
                 add("sparse_attention_fp8kv", budget, sel_kv // 2 + qo_bytes + idx_bytes, lambda: attend(fp8), dense_ms)
