@@ -171,6 +171,8 @@ def parse_options(text: str) -> dict:
 SCORE_PLAN_KEYS = {"blocks_per_program": "p", "num_stages": "s", "num_warps": "w", "block_p": "b"}
 #: Options of an attention launch plan (``--attention-plan``) and their initials in row names (after an ``a``).
 ATTENTION_PLAN_KEYS = {"block_n": "n", "num_stages": "s", "num_warps": "w", "num_splits": "k"}
+#: Integer options of the persistent decode (``--persistent``).
+PERSISTENT_KEYS = dict.fromkeys(("lag", "programs", "num_splits", "blocks_per_program", "num_warps", "maxnreg", "block_n"), "")
 
 
 def parse_plan(text: str, keys: dict = SCORE_PLAN_KEYS, what: str = "score") -> dict:
@@ -203,7 +205,7 @@ def _n_copies(touched: int, per_copy: int, l2: int) -> int:
 # ---------------------------------------------------------------------------------------------- checks
 
 
-def correctness_check(chained: bool = False, fp8_kv: bool = False) -> None:
+def correctness_check(chained: bool = False, fp8_kv: bool = False, persistent: bool = False) -> None:
     """Every kernel vs the reference on one small shape (aborts the benchmark on a mismatch); ``chained``:
     the row-chained decode against the split kernels too; ``fp8_kv``: the attention over an fp8 cache."""
     from tinyserve_patch.ops import reference as ref
@@ -259,6 +261,15 @@ def correctness_check(chained: bool = False, fp8_kv: bool = False) -> None:
                                                merge=plan["merge"])
         c_out, c_idx = quest_decode_chained_triton(q, k, v, meta, start, end, PAGE, n, 1, 1, "max", d**-0.5, fused=True)
         assert torch.equal(c_idx, f_idx) and torch.equal(c_out, f_out), "fused row-chained decode differs from fused + attention"
+    if persistent:
+        from tinyserve_patch.ops.triton_chain import quest_decode_chained_triton
+        from tinyserve_patch.ops.triton_persistent import persistent_plan, quest_decode_persistent_triton
+
+        splits = persistent_plan(b * hkv, meta.shape[2], n, PAGE, d, q.device)["num_splits"]
+        f_out, f_idx = quest_decode_chained_triton(q, k, v, meta, start, end, PAGE, n, 1, 1, "max", d**-0.5, fused=True,
+                                                   merge="inline", num_splits=splits)
+        p_out, p_idx = quest_decode_persistent_triton(q, k, v, meta, start, end, PAGE, n, 1, 1, "max", d**-0.5)
+        assert torch.equal(p_idx, f_idx) and torch.equal(p_out, f_out), "persistent decode differs from the fused chain"
     print(f"correctness check passed (attention rel err {err:.2e})")
 
 
@@ -269,6 +280,7 @@ def run(args) -> dict:
     from tinyserve_patch.ops.triton_decode import DEFAULT_MERGE, sparse_decode_attention_triton
     from tinyserve_patch.ops.triton_chain import quest_decode_chained_triton
     from tinyserve_patch.ops.triton_fused_select import score_and_select_triton
+    from tinyserve_patch.ops.triton_persistent import quest_decode_persistent_triton
     from tinyserve_patch.ops.triton_score import page_scores_triton
     from tinyserve_patch.ops.triton_select import select_pages_triton
 
@@ -368,6 +380,11 @@ def run(args) -> dict:
                 return quest_decode_chained_triton(c["q"], c["k"], c["v"], c["meta"], start, end, PAGE, nsel, 1, 1, "max", scale,
                                                    fused=fused, **options)
 
+            def persistent_total(**options):
+                c = copies.next()
+                return quest_decode_persistent_triton(c["q"], c["k"], c["v"], c["meta"], start, end, PAGE, nsel, 1, 1, "max",
+                                                      scale, **options)
+
             def fused_total():
                 c = copies.next()
                 i = score_and_select_triton(c["q"], c["meta"], start, end, PAGE, nsel, 1, 1, "max")
@@ -395,6 +412,11 @@ def run(args) -> dict:
                     opts = parse_options(text)
                     add(f"total_chained_fused_{text.replace('=', '').replace(',', '_')}", budget, total_bytes,
                         lambda opts=opts: chained_total(fused=True, **opts), dense_ms)
+            if args.persistent is not None:  # the persistent decode, by default and with each set of options
+                for text in ["", *args.persistent]:
+                    opts = {key: int(value) for _, key, value in key_values(text)}
+                    add("total_persistent" + "".join(f"_{k}{v}" for k, v in opts.items()), budget, total_bytes,
+                        lambda opts=opts: persistent_total(**opts), dense_ms)
             plan_rows("meta8", "_fp8meta")  # the default plan over fp8 metadata
             for text in args.score_plan:
                 plan_rows("meta", "_" + plan_tag(text), **parse_plan(text))
@@ -444,7 +466,7 @@ def markdown(rows: list[dict], graph: bool) -> str:
 
 
 #: The decode chains judged by :func:`targets` (rows of these kinds, where the run has them).
-CHAINS = ("total_split", "total_chained", "total_chained_fused")
+CHAINS = ("total_split", "total_chained", "total_chained_fused", "total_persistent")
 
 
 def targets(rows: list[dict]) -> list[str]:
@@ -530,6 +552,10 @@ def parse_args(argv=None):
                         "num_splits, merge, any option of the fused launch (num_warps, maxnreg, blocks_per_program, "
                         "finish, ways, num_stages) or of the attention's as attn_<option> (attn_block_n, attn_num_stages, "
                         "attn_num_warps), e.g. blocks_per_program=2,finish=32 or attn_block_n=64,attn_num_stages=3")
+    p.add_argument("--persistent", nargs="*", default=None, metavar="KEY=VALUE,...",
+                   help="also time the persistent decode (ops/triton_persistent.py) as total_persistent, and with each set "
+                        "of integer options (lag, programs, num_splits, blocks_per_program, num_warps, maxnreg, block_n) as "
+                        "total_persistent_<options>, e.g. lag=16 lag=32,programs=264")
     p.add_argument("--score-plan", nargs="+", default=[], metavar="KEY=VALUE,...",
                    help="also time the score with this launch plan (blocks_per_program, num_stages, num_warps, block_p), "
                         "alone and in the split chain, one pair of rows each (score_<plan>, total_split_<plan>), e.g. "
@@ -561,6 +587,8 @@ def parse_args(argv=None):
             parse_plan(text)
         for text in args.attention_plan:
             parse_plan(text, ATTENTION_PLAN_KEYS, "attention")
+        for text in args.persistent or []:
+            parse_plan(text, PERSISTENT_KEYS, "persistent")
     except ValueError as e:
         p.error(str(e))
     for b in args.budgets:
@@ -582,7 +610,7 @@ def main(argv=None) -> int:
         return 2
     out = Path(args.out) if args.out else (Path(os.environ["OUT"]) / "kernels.json" if os.environ.get("OUT") else ROOT / "benchmarks/results/kernels.json")
     t0 = time.time()
-    correctness_check(args.chained, args.fp8_kv)
+    correctness_check(args.chained, args.fp8_kv, args.persistent is not None)
     result = run(args)
     table = markdown(result["rows"], args.graph)
     print(table)

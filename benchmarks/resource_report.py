@@ -148,9 +148,9 @@ def chain_launches(model: str, batch: int, tokens: int, budget: int) -> list[tup
     one layer and the selection with the narrowing search (``ways=0``) and ranking its last 64 keys
     (``finish=64``), then the same three in
     the row-chained mode (``ops/triton_chain.py``), the fused score + select kernel of its fused mode (with
-    its register cap), then the score over fp8 page metadata and the attention
+    its register cap), the persistent decode (``ops/triton_persistent.py``), then the score over fp8 page metadata and the attention
     over an fp8 K/V cache (``page_meta_dtype`` / ``kv_cache_dtype="fp8_e4m3"``), captured on meta tensors."""
-    from tinyserve_patch.ops import triton_chain, triton_decode, triton_fused_select, triton_score, triton_select
+    from tinyserve_patch.ops import triton_chain, triton_decode, triton_fused_select, triton_persistent, triton_score, triton_select
 
     chained = (triton_score._score_kernel, triton_select._select_kernel, triton_decode._decode_split_kernel)
     hq, hkv, d = MODELS[model]
@@ -191,6 +191,9 @@ def chain_launches(model: str, batch: int, tokens: int, budget: int) -> list[tup
         ("score + select (fused chain)", triton_fused_select._fused_kernel,
          capture_launch(triton_fused_select._fused_kernel, lambda: triton_chain.quest_decode_chained_triton(
              q, k, k, meta, start, end, PAGE, budget // PAGE, 1, 1, "max", d**-0.5, fused=True))),
+        ("persistent decode", triton_persistent._persistent_kernel,
+         capture_launch(triton_persistent._persistent_kernel, lambda: triton_persistent.quest_decode_persistent_triton(
+             q, k, k, meta, start, end, PAGE, budget // PAGE, 1, 1, "max", d**-0.5))),
         ("score (fp8 metadata)", triton_score._score_kernel,
          capture_launch(triton_score._score_kernel, lambda: triton_score.page_scores_triton(q, meta8, start, end, PAGE, "max"))),
         ("attention (fp8 K/V)", triton_decode._decode_split_kernel,

@@ -1,4 +1,5 @@
-"""Row-chained decode vs the split chain on a GPU, eager and replayed from a CUDA graph (run by
+"""Row-chained decode vs the split chain, and the persistent decode vs the fused row-chained decode, on a
+GPU, eager and replayed from a CUDA graph (run by
 ``test_gpu_kernels.py::test_gpu_chained_decode_equals_split_eager_and_graphed`` in a subprocess with a
 timeout: a wrong wait hangs the GPU rather than failing). Prints one line per case, exits non-zero on a
 mismatch."""
@@ -17,6 +18,7 @@ from tinyserve_patch.ops._triton_common import ticket_counters, use_pdl  # noqa:
 from tinyserve_patch.ops.triton_chain import fused_chain_plan, quest_decode_chained_triton  # noqa: E402
 from tinyserve_patch.ops.triton_decode import sparse_decode_attention_triton  # noqa: E402
 from tinyserve_patch.ops.triton_fused_select import score_and_select_triton  # noqa: E402
+from tinyserve_patch.ops.triton_persistent import persistent_plan, quest_decode_persistent_triton  # noqa: E402
 from tinyserve_patch.ops.triton_score import page_scores_triton  # noqa: E402
 from tinyserve_patch.ops.triton_select import select_pages_triton  # noqa: E402
 
@@ -40,6 +42,36 @@ def split(q, k, v, meta, start, end, ps, n, scale, softcap, fused=False, attenti
     return sparse_decode_attention_triton(q, k, v, idx, start, end, ps, scale, softcap, **plan), idx
 
 
+def replays_equal(fn, want_out, want_idx, pool: str, label: str) -> bool:
+    """``fn()`` equals ``(want_out, want_idx)`` three times eagerly and five times replayed from a CUDA graph,
+    leaving the counters of ``pool`` zeroed."""
+    for _ in range(3):
+        out, idx = fn()
+        torch.cuda.synchronize()
+        if not (torch.equal(idx, want_idx) and torch.equal(out, want_out)):
+            print(f"MISMATCH eager {label}")
+            return False
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        g_out, g_idx = fn()
+    for _ in range(5):
+        graph.replay()
+    torch.cuda.synchronize()
+    if not (torch.equal(g_idx, want_idx) and torch.equal(g_out, want_out)):
+        print(f"MISMATCH graphed {label}")
+        return False
+    if int(ticket_counters(torch.device("cuda"), 1, pool=pool).count_nonzero()):
+        print(f"counters left armed: {label}")
+        return False
+    print(f"ok {label}: eager x3, graph x5")
+    return True
+
+
 def main() -> int:
     dev = torch.device("cuda")
     print(f"PDL {use_pdl(dev)}")
@@ -60,33 +92,23 @@ def main() -> int:
         for fused, attn, walk in ((False, None, None), (True, None, None), (True, dict(block_n=64, num_stages=3), None),
                                   (True, None, dict(blocks_per_program=8))):
             want_out, want_idx = split(q, k, v, meta, start, end, ps, n, scale, softcap, fused, attn, walk)
-            for _ in range(3):
-                out, idx = quest_decode_chained_triton(q, k, v, meta, start, end, ps, n, 1, 1, "max", scale, softcap, fused=fused,
-                                                       attention_options=attn, fused_options=walk)
-                torch.cuda.synchronize()
-                if not (torch.equal(idx, want_idx) and torch.equal(out, want_out)):
-                    print(f"MISMATCH eager fused={fused} attention={attn} walk={walk} {hq}/{hkv}/{d} B={b} L={length} budget={budget}")
-                    return 1
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                quest_decode_chained_triton(q, k, v, meta, start, end, ps, n, 1, 1, "max", scale, softcap, fused=fused,
-                                            attention_options=attn, fused_options=walk)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                g_out, g_idx = quest_decode_chained_triton(q, k, v, meta, start, end, ps, n, 1, 1, "max", scale, softcap, fused=fused,
-                                                           attention_options=attn, fused_options=walk)
-            for _ in range(5):
-                graph.replay()
-            torch.cuda.synchronize()
-            if not (torch.equal(g_idx, want_idx) and torch.equal(g_out, want_out)):
-                print(f"MISMATCH graphed fused={fused} attention={attn} walk={walk} {hq}/{hkv}/{d} B={b} L={length} budget={budget}")
+            label = f"fused={fused} attention={attn} walk={walk} {hq}/{hkv}/{d} B={b} L={length} budget={budget} page={ps}"
+            if not replays_equal(lambda: quest_decode_chained_triton(q, k, v, meta, start, end, ps, n, 1, 1, "max", scale, softcap,
+                                                                     fused=fused, attention_options=attn, fused_options=walk),
+                                 want_out, want_idx, "chain", label):
                 return 1
-            if int(ticket_counters(dev, 1, pool="chain").count_nonzero()):
-                print("counters left armed")
+        # the persistent decode against the fused row-chained decode with its splits merged inline: by default,
+        # all score items first (lag = rows), attention right after each row (lag 0), and a quarter of a wave
+        rows = b * hkv
+        splits = persistent_plan(rows, meta.shape[2], n, ps, d, dev)["num_splits"]
+        want_out, want_idx = quest_decode_chained_triton(q, k, v, meta, start, end, ps, n, 1, 1, "max", scale, softcap, fused=True,
+                                                         merge="inline", num_splits=splits)
+        for opts in ({}, {"lag": rows}, {"lag": 0}, {"programs": 33}):
+            label = f"persistent {opts} {hq}/{hkv}/{d} B={b} L={length} budget={budget} page={ps}"
+            if not replays_equal(lambda opts=opts: quest_decode_persistent_triton(q, k, v, meta, start, end, ps, n, 1, 1, "max",
+                                                                                  scale, softcap, **opts),
+                                 want_out, want_idx, "persistent", label):
                 return 1
-            print(f"ok fused={fused} attention={attn} walk={walk} {hq}/{hkv}/{d} B={b} L={length} budget={budget} page={ps}: eager x3, graph x5")
     print("chained == split")
     return 0
 

@@ -33,6 +33,141 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def attend_chunk(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    idx_ptr,
+    b,
+    h,
+    start,
+    end,
+    tok0,
+    tok_end,
+    qk_scale,
+    softcap,
+    stride_qb,
+    stride_qh,
+    stride_cb,
+    stride_ch,
+    stride_ct,
+    stride_ib,
+    stride_ih,
+    G: tl.constexpr,
+    G_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    F32: tl.constexpr,
+    SCALED_F16: tl.constexpr,
+    CG: tl.constexpr,
+):
+    """Online-softmax attention of KV head ``h``'s query group over selected tokens ``[tok0, tok_end)`` of
+    row ``b`` (token ``j``: page slot ``j // PAGE_SIZE`` of the row's indices): ``(acc [G_PAD, BLOCK_D],
+    m [G_PAD], l [G_PAD])``, fp32, the unnormalised output, running max and sum in log2 units. ``CG``:
+    the page numbers were written by a grid still running (read past L1)."""
+    rows = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < HEAD_DIM
+    row_mask = rows < G
+    q = tl.load(
+        q_ptr + b.to(tl.int64) * stride_qb + (h * G + rows)[:, None].to(tl.int64) * stride_qh + offs_d[None, :],
+        mask=row_mask[:, None] & dmask[None, :],
+        other=0.0,
+    )
+    if SCALED_F16:
+        q, inv_scale = scaled_f16_query(q)
+        qk_scale = qk_scale * inv_scale  # (a power of two: the logits are the unscaled ones exactly)
+    cache_bh = b.to(tl.int64) * stride_cb + h.to(tl.int64) * stride_ch
+    k_base = k_ptr + cache_bh
+    v_base = v_ptr + cache_bh
+    idx_base = idx_ptr + b.to(tl.int64) * stride_ib + h.to(tl.int64) * stride_ih
+
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
+    # (loading the next block's page numbers one iteration ahead measured no faster on the H100: the
+    # pipeliner already hides them; benchmarks/results/tune_decode_h100_prefetch.json)
+    for j0 in range(tok0, tok_end, BLOCK_N):
+        j = j0 + tl.arange(0, BLOCK_N)
+        if CG:  # written by a grid still running: past L1
+            page = tl.load(idx_base + j // PAGE_SIZE, mask=j < tok_end, other=-1, cache_modifier=".cg")
+        else:
+            page = tl.load(idx_base + j // PAGE_SIZE, mask=j < tok_end, other=-1)
+        pos = page * PAGE_SIZE + j % PAGE_SIZE
+        valid = (page >= 0) & (pos >= start) & (pos < end)
+        k_t = tl.load(
+            k_base + pos[None, :].to(tl.int64) * stride_ct + offs_d[:, None],
+            mask=valid[None, :] & dmask[:, None],
+            other=0.0,
+        ).to(q.dtype)  # [BLOCK_D, BLOCK_N] (an fp8 cache upcast to q's dtype)
+        s = mm(q, k_t, None, F32)  # [G_PAD, BLOCK_N] raw q.k
+        if SOFTCAP:
+            # cap * tanh(scale * s / cap) in log2 units (qk_scale = scale / cap, softcap = cap * log2(e));
+            # tanh(y) = 1 - 2 / (exp(2y) + 1), saturating cleanly to +-1
+            y = s * qk_scale
+            s = softcap * (1.0 - 2.0 / (tl.exp2(y * (2.0 * 1.4426950408889634)) + 1.0))
+        else:
+            s = s * qk_scale
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(
+            v_base + pos[:, None].to(tl.int64) * stride_ct + offs_d[None, :],
+            mask=valid[:, None] & dmask[None, :],
+            other=0.0,
+        ).to(q.dtype)  # [BLOCK_N, BLOCK_D]
+        acc = mm(p.to(v.dtype), v, acc * alpha[:, None], F32)
+        m_i = m_new
+
+    return acc, m_i, l_i
+
+
+@triton.jit
+def store_partial(o_ws_ptr, lse_ws_ptr, ws_row, o, m_i, l_i, row_mask, dmask, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One split's normalised output ``o`` ``[G_PAD, BLOCK_D]`` and log2-sum-exp (from :func:`attend_chunk`'s
+    ``m`` / ``l``; ``-inf`` for a split without tokens) to the fp32 workspace rows ``ws_row`` ``[G_PAD]``."""
+    offs_d = tl.arange(0, BLOCK_D)
+    tl.store(o_ws_ptr + ws_row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=row_mask[:, None] & dmask[None, :])
+    has = l_i > 0.0
+    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+    tl.store(lse_ws_ptr + ws_row, lse, mask=row_mask)
+
+
+@triton.jit
+def merge_partials(o_ws_ptr, lse_ws_ptr, ws0, num_splits, out_ptrs, row_mask, dmask, G: tl.constexpr, G_PAD: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Merge one (row, KV head)'s ``num_splits`` partial outputs (workspace rows ``ws0 + s * G``, ``ws0``
+    ``[G_PAD]``: normalised ``[G, HEAD_DIM]`` fp32 partials and their log2-sum-exp, written by programs
+    still running, so read past L1) in split order, and store the result at ``out_ptrs`` ``[G_PAD,
+    BLOCK_D]`` in the output's dtype."""
+    offs_d = tl.arange(0, BLOCK_D)
+    m = tl.full([G_PAD], float("-inf"), tl.float32)
+    for s in range(0, num_splits):
+        ls = tl.load(lse_ws_ptr + ws0 + s * G, mask=row_mask, other=float("-inf"), cache_modifier=".cg")
+        m = tl.maximum(m, ls)
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    w_sum = tl.zeros([G_PAD], tl.float32)
+    merged = tl.zeros([G_PAD, BLOCK_D], tl.float32)
+    for s in range(0, num_splits):
+        ls = tl.load(lse_ws_ptr + ws0 + s * G, mask=row_mask, other=float("-inf"), cache_modifier=".cg")
+        w = tl.exp2(ls - m_use)
+        o_s = tl.load(
+            o_ws_ptr + (ws0 + s * G)[:, None] * HEAD_DIM + offs_d[None, :],
+            mask=row_mask[:, None] & dmask[None, :], other=0.0, cache_modifier=".cg",
+        )
+        merged += w[:, None] * o_s
+        w_sum += w
+    res = tl.where(w_sum[:, None] > 0.0, merged / tl.where(w_sum > 0.0, w_sum, 1.0)[:, None], 0.0)
+    tl.store(out_ptrs, res.to(out_ptrs.dtype.element_ty), mask=row_mask[:, None] & dmask[None, :])
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr,
     k_ptr,
@@ -97,97 +232,29 @@ def _decode_split_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < HEAD_DIM
     row_mask = rows < G
-    q = tl.load(
-        q_ptr + b.to(tl.int64) * stride_qb + (h * G + rows)[:, None].to(tl.int64) * stride_qh + offs_d[None, :],
-        mask=row_mask[:, None] & dmask[None, :],
-        other=0.0,
+    acc, m_i, l_i = attend_chunk(
+        q_ptr, k_ptr, v_ptr, idx_ptr, b, h, start, end, split * tokens_per_split,
+        tl.minimum(split * tokens_per_split + tokens_per_split, num_select * PAGE_SIZE), qk_scale, softcap,
+        stride_qb, stride_qh, stride_cb, stride_ch, stride_ct, stride_ib, stride_ih,
+        G, G_PAD, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, SOFTCAP, F32, SCALED_F16, CHAIN,
     )
-    if SCALED_F16:
-        q, inv_scale = scaled_f16_query(q)
-        qk_scale = qk_scale * inv_scale  # (a power of two: the logits are the unscaled ones exactly)
-    cache_bh = b.to(tl.int64) * stride_cb + h.to(tl.int64) * stride_ch
-    k_base = k_ptr + cache_bh
-    v_base = v_ptr + cache_bh
-    idx_base = idx_ptr + b.to(tl.int64) * stride_ib + h.to(tl.int64) * stride_ih
-
-    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([G_PAD], tl.float32)
-    acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
-    tok0 = split * tokens_per_split
-    tok_end = tl.minimum(tok0 + tokens_per_split, num_select * PAGE_SIZE)
-    # (loading the next block's page numbers one iteration ahead measured no faster on the H100: the
-    # pipeliner already hides them; benchmarks/results/tune_decode_h100_prefetch.json)
-    for j0 in range(tok0, tok_end, BLOCK_N):
-        j = j0 + tl.arange(0, BLOCK_N)
-        if CHAIN:  # written by a grid still running: past L1
-            page = tl.load(idx_base + j // PAGE_SIZE, mask=j < tok_end, other=-1, cache_modifier=".cg")
-        else:
-            page = tl.load(idx_base + j // PAGE_SIZE, mask=j < tok_end, other=-1)
-        pos = page * PAGE_SIZE + j % PAGE_SIZE
-        valid = (page >= 0) & (pos >= start) & (pos < end)
-        k_t = tl.load(
-            k_base + pos[None, :].to(tl.int64) * stride_ct + offs_d[:, None],
-            mask=valid[None, :] & dmask[:, None],
-            other=0.0,
-        ).to(q.dtype)  # [BLOCK_D, BLOCK_N] (an fp8 cache upcast to q's dtype)
-        s = mm(q, k_t, None, F32)  # [G_PAD, BLOCK_N] raw q.k
-        if SOFTCAP:
-            # cap * tanh(scale * s / cap) in log2 units (qk_scale = scale / cap, softcap = cap * log2(e));
-            # tanh(y) = 1 - 2 / (exp(2y) + 1), saturating cleanly to +-1
-            y = s * qk_scale
-            s = softcap * (1.0 - 2.0 / (tl.exp2(y * (2.0 * 1.4426950408889634)) + 1.0))
-        else:
-            s = s * qk_scale
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(
-            v_base + pos[:, None].to(tl.int64) * stride_ct + offs_d[None, :],
-            mask=valid[:, None] & dmask[None, :],
-            other=0.0,
-        ).to(q.dtype)  # [BLOCK_N, BLOCK_D]
-        acc = mm(p.to(v.dtype), v, acc * alpha[:, None], F32)
-        m_i = m_new
-
     has = l_i > 0.0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
     if SINGLE:
         out_ptrs = out_ptr + b.to(tl.int64) * stride_ob + (h * G + rows)[:, None].to(tl.int64) * stride_oh + offs_d[None, :]
         tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & dmask[None, :])
     else:
-        ws_row = (bh.to(tl.int64) * num_splits + split) * G + rows  # [G_PAD]
-        tl.store(o_ws_ptr + ws_row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=row_mask[:, None] & dmask[None, :])
-        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-        tl.store(lse_ws_ptr + ws_row, lse, mask=row_mask)
+        store_partial(o_ws_ptr, lse_ws_ptr, (bh.to(tl.int64) * num_splits + split) * G + rows, o, m_i, l_i, row_mask, dmask,
+                      HEAD_DIM, BLOCK_D)
         if INLINE_MERGE:
             # the last split of (row, KV head) to finish merges them all (no second kernel); it resets the
             # counter for the next call, so the launch stays CUDA-graph safe
             tl.debug_barrier()
             done = tl.atomic_add(counter_ptr + bh, 1, sem="acq_rel")
             if done == num_splits - 1:
-                ws0 = bh.to(tl.int64) * num_splits * G + rows  # [G_PAD] workspace rows of split 0
-                m = tl.full([G_PAD], float("-inf"), tl.float32)
-                for s in range(0, num_splits):
-                    ls = tl.load(lse_ws_ptr + ws0 + s * G, mask=row_mask, other=float("-inf"), cache_modifier=".cg")
-                    m = tl.maximum(m, ls)
-                m_use = tl.where(m == float("-inf"), 0.0, m)
-                w_sum = tl.zeros([G_PAD], tl.float32)
-                merged = tl.zeros([G_PAD, BLOCK_D], tl.float32)
-                for s in range(0, num_splits):
-                    ls = tl.load(lse_ws_ptr + ws0 + s * G, mask=row_mask, other=float("-inf"), cache_modifier=".cg")
-                    w = tl.exp2(ls - m_use)
-                    o_s = tl.load(
-                        o_ws_ptr + (ws0 + s * G)[:, None] * HEAD_DIM + offs_d[None, :],
-                        mask=row_mask[:, None] & dmask[None, :], other=0.0, cache_modifier=".cg",
-                    )
-                    merged += w[:, None] * o_s
-                    w_sum += w
-                res = tl.where(w_sum[:, None] > 0.0, merged / tl.where(w_sum > 0.0, w_sum, 1.0)[:, None], 0.0)
                 out_ptrs = out_ptr + b.to(tl.int64) * stride_ob + (h * G + rows)[:, None].to(tl.int64) * stride_oh + offs_d[None, :]
-                tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & dmask[None, :])
+                merge_partials(o_ws_ptr, lse_ws_ptr, bh.to(tl.int64) * num_splits * G + rows, num_splits, out_ptrs,
+                               row_mask, dmask, G, G_PAD, HEAD_DIM, BLOCK_D)
                 tl.atomic_xchg(counter_ptr + bh, 0)
     if CHAIN:  # the last program of the row re-arms its flag for the next launch
         tl.debug_barrier()
@@ -293,6 +360,30 @@ def merge_tile(splits: int, block_d: int, chunk: int | None = None) -> int:
     return min(block_s, triton.next_power_of_2(want))
 
 
+def check_attention(q, k_cache, v_cache, seq_start, seq_end, page_size: int, scale: float, softcap: float):
+    """Checks of an attention launch over ``q`` ``[B, Hq, D]`` and the ``[B, Hkv, cap, D]`` cache; returns
+    ``(q, k_cache, v_cache)`` with the last dim contiguous and K / V strided alike."""
+    check(k_cache.dim() == 4 and v_cache.shape == k_cache.shape, "k_cache / v_cache must be [B, Hkv, cap, D] alike")
+    check_float_dtype(q, "q")
+    check(
+        v_cache.dtype == k_cache.dtype and (k_cache.dtype == q.dtype or k_cache.dtype in FP8_DTYPES),
+        f"q / k_cache / v_cache dtypes {q.dtype} / {k_cache.dtype} / {v_cache.dtype}: K/V in q's dtype or float8_e4m3fn",
+    )
+    b, hkv, cap, d = k_cache.shape
+    check_head_dim(d)
+    check_page_size(page_size)
+    check(cap % page_size == 0, f"capacity {cap} is not a multiple of page_size {page_size}")
+    check(q.dim() == 3 and q.shape[0] == b and q.shape[2] == d, f"q {tuple(q.shape)} does not match the cache {tuple(k_cache.shape)}")
+    check(q.shape[1] % hkv == 0, f"q_heads {q.shape[1]} is not a multiple of kv_heads {hkv}")
+    check_rows(seq_start, seq_end, b)
+    check(math.isfinite(scale) and math.isfinite(softcap) and softcap >= 0, f"bad scale {scale} / softcap {softcap}")
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k_cache.stride(-1) != 1 or v_cache.stride() != k_cache.stride():
+        k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
+    return q, k_cache, v_cache
+
+
 def sparse_decode_attention_triton(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -324,25 +415,9 @@ def sparse_decode_attention_triton(
     larger batch's output) instead of a new tensor."""
     merge = merge or DEFAULT_MERGE
     check(merge in ("kernel", "inline"), f"merge={merge!r}: allowed 'kernel' or 'inline'")
-    check(k_cache.dim() == 4 and v_cache.shape == k_cache.shape, "k_cache / v_cache must be [B, Hkv, cap, D] alike")
-    check_float_dtype(q, "q")
-    check(
-        v_cache.dtype == k_cache.dtype and (k_cache.dtype == q.dtype or k_cache.dtype in FP8_DTYPES),
-        f"q / k_cache / v_cache dtypes {q.dtype} / {k_cache.dtype} / {v_cache.dtype}: K/V in q's dtype or float8_e4m3fn",
-    )
-    b, hkv, cap, d = k_cache.shape
-    check_head_dim(d)
-    check_page_size(page_size)
-    check(cap % page_size == 0, f"capacity {cap} is not a multiple of page_size {page_size}")
-    check(q.dim() == 3 and q.shape[0] == b and q.shape[2] == d, f"q {tuple(q.shape)} does not match the cache {tuple(k_cache.shape)}")
-    check(q.shape[1] % hkv == 0, f"q_heads {q.shape[1]} is not a multiple of kv_heads {hkv}")
+    q, k_cache, v_cache = check_attention(q, k_cache, v_cache, seq_start, seq_end, page_size, scale, softcap)
+    b, hkv, _, d = k_cache.shape
     check(indices.dim() == 3 and indices.shape[:2] == (b, hkv) and indices.dtype == torch.int32, "indices must be int32 [B, Hkv, S]")
-    check_rows(seq_start, seq_end, b)
-    check(math.isfinite(scale) and math.isfinite(softcap) and softcap >= 0, f"bad scale {scale} / softcap {softcap}")
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if k_cache.stride(-1) != 1 or v_cache.stride() != k_cache.stride():
-        k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
     if indices.stride(-1) != 1:
         indices = indices.contiguous()
     hq = q.shape[1]

@@ -1,0 +1,277 @@
+"""Persistent decode: Quest scoring, top-k selection and sparse attention in one grid that takes work items
+from a queue. Experimental and off by default.
+
+Inputs as the split chain's: ``q`` ``[B, Hq, D]``, ``k_cache`` / ``v_cache`` ``[B, Hkv, cap, D]``, ``meta``
+``[B, Hkv, P, 2, D]``, ``seq_start`` / ``seq_end`` ``[B]``. Returns the attention ``[B, Hq, D]`` (q's dtype)
+and the selected pages int32 ``[B, Hkv, num_select]``, equal bit for bit to the fused row-chained decode
+(:func:`triton_chain.quest_decode_chained_triton` with ``fused=True``) at the same walk, splits and inline
+merge: the same device functions, only the scheduling differs.
+
+Why: in the row-chained decodes the attention is a second grid, and a PDL grid is scheduled only once every
+program of the previous grid has started, so the attention programs become resident during the score
+grid's last wave and most rows' attention bytes stream after the scoring instead of beside it
+(``benchmarks/NOTES.md``). Here ``programs`` resident programs (about one wave) each loop: take the next
+item index from a queue counter (``atomic_add``), do the item, repeat. The items are, per (row, KV head)
+``r = b * Hkv + h``, ``score_items`` score items (``blocks_per_program`` page blocks each, as the fused
+kernel's programs) and ``num_splits`` attention items (one split of the selected tokens each), in the
+order
+
+    score items of rows 0 .. lag-1, then for r = 0 .. rows-lag-1: [score items of row r + lag,
+    attention items of row r], then the attention items of rows rows-lag .. rows-1
+
+so a row's attention is queued ``lag`` rows of scoring after its own, and early rows' attention bytes
+stream beside later rows' scoring. The last score item of a row to finish (a ticket counter) selects the
+row and releases its flag; an attention item spins on its row's flag (acquire), reads the pages past L1,
+writes its partial output, and the row's last split to finish merges the partials in split order and
+re-arms the row's counters. The waits cannot deadlock: a row's score items are queued before its
+attention items, so a spinning item only waits for items already taken by running programs that wait for
+nothing. The program that takes the queue's last index (``total + programs - 1``: every program takes one
+index past the end) zeroes the queue, so every launch leaves the counters zeroed (CUDA graphs).
+
+Counters: a persistent per-device int32 buffer (:func:`_triton_common.ticket_counters`, pool
+``"persistent"``): the queue, then per row the score tickets, the selection flags and the attention
+tickets. Where it cannot exist (first allocation inside a CUDA-graph capture) the fused row-chained decode
+runs instead (same results).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_common import (SELECT_FINISH, SELECT_WAYS, check, check_select_pages, pdl_enter, scaled_f16, select_from_scores,
+                             select_num_warps, signal_row, sm_count, ticket_counters, use_pdl, wait_row)
+from .triton_chain import fused_chain_plan, quest_decode_chained_triton
+from .triton_decode import LOG2E, attend_chunk, check_attention, default_block_n, merge_partials, store_partial
+from .triton_score import load_group_query, plan_walk, score_blocks, score_meta
+
+
+@triton.jit
+def _item(i, rows, lag, score_items, num_splits):
+    """Queue index ``i`` -> ``(is_score, row, sub)``: the order of the module docstring."""
+    lead = lag * score_items
+    per_round = score_items + num_splits
+    mid = rows - lag
+    j = i - lead
+    rnd = j // per_round
+    w = j - rnd * per_round
+    tail = j - mid * per_round
+    is_score = (i < lead) | ((rnd < mid) & (w < score_items))
+    row = tl.where(i < lead, i // score_items,
+                   tl.where(rnd < mid, tl.where(w < score_items, rnd + lag, rnd), mid + tail // num_splits))
+    sub = tl.where(i < lead, i % score_items,
+                   tl.where(rnd < mid, tl.where(w < score_items, w, w - score_items), tail % num_splits))
+    return is_score, row, sub
+
+
+@triton.jit
+def _persistent_kernel(
+    q_ptr,
+    meta_ptr,
+    k_ptr,
+    v_ptr,
+    start_ptr,
+    end_ptr,
+    ws_ptr,
+    idx_ptr,
+    o_ws_ptr,
+    lse_ws_ptr,
+    out_ptr,
+    sync_ptr,
+    num_pages,
+    num_select,
+    kv_heads,
+    rows,
+    lag,
+    score_items,
+    blocks_per_program,
+    num_splits,
+    tokens_per_split,
+    total_items,
+    num_programs,
+    qk_scale,
+    softcap,
+    stride_qb,
+    stride_qh,
+    stride_mb,
+    stride_mh,
+    stride_mp,
+    stride_mm,
+    stride_cb,
+    stride_ch,
+    stride_ct,
+    stride_ob,
+    stride_oh,
+    page_size,
+    sink,
+    recent,
+    G: tl.constexpr,
+    G_PAD: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    GQA_SUM: tl.constexpr,
+    F32: tl.constexpr,
+    SCALED_F16: tl.constexpr,
+    STAGES: tl.constexpr,
+    WALK: tl.constexpr,
+    BLOCK: tl.constexpr,
+    WAYS: tl.constexpr,
+    FINISH: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    KV_SCALED_F16: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    pdl_enter(PDL)
+    tickets = sync_ptr + 1
+    flags = tickets + rows
+    splits_done = flags + rows
+    offs = tl.arange(0, BLOCK)
+    rows_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_mask = rows_g < G
+    dmask = offs_d < HEAD_DIM
+    i = tl.atomic_add(sync_ptr, 1, sem="relaxed")
+    while i < total_items:
+        is_score, bh, sub = _item(i, rows, lag, score_items, num_splits)
+        b = bh // kv_heads
+        h = bh % kv_heads
+        start = tl.load(start_ptr + b).to(tl.int32)
+        end = tl.load(end_ptr + b).to(tl.int32)
+        if is_score:  # blocks [sub * per, ...) of the row; the row's last item to finish selects it
+            q_pos, q_neg, inv_scale = load_group_query(q_ptr, b, h, stride_qb, stride_qh, G, G_PAD, HEAD_DIM, BLOCK_D, SCALED_F16)
+            meta_bh = meta_ptr + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+            ws = ws_ptr + bh.to(tl.int64) * num_pages
+            first = sub * blocks_per_program
+            last = tl.minimum(first + blocks_per_program, tl.cdiv(num_pages, BLOCK_P))
+            score_blocks(
+                q_pos, q_neg, inv_scale, meta_bh, ws, first, last, num_pages, start, end, stride_mp, stride_mm, HEAD_DIM,
+                page_size, G, G_PAD, BLOCK_D, BLOCK_P, GQA_SUM, F32, SCALED_F16, STAGES, WALK,
+            )
+            tl.debug_barrier()  # every thread's scores stored before the ticket is taken
+            ticket = tl.atomic_add(tickets + bh, 1)  # acq_rel, gpu scope
+            if ticket == score_items - 1:
+                tl.store(tickets + bh, 0)
+                scores = tl.load(ws + offs, mask=offs < num_pages, other=float("-inf"), cache_modifier=".cg")
+                select_from_scores(scores, offs, num_pages, start, end, idx_ptr + bh.to(tl.int64) * num_select, num_select,
+                                   page_size, sink, recent, BLOCK, WAYS, FINISH)
+                signal_row(flags + bh, 1)
+        else:  # split `sub` of the row's selected tokens, once the row is selected
+            wait_row(flags + bh, 1)
+            tok0 = sub * tokens_per_split
+            acc, m_i, l_i = attend_chunk(
+                q_ptr, k_ptr, v_ptr, idx_ptr, b, h, start, end, tok0,
+                tl.minimum(tok0 + tokens_per_split, num_select * PAGE_SIZE), qk_scale, softcap,
+                stride_qb, stride_qh, stride_cb, stride_ch, stride_ct, kv_heads * num_select, num_select,
+                G, G_PAD, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, SOFTCAP, F32, KV_SCALED_F16, True,
+            )
+            o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+            store_partial(o_ws_ptr, lse_ws_ptr, (bh.to(tl.int64) * num_splits + sub) * G + rows_g, o, m_i, l_i, row_mask,
+                          dmask, HEAD_DIM, BLOCK_D)
+            tl.debug_barrier()
+            done = tl.atomic_add(splits_done + bh, 1, sem="acq_rel", scope="gpu")
+            if done == num_splits - 1:  # every split stored: merge, then re-arm the row
+                out_ptrs = out_ptr + b.to(tl.int64) * stride_ob + (h * G + rows_g)[:, None].to(tl.int64) * stride_oh + offs_d[None, :]
+                merge_partials(o_ws_ptr, lse_ws_ptr, bh.to(tl.int64) * num_splits * G + rows_g, num_splits, out_ptrs,
+                               row_mask, dmask, G, G_PAD, HEAD_DIM, BLOCK_D)
+                tl.atomic_xchg(splits_done + bh, 0)
+                tl.atomic_xchg(flags + bh, 0)
+        i = tl.atomic_add(sync_ptr, 1, sem="relaxed")
+    if i == total_items + num_programs - 1:  # the queue's last index: every program has left the loop
+        tl.atomic_xchg(sync_ptr, 0)
+
+
+def persistent_plan(rows: int, pages: int, num_select: int, page_size: int, head_dim: int, device: torch.device,
+                    num_warps: int | None = None) -> dict:
+    """Launch defaults: the fused row-chained decode's (:func:`triton_chain.fused_chain_plan`: register cap
+    for 3 CTAs per SM at the selection's warps, its attention splits, merged inline), ``programs`` = 3 per
+    SM (the resident grid), ``lag`` = half the rows."""
+    plan = fused_chain_plan(rows, pages, num_select, page_size, head_dim, device, num_warps)
+    return dict(maxnreg=plan["maxnreg"], num_splits=plan["num_splits"], programs=3 * sm_count(device), lag=rows // 2)
+
+
+def quest_decode_persistent_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: torch.Tensor,
+    seq_start: torch.Tensor,
+    seq_end: torch.Tensor,
+    page_size: int,
+    num_select: int,
+    sink_pages: int,
+    recent_pages: int,
+    gqa_reduction: str,
+    scale: float,
+    softcap: float = 0.0,
+    num_splits: int | None = None,
+    lag: int | None = None,
+    programs: int | None = None,
+    blocks_per_program: int | None = None,
+    num_warps: int | None = None,
+    maxnreg: int | None = None,
+    block_n: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out [B, Hq, D], indices int32 [B, Hkv, num_select])`` in one persistent launch (see module
+    docstring). Tuning overrides: ``num_splits`` (attention items per row), ``lag`` (rows of scoring queued
+    between a row's score and attention items; ``>= rows``: every score item first), ``programs`` (the grid), ``blocks_per_program``,
+    ``num_warps``, ``maxnreg``, ``block_n`` (attention tokens per block)."""
+    q, meta, consts = score_meta(q, meta, seq_start, seq_end, page_size, gqa_reduction)
+    q, k_cache, v_cache = check_attention(q, k_cache, v_cache, seq_start, seq_end, page_size, scale, softcap)
+    check(num_select >= 1, f"num_select={num_select} must be >= 1")
+    check(sink_pages >= 0 and recent_pages >= 0, "sink_pages / recent_pages must be >= 0")
+    b, hkv, pages, _, d = meta.shape
+    check(k_cache.shape[:2] == (b, hkv) and k_cache.shape[2] == pages * page_size,
+          f"meta {tuple(meta.shape)} does not cover the cache {tuple(k_cache.shape)} at page_size {page_size}")
+    rows = b * hkv
+    hq = q.shape[1]
+    out = torch.empty((b, hq, d), dtype=q.dtype, device=q.device)
+    if rows == 0 or hq == 0:
+        return out, torch.empty((b, hkv, num_select), dtype=torch.int32, device=q.device)
+    block = check_select_pages(pages)
+    plan = persistent_plan(rows, pages, num_select, page_size, d, q.device, num_warps)
+    num_splits = plan["num_splits"] if num_splits is None else num_splits
+    check(lag is None or lag >= 0, f"lag={lag} must be >= 0")
+    lag = plan["lag"] if lag is None else min(lag, rows)
+    check(num_splits >= 1, f"num_splits={num_splits} must be >= 1")
+    sync = ticket_counters(q.device, 1 + 3 * rows, pool="persistent")
+    if sync is None:  # first launch inside a CUDA-graph capture: the fused row-chained decode (same results)
+        return quest_decode_chained_triton(q, k_cache, v_cache, meta, seq_start, seq_end, page_size, num_select, sink_pages,
+                                           recent_pages, gqa_reduction, scale, softcap, merge="inline", fused=True,
+                                           num_splits=num_splits)
+    walk = plan_walk(consts, pages, rows, meta.device, meta.dtype, None, blocks_per_program, num_warps or select_num_warps(block))
+    per = walk.pop("blocks_per_program")
+    score_items = walk.pop("programs_per_row")
+    block_n = block_n or default_block_n(d)
+    total_tokens = num_select * page_size
+    tokens_per_split = triton.cdiv(triton.cdiv(total_tokens, num_splits), block_n) * block_n
+    num_splits = triton.cdiv(total_tokens, tokens_per_split)
+    total = rows * (score_items + num_splits)
+    nprog = max(1, min(programs or plan["programs"], total))
+    idx = torch.empty((b, hkv, num_select), dtype=torch.int32, device=q.device)
+    ws = torch.empty((rows, pages), dtype=torch.float32, device=q.device)
+    o_ws = torch.empty((rows * num_splits * (hq // hkv), d), dtype=torch.float32, device=q.device)
+    lse_ws = torch.empty((rows * num_splits * (hq // hkv),), dtype=torch.float32, device=q.device)
+    pdl = use_pdl(q.device)
+    maxnreg = plan["maxnreg"] if maxnreg is None else maxnreg
+    try:
+        _persistent_kernel[(nprog,)](
+            q, meta, k_cache, v_cache, seq_start, seq_end, ws, idx, o_ws, lse_ws, out, sync,
+            pages, num_select, hkv, rows, lag, score_items, per, num_splits, tokens_per_split, total, nprog,
+            float(scale) / softcap if softcap else float(scale) * LOG2E, float(softcap) * LOG2E,
+            q.stride(0), q.stride(1), meta.stride(0), meta.stride(1), meta.stride(2), meta.stride(3),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1),
+            page_size, sink_pages, recent_pages,
+            BLOCK=block, WAYS=SELECT_WAYS, FINISH=SELECT_FINISH, HEAD_DIM=d, BLOCK_N=block_n, PAGE_SIZE=page_size,
+            SOFTCAP=bool(softcap), KV_SCALED_F16=scaled_f16(q.dtype, k_cache.dtype), PDL=pdl, launch_pdl=pdl,
+            num_stages=2,  # the attention loop's (the score walk pipelines over its own STAGES)
+            **({"maxnreg": maxnreg} if maxnreg else {}), **walk, **consts,
+        )
+    except BaseException:
+        sync[: 1 + 3 * rows].zero_()  # a launch that failed part-way must not leave the queue or a row armed
+        raise
+    return out, idx
+
