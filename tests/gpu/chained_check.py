@@ -42,14 +42,21 @@ def split(q, k, v, meta, start, end, ps, n, scale, softcap, fused=False, attenti
     return sparse_decode_attention_triton(q, k, v, idx, start, end, ps, scale, softcap, **plan), idx
 
 
-def replays_equal(fn, want_out, want_idx, pool: str, label: str) -> bool:
+def replays_equal(fn, want_out, want_idx, pool: str, label: str, bitwise: bool = True) -> bool:
     """``fn()`` equals ``(want_out, want_idx)`` three times eagerly and five times replayed from a CUDA graph,
-    leaving the counters of ``pool`` zeroed."""
-    for _ in range(3):
+    leaving the counters of ``pool`` zeroed. Not ``bitwise``: the pages equal, the output within 1e-2
+    relative (norm) of ``want_out`` and every call's output equal to the first eager one's."""
+    for call in range(3):
         out, idx = fn()
         torch.cuda.synchronize()
+        if not bitwise and call == 0:
+            err = ((out.float() - want_out.float()).norm() / want_out.float().norm()).item()
+            if not (torch.equal(idx, want_idx) and err < 1e-2):
+                print(f"MISMATCH eager {label}: pages equal {torch.equal(idx, want_idx)}, output relative error {err:.2e}")
+                return False
+            want_out = out.clone()
         if not (torch.equal(idx, want_idx) and torch.equal(out, want_out)):
-            print(f"MISMATCH eager {label}")
+            print(f"MISMATCH eager {label}: pages equal {torch.equal(idx, want_idx)}")
             return False
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -97,8 +104,10 @@ def main() -> int:
                                                                      fused=fused, attention_options=attn, fused_options=walk),
                                  want_out, want_idx, "chain", label):
                 return 1
-        # the persistent decode against the fused row-chained decode with its splits merged inline: by default,
-        # all score items first (lag = rows), attention right after each row (lag 0), and a quarter of a wave
+        # the persistent decode against the fused row-chained decode with its splits merged inline (the same
+        # pages; the same output bits where the persistent program has the attention kernel's 4 warps, else
+        # within rounding: other warps reduce the softmax sums in another order): by default, all score items
+        # first (lag = rows), attention right after each row (lag 0), and a quarter of a wave
         rows = b * hkv
         splits = persistent_plan(rows, meta.shape[2], n, ps, d, dev)["num_splits"]
         want_out, want_idx = quest_decode_chained_triton(q, k, v, meta, start, end, ps, n, 1, 1, "max", scale, softcap, fused=True,
@@ -107,7 +116,7 @@ def main() -> int:
             label = f"persistent {opts} {hq}/{hkv}/{d} B={b} L={length} budget={budget} page={ps}"
             if not replays_equal(lambda opts=opts: quest_decode_persistent_triton(q, k, v, meta, start, end, ps, n, 1, 1, "max",
                                                                                   scale, softcap, **opts),
-                                 want_out, want_idx, "persistent", label):
+                                 want_out, want_idx, "persistent", label, bitwise=meta.shape[2] <= 2048):
                 return 1
     print("chained == split")
     return 0

@@ -3,9 +3,11 @@ from a queue. Experimental and off by default.
 
 Inputs as the split chain's: ``q`` ``[B, Hq, D]``, ``k_cache`` / ``v_cache`` ``[B, Hkv, cap, D]``, ``meta``
 ``[B, Hkv, P, 2, D]``, ``seq_start`` / ``seq_end`` ``[B]``. Returns the attention ``[B, Hq, D]`` (q's dtype)
-and the selected pages int32 ``[B, Hkv, num_select]``, equal bit for bit to the fused row-chained decode
-(:func:`triton_chain.quest_decode_chained_triton` with ``fused=True``) at the same walk, splits and inline
-merge: the same device functions, only the scheduling differs.
+and the selected pages int32 ``[B, Hkv, num_select]``: the pages of the fused row-chained decode
+(:func:`triton_chain.quest_decode_chained_triton` with ``fused=True``) and, at the same splits merged
+inline, its output bit for bit where the program has the attention kernel's warps (4: up to 2048 pages),
+else within rounding (8 warps reduce the softmax sums in another order): the same device functions, only
+the scheduling differs.
 
 Why: in the row-chained decodes the attention is a second grid, and a PDL grid is scheduled only once every
 program of the previous grid has started, so the attention programs become resident during the score
@@ -42,6 +44,7 @@ import triton.language as tl
 
 from ._triton_common import (SELECT_FINISH, SELECT_WAYS, check, check_select_pages, pdl_enter, scaled_f16, select_from_scores,
                              select_num_warps, signal_row, sm_count, ticket_counters, use_pdl, wait_row)
+from .trace import KernelTrace
 from .triton_chain import fused_chain_plan, quest_decode_chained_triton
 from .triton_decode import LOG2E, attend_chunk, check_attention, default_block_n, merge_partials, store_partial
 from .triton_score import load_group_query, plan_walk, score_blocks, score_meta
@@ -63,6 +66,16 @@ def _item(i, rows, lag, score_items, num_splits):
     sub = tl.where(i < lead, i % score_items,
                    tl.where(rnd < mid, tl.where(w < score_items, w, w - score_items), tail % num_splits))
     return is_score, row, sub
+
+
+@triton.jit
+def _stamp(trace_ptr, i, field: tl.constexpr, TRACE: tl.constexpr):
+    """With ``TRACE`` (a :class:`trace.KernelTrace` region ``[items, 4]``): the global timer (ns) in item
+    ``i``'s ``field`` (0 taken, 1 scored / its row selected, 2 done), its SM in field 3 when taken."""
+    if TRACE:
+        tl.store(trace_ptr + i.to(tl.int64) * 4 + field, tl.extra.cuda.globaltimer())
+        if field == 0:
+            tl.store(trace_ptr + i.to(tl.int64) * 4 + 3, tl.extra.cuda.smid().to(tl.int64))
 
 
 @triton.jit
@@ -106,6 +119,7 @@ def _persistent_kernel(
     page_size,
     sink,
     recent,
+    trace_ptr,
     G: tl.constexpr,
     G_PAD: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -124,6 +138,7 @@ def _persistent_kernel(
     SOFTCAP: tl.constexpr,
     KV_SCALED_F16: tl.constexpr,
     PDL: tl.constexpr,
+    TRACE: tl.constexpr,
 ):
     pdl_enter(PDL)
     tickets = sync_ptr + 1
@@ -136,6 +151,7 @@ def _persistent_kernel(
     dmask = offs_d < HEAD_DIM
     i = tl.atomic_add(sync_ptr, 1, sem="relaxed")
     while i < total_items:
+        _stamp(trace_ptr, i, 0, TRACE)
         is_score, bh, sub = _item(i, rows, lag, score_items, num_splits)
         b = bh // kv_heads
         h = bh % kv_heads
@@ -152,6 +168,7 @@ def _persistent_kernel(
                 page_size, G, G_PAD, BLOCK_D, BLOCK_P, GQA_SUM, F32, SCALED_F16, STAGES, WALK,
             )
             tl.debug_barrier()  # every thread's scores stored before the ticket is taken
+            _stamp(trace_ptr, i, 1, TRACE)
             ticket = tl.atomic_add(tickets + bh, 1)  # acq_rel, gpu scope
             if ticket == score_items - 1:
                 tl.store(tickets + bh, 0)
@@ -161,6 +178,7 @@ def _persistent_kernel(
                 signal_row(flags + bh, 1)
         else:  # split `sub` of the row's selected tokens, once the row is selected
             wait_row(flags + bh, 1)
+            _stamp(trace_ptr, i, 1, TRACE)
             tok0 = sub * tokens_per_split
             acc, m_i, l_i = attend_chunk(
                 q_ptr, k_ptr, v_ptr, idx_ptr, b, h, start, end, tok0,
@@ -179,6 +197,7 @@ def _persistent_kernel(
                                row_mask, dmask, G, G_PAD, HEAD_DIM, BLOCK_D)
                 tl.atomic_xchg(splits_done + bh, 0)
                 tl.atomic_xchg(flags + bh, 0)
+        _stamp(trace_ptr, i, 2, TRACE)
         i = tl.atomic_add(sync_ptr, 1, sem="relaxed")
     if i == total_items + num_programs - 1:  # the queue's last index: every program has left the loop
         tl.atomic_xchg(sync_ptr, 0)
@@ -214,11 +233,14 @@ def quest_decode_persistent_triton(
     num_warps: int | None = None,
     maxnreg: int | None = None,
     block_n: int | None = None,
+    trace: KernelTrace | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out [B, Hq, D], indices int32 [B, Hkv, num_select])`` in one persistent launch (see module
     docstring). Tuning overrides: ``num_splits`` (attention items per row), ``lag`` (rows of scoring queued
     between a row's score and attention items; ``>= rows``: every score item first), ``programs`` (the grid), ``blocks_per_program``,
-    ``num_warps``, ``maxnreg``, ``block_n`` (attention tokens per block)."""
+    ``num_warps``, ``maxnreg``, ``block_n`` (attention tokens per block). ``trace``: record every item's
+    timestamps (:mod:`trace`; one "row" per item in queue order: taken, scored or its row selected, done,
+    SM)."""
     q, meta, consts = score_meta(q, meta, seq_start, seq_end, page_size, gqa_reduction)
     q, k_cache, v_cache = check_attention(q, k_cache, v_cache, seq_start, seq_end, page_size, scale, softcap)
     check(num_select >= 1, f"num_select={num_select} must be >= 1")
@@ -264,8 +286,8 @@ def quest_decode_persistent_triton(
             float(scale) / softcap if softcap else float(scale) * LOG2E, float(softcap) * LOG2E,
             q.stride(0), q.stride(1), meta.stride(0), meta.stride(1), meta.stride(2), meta.stride(3),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1),
-            page_size, sink_pages, recent_pages,
-            BLOCK=block, WAYS=SELECT_WAYS, FINISH=SELECT_FINISH, HEAD_DIM=d, BLOCK_N=block_n, PAGE_SIZE=page_size,
+            page_size, sink_pages, recent_pages, out if trace is None else trace.region("persistent", total, q.device),
+            TRACE=trace is not None, BLOCK=block, WAYS=SELECT_WAYS, FINISH=SELECT_FINISH, HEAD_DIM=d, BLOCK_N=block_n, PAGE_SIZE=page_size,
             SOFTCAP=bool(softcap), KV_SCALED_F16=scaled_f16(q.dtype, k_cache.dtype), PDL=pdl, launch_pdl=pdl,
             num_stages=2,  # the attention loop's (the score walk pipelines over its own STAGES)
             **({"maxnreg": maxnreg} if maxnreg else {}), **walk, **consts,

@@ -1,0 +1,171 @@
+"""Where the persistent decode's time goes, item by item, beside the fused row-chained decode (GPU only).
+
+    python benchmarks/persistent_timeline.py [--shapes llama3-8b:8:65536:2048 ...] [--options lag=64 ...] [--out t.json]
+
+Both decodes run traced (``tinyserve_patch.ops.trace``: the global timer per program, or per work item
+of the persistent grid), eagerly, ``--calls`` times each after a warm-up, on rotating caches of the
+benchmark (``bench_kernels.Copies``); the medians over calls are printed, in microseconds from the
+step's first stamp:
+
+* ``span``: to the last end; ``score_end``: the last score item (program) scored;
+* ``score_busy``: median time of a score item (program) without its selection; ``select``: median and
+  max time of a row's selection (the row's last score item, from its scoring to its end);
+  ``rows_selected``: first / median / last row selected;
+* ``attn_wait``: median time an attention item waits for its row (from taken / started to ready);
+  ``attn_busy``: median time of an attention item once ready; ``attn_first_ready``: the first one;
+* ``concurrent``: items (programs) running at once, median over the span sampled every 0.5 us.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+for path in (ROOT, ROOT / "benchmarks"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from chain_timeline import parse_shape  # noqa: E402
+
+
+def _items_persistent(rec: dict, rows: int, lag: int, score_items: int, splits: int) -> list[dict]:
+    """One traced persistent launch -> items ``{kind, row, start, ready, end}`` (ns), in queue order."""
+    lead = lag * score_items
+    out = []
+    for i, (s, r, e) in enumerate(zip(rec["start"], rec["ready"], rec["end"])):
+        if i < lead:
+            kind, row = "score", i // score_items
+        else:
+            j = i - lead
+            rnd, w = divmod(j, score_items + splits)
+            if rnd < rows - lag:
+                kind, row = ("score", rnd + lag) if w < score_items else ("attention", rnd)
+            else:
+                kind, row = "attention", rows - lag + (j - (rows - lag) * (score_items + splits)) // splits
+        out.append({"kind": kind, "row": row, "start": s, "ready": r, "end": e})
+    return out
+
+
+def _items_fused_chain(records: list[dict], rows: int) -> list[dict]:
+    """The fused chain's two traced launches -> the same items (a program is an item; grids row-major). A
+    score program's scoring ends at its end, except the row's selecting one (the last to end), whose
+    scoring is taken to end when the row's other programs have (its selection is not stamped apart)."""
+    out = []
+    for rec in records:
+        kind = "score" if rec["kernel"] == "score_select" else "attention"
+        per_row = max(1, len(rec["start"]) // rows)
+        items = [{"kind": kind, "row": p // per_row, "start": r if kind == "score" else s, "ready": e if kind == "score" else r, "end": e}
+                 for p, (s, r, e) in enumerate(zip(rec["start"], rec["ready"], rec["end"]))]
+        if kind == "score":
+            for row in range(rows):
+                mine = sorted((it for it in items if it["row"] == row), key=lambda it: it["end"])
+                if len(mine) > 1:
+                    mine[-1]["ready"] = max(mine[-2]["end"], mine[-1]["start"])
+        out += items
+    return out
+
+
+def summarise(items: list[dict], rows: int) -> dict:
+    t0 = min(it["start"] for it in items)
+    us = lambda t: (t - t0) / 1e3  # noqa: E731
+    score = [it for it in items if it["kind"] == "score"]
+    attn = [it for it in items if it["kind"] == "attention"]
+    selecting = {}
+    for it in score:
+        if it["row"] not in selecting or it["end"] > selecting[it["row"]]["end"]:
+            selecting[it["row"]] = it
+    sel_times = [(it["end"] - it["ready"]) / 1e3 for it in selecting.values()]
+    selected = sorted(us(it["end"]) for it in selecting.values())
+    span = max(us(it["end"]) for it in items)
+    samples = [t * 0.5 for t in range(int(span * 2))]
+    concurrent = [sum(1 for it in items if us(it["start"]) <= t < us(it["end"])) for t in samples] or [0]
+    return {
+        "span": span,
+        "score_end": max(us(it["ready"]) for it in score),
+        "score_busy": statistics.median((it["ready"] - it["start"]) / 1e3 for it in score),
+        "select_median": statistics.median(sel_times), "select_max": max(sel_times),
+        "rows_selected_first": selected[0], "rows_selected_median": statistics.median(selected), "rows_selected_last": selected[-1],
+        "attn_wait": statistics.median((it["ready"] - it["start"]) / 1e3 for it in attn),
+        "attn_busy": statistics.median((it["end"] - it["ready"]) / 1e3 for it in attn),
+        "attn_first_ready": min(us(it["ready"]) for it in attn),
+        "concurrent": statistics.median(concurrent),
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", nargs="+", default=["llama3-8b:8:65536:2048", "llama3-8b:1:16384:2048"])
+    p.add_argument("--options", nargs="*", default=[], metavar="KEY=VALUE,...",
+                   help="also trace the persistent decode with these integer options (see bench_kernels --persistent)")
+    p.add_argument("--calls", type=int, default=5)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+
+    import torch
+    import triton
+
+    from bench_kernels import MODELS, PAGE, Copies, _commit, _versions, key_values
+    from tinyserve_patch.ops.trace import KernelTrace
+    from tinyserve_patch.ops.triton_chain import quest_decode_chained_triton
+    from tinyserve_patch.ops.triton_persistent import persistent_plan, quest_decode_persistent_triton
+    from tinyserve_patch.ops.triton_score import plan_walk, score_meta
+
+    torch.manual_seed(0)
+    results = []
+    for text in args.shapes:
+        model, batch, length, budget = parse_shape(text)
+        hq, hkv, d = MODELS[model]
+        rows, nsel = batch * hkv, budget // PAGE
+        copies = Copies(batch, hq, hkv, d, length, 3)
+        start = torch.zeros(batch, dtype=torch.int32, device="cuda")
+        end = torch.full((batch,), length, dtype=torch.int32, device="cuda")
+        c0 = copies.items[0]
+        _, _, consts = score_meta(c0["q"], c0["meta"], start, end, PAGE, "max")
+        plan = persistent_plan(rows, length // PAGE, nsel, PAGE, d, torch.device("cuda"))
+        for name in ["fused_chain", "persistent", *(f"persistent_{t}" for t in args.options)]:
+            opts = {k: int(v) for _, k, v in key_values(name.removeprefix("persistent").removeprefix("_"))} if name != "fused_chain" else {}
+            walk = plan_walk(consts, length // PAGE, rows, torch.device("cuda"), c0["meta"].dtype, None, opts.get("blocks_per_program"),
+                             opts.get("num_warps") or 8)
+            lag = min(opts.get("lag", plan["lag"]), rows)
+            splits = opts.get("num_splits", plan["num_splits"])
+            per_split = triton.cdiv(triton.cdiv(nsel * PAGE, splits), 128) * 128  # (block_n 128: head_dim <= 128)
+            splits = triton.cdiv(nsel * PAGE, per_split)
+
+            def call(c, trace=None, opts=opts, name=name):
+                if name == "fused_chain":
+                    return quest_decode_chained_triton(c["q"], c["k"], c["v"], c["meta"], start, end, PAGE, nsel, 1, 1, "max", d**-0.5,
+                                                       fused=True, merge="inline", num_splits=plan["num_splits"], trace=trace)
+                return quest_decode_persistent_triton(c["q"], c["k"], c["v"], c["meta"], start, end, PAGE, nsel, 1, 1, "max",
+                                                      d**-0.5, trace=trace, **opts)
+
+            for i in range(6):
+                call(copies.items[i % 3])
+            summaries = []
+            for i in range(args.calls):
+                trace = KernelTrace("cuda", capacity=65536)
+                call(copies.items[i % 3], trace)
+                torch.cuda.synchronize()
+                recs = trace.records()
+                if name == "fused_chain":
+                    items = _items_fused_chain(recs, rows)
+                else:
+                    items = _items_persistent(recs[0], rows, lag, walk["programs_per_row"], splits)
+                summaries.append(summarise(items, rows))
+            med = {k: round(statistics.median(s[k] for s in summaries), 2) for k in summaries[0]}
+            results.append({"shape": text, "decode": name, **med})
+            print(f"{text} {name}: " + " ".join(f"{k}={v}" for k, v in med.items()), flush=True)
+        copies = None
+    doc = {"device": torch.cuda.get_device_name(0), "versions": _versions(), "commit": _commit(), "rows": results}
+    out = Path(args.out) if args.out else Path(os.environ.get("OUT", ".")) / "persistent_timeline.json"
+    out.write_text(json.dumps(doc, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
