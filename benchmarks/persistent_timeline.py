@@ -104,7 +104,12 @@ def main(argv=None) -> int:
                    help="also trace the persistent decode with these integer options (see bench_kernels --persistent)")
     p.add_argument("--calls", type=int, default=5)
     p.add_argument("--out", default=None)
+    p.add_argument("--watchdog", type=float, default=0, help="dump every thread's stack after this many seconds (a hang)")
     args = p.parse_args(argv)
+    if args.watchdog:
+        import faulthandler
+
+        faulthandler.dump_traceback_later(args.watchdog, exit=True)
 
     import torch
     import triton
@@ -143,8 +148,10 @@ def main(argv=None) -> int:
                 return quest_decode_persistent_triton(c["q"], c["k"], c["v"], c["meta"], start, end, PAGE, nsel, 1, 1, "max",
                                                       d**-0.5, trace=trace, **opts)
 
+            print(f"{text} {name}: warm-up", flush=True)
             for i in range(6):
                 call(copies.items[i % 3])
+            torch.cuda.synchronize()
             summaries = []
             for i in range(args.calls):
                 trace = KernelTrace("cuda", capacity=65536)
