@@ -13,7 +13,12 @@ step's first stamp:
   ``rows_selected``: first / median / last row selected;
 * ``attn_wait``: median time an attention item waits for its row (from taken / started to ready);
   ``attn_busy``: median time of an attention item once ready; ``attn_first_ready``: the first one;
-* ``concurrent``: items (programs) running at once, median over the span sampled every 0.5 us.
+* ``concurrent``: items (programs) running at once, the time-weighted median over the span;
+* ``unstamped``: items without all three stamps (dropped from the rest).
+
+Its first device run (f63ecc4) never printed a line: sampling the concurrency every 0.5 us over a span
+gone astray (a record without stamps would put it at ~1e12 us) did not end; the sweep above and the
+dropped records keep it finite, but the tool has not run to the end on a GPU yet.
 """
 
 from __future__ import annotations
@@ -70,7 +75,29 @@ def _items_fused_chain(records: list[dict], rows: int) -> list[dict]:
     return out
 
 
+def concurrency(intervals: list[tuple[float, float]]) -> float:
+    """Median number of ``(start, end)`` intervals open at once, weighted by time, from the first start to
+    the last end (a sweep over the sorted ends: no sampling, whatever the span)."""
+    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
+    spans: dict[int, float] = {}
+    level, prev = 0, events[0][0]
+    for t, step in events:
+        spans[level] = spans.get(level, 0.0) + t - prev
+        level, prev = level + step, t
+    half, acc = sum(spans.values()) / 2, 0.0
+    for n in sorted(spans):
+        acc += spans[n]
+        if acc >= half:
+            return float(n)
+    return 0.0
+
+
 def summarise(items: list[dict], rows: int) -> dict:
+    """Medians and extremes of one step's items (see module docstring); items with a missing (zero) stamp
+    are dropped and counted in ``unstamped``."""
+    stamped = [it for it in items if it["start"] > 0 and it["ready"] > 0 and it["end"] > 0]
+    unstamped = len(items) - len(stamped)
+    items = stamped
     t0 = min(it["start"] for it in items)
     us = lambda t: (t - t0) / 1e3  # noqa: E731
     score = [it for it in items if it["kind"] == "score"]
@@ -81,11 +108,8 @@ def summarise(items: list[dict], rows: int) -> dict:
             selecting[it["row"]] = it
     sel_times = [(it["end"] - it["ready"]) / 1e3 for it in selecting.values()]
     selected = sorted(us(it["end"]) for it in selecting.values())
-    span = max(us(it["end"]) for it in items)
-    samples = [t * 0.5 for t in range(int(span * 2))]
-    concurrent = [sum(1 for it in items if us(it["start"]) <= t < us(it["end"])) for t in samples] or [0]
     return {
-        "span": span,
+        "span": max(us(it["end"]) for it in items),
         "score_end": max(us(it["ready"]) for it in score),
         "score_busy": statistics.median((it["ready"] - it["start"]) / 1e3 for it in score),
         "select_median": statistics.median(sel_times), "select_max": max(sel_times),
@@ -93,7 +117,8 @@ def summarise(items: list[dict], rows: int) -> dict:
         "attn_wait": statistics.median((it["ready"] - it["start"]) / 1e3 for it in attn),
         "attn_busy": statistics.median((it["end"] - it["ready"]) / 1e3 for it in attn),
         "attn_first_ready": min(us(it["ready"]) for it in attn),
-        "concurrent": statistics.median(concurrent),
+        "concurrent": concurrency([(us(it["start"]), us(it["end"])) for it in items]),
+        "unstamped": unstamped,
     }
 
 

@@ -30,11 +30,17 @@ def test_resource_report_on_a_small_shape(tmp_path):
     chained = ["score (chained)", "select (chained)", "attention (chained)"]
     fp8 = ["score (fp8 metadata)", "attention (fp8 K/V)"]
     searches = ["select (narrowing search)", "select (ranking the last 64 keys)"]
-    assert set(rows) == {"score", "select", "attention", "merge", *searches, *chained, *fp8, "score + select (fused chain)"}
+    assert set(rows) == {"score", "select", "attention", "merge", *searches, *chained, *fp8, "score + select (fused chain)",
+                         "persistent decode"}
     # the fused chain's register cap (fused_chain_plan) holds without spills
     fused = rows["score + select (fused chain)"]
     assert fused["regs"] <= 65536 // (3 * 32 * fused["num_warps"]) and fused["ctas"] == rows["score"]["ctas"]
     assert rows["merge"]["ctas"] == 32  # one program per query head (batch 1, 32 heads)
+    # the persistent decode keeps the fused kernel's cap and its 3 CTAs per SM: 3 programs an SM, at most one
+    # per item (4 rows x (4 score items + 8 attention splits of 128 tokens))
+    persistent = rows["persistent decode"]
+    assert persistent["regs"] <= 65536 // (3 * 32 * persistent["num_warps"]) and persistent["ctas_per_sm"] >= 3
+    assert persistent["ctas"] == min(3 * 132, 4 * (4 + 8))
     for r in rows.values():
         assert 0 < r["regs"] <= 255 and r["local_bytes"] == 0, r  # no spills
         assert r["ctas_per_sm"] >= 1 and r["sass_instructions"] > 0

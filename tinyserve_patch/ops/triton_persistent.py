@@ -1,5 +1,13 @@
 """Persistent decode: Quest scoring, top-k selection and sparse attention in one grid that takes work items
-from a queue. Experimental and off by default.
+from a queue. Experimental and off by default: on the H200 (commits aed1a72, c4c68ec) it is correct
+(eager and from CUDA graphs) and slower than the split and fused row-chained decodes at every shape
+measured: Llama-3-8B B=8/64K/2048 79-103 us by queue order against 62.0 (fused chain) and 67.5 (split),
+69.1 at best (every score item first, 4 warps); batch 1 7-19 us slower
+(``benchmarks/results/kernels_h200_persistent_*.json``, ``benchmarks/NOTES.md``). One grid has one warp
+count and one register cap for three phases: the 4096-key selection wants 8 warps, the attention 4 (the
+whole grid at 4 warps was 9 us faster than at 8, 77.0 vs 86.1 us, its selection slower included), and
+attention items taken before their row is selected spin in slots the scoring needs (queueing them right
+after their row's scoring, lag 0: 102.9 us).
 
 Inputs as the split chain's: ``q`` ``[B, Hq, D]``, ``k_cache`` / ``v_cache`` ``[B, Hkv, cap, D]``, ``meta``
 ``[B, Hkv, P, 2, D]``, ``seq_start`` / ``seq_end`` ``[B]``. Returns the attention ``[B, Hq, D]`` (q's dtype)

@@ -1,0 +1,76 @@
+"""The persistent timeline's analysis on synthetic stamps (no GPU): its queue order is the kernel's, its
+summary reads item times right, unstamped records are dropped instead of stretching the span."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from tinyserve_patch.ops import triton_persistent
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def pt(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from benchmarks import persistent_timeline
+
+    return persistent_timeline
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the kernel's order runs under the CPU interpreter")
+@pytest.mark.parametrize("rows,lag,score_items,splits", [(3, 1, 2, 2), (5, 0, 3, 1), (4, 4, 1, 3), (6, 2, 4, 5)])
+def test_items_follow_the_kernels_queue_order(pt, rows, lag, score_items, splits):
+    @triton.jit
+    def order(out_ptr, rows, lag, score_items, num_splits, total):
+        for i in range(total):
+            s, r, _ = triton_persistent._item(i, rows, lag, score_items, num_splits)
+            tl.store(out_ptr + 2 * i, s.to(tl.int32))
+            tl.store(out_ptr + 2 * i + 1, r)
+
+    total = rows * (score_items + splits)
+    got = torch.zeros(2 * total, dtype=torch.int32)
+    order[(1,)](got, rows, lag, score_items, splits, total)
+    rec = {"start": [1] * total, "ready": [2] * total, "end": [3] * total}
+    items = pt._items_persistent(rec, rows, lag, score_items, splits)
+    assert [(int(it["kind"] == "score"), it["row"]) for it in items] == [tuple(x) for x in got.view(total, 2).tolist()]
+
+
+def test_summary_of_a_small_step(pt):
+    us = 1000
+    t = 10**12  # global timer origin
+    items = [  # row 0: two score items, the second selects (scored at 3, selected at 7); one attention item
+        {"kind": "score", "row": 0, "start": t, "ready": t + 2 * us, "end": t + 2 * us},
+        {"kind": "score", "row": 0, "start": t, "ready": t + 3 * us, "end": t + 7 * us},
+        {"kind": "attention", "row": 0, "start": t + 1 * us, "ready": t + 7 * us, "end": t + 9 * us},
+        {"kind": "attention", "row": 0, "start": 0, "ready": 0, "end": 0},  # never stamped: dropped
+    ]
+    s = pt.summarise(items, 1)
+    assert s["span"] == 9 and s["score_end"] == 3 and s["unstamped"] == 1
+    assert s["select_median"] == s["select_max"] == 4 and s["rows_selected_last"] == 7
+    assert s["attn_wait"] == 6 and s["attn_busy"] == 2 and s["attn_first_ready"] == 7
+    assert s["score_busy"] == 2.5
+    # open at once: 2 during [0, 1), 3 during [1, 2), 2 during [2, 7), 1 during [7, 9): median 2
+    assert s["concurrent"] == 2
+
+
+def test_concurrency_is_a_sweep_not_a_sampling(pt):
+    assert pt.concurrency([(0.0, 1.0), (0.0, 1.0), (0.5, 2e12)]) == 1.0  # a huge span ends at once
+    assert pt.concurrency([(0.0, 4.0), (0.0, 4.0), (1.0, 4.0)]) == 3.0  # 2 open for 1 us, 3 for 3 us
+
+
+def test_fused_chain_items_take_the_selecting_program_apart(pt):
+    recs = [
+        {"kernel": "score_select", "start": [1, 1, 1, 1], "ready": [2, 2, 2, 2], "end": [5, 9, 4, 6], "sm": [0] * 4},
+        {"kernel": "attention", "start": [3, 3], "ready": [9, 6], "end": [12, 8], "sm": [0] * 2},
+    ]
+    items = pt._items_fused_chain(recs, 2)  # 2 rows: score programs 2 a row, attention 1 a row
+    score = [it for it in items if it["kind"] == "score"]
+    assert [(it["row"], it["start"], it["ready"], it["end"]) for it in score] == [(0, 2, 5, 5), (0, 2, 5, 9), (1, 2, 4, 4), (1, 2, 4, 6)]
+    assert [(it["row"], it["start"], it["ready"]) for it in items if it["kind"] == "attention"] == [(0, 3, 9), (1, 3, 6)]
