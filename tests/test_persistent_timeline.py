@@ -7,10 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import triton
-import triton.language as tl
-
-from tinyserve_patch.ops import triton_persistent
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,19 +23,12 @@ def pt(monkeypatch):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the kernel's order runs under the CPU interpreter")
 @pytest.mark.parametrize("rows,lag,score_items,splits", [(3, 1, 2, 2), (5, 0, 3, 1), (4, 4, 1, 3), (6, 2, 4, 5)])
 def test_items_follow_the_kernels_queue_order(pt, rows, lag, score_items, splits):
-    @triton.jit
-    def order(out_ptr, rows, lag, score_items, num_splits, total):
-        for i in range(total):
-            s, r, _ = triton_persistent._item(i, rows, lag, score_items, num_splits)
-            tl.store(out_ptr + 2 * i, s.to(tl.int32))
-            tl.store(out_ptr + 2 * i + 1, r)
+    from tests.ops.kernel_cases import queue_order
 
     total = rows * (score_items + splits)
-    got = torch.zeros(2 * total, dtype=torch.int32)
-    order[(1,)](got, rows, lag, score_items, splits, total)
     rec = {"start": [1] * total, "ready": [2] * total, "end": [3] * total}
     items = pt._items_persistent(rec, rows, lag, score_items, splits)
-    assert [(int(it["kind"] == "score"), it["row"]) for it in items] == [tuple(x) for x in got.view(total, 2).tolist()]
+    assert [(int(it["kind"] == "score"), it["row"]) for it in items] == [o[:2] for o in queue_order(rows, lag, score_items, splits)]
 
 
 def test_summary_of_a_small_step(pt):

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 from tinyserve_patch.ops import reference as ref
+from tinyserve_patch.ops import triton_persistent
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -58,3 +61,21 @@ def random_indices(batch, kv_heads, pages, num_select, g, pad: int = 0, device=D
 
 def rel_err(out: torch.Tensor, expect: torch.Tensor) -> float:
     return ((out.float() - expect.float()).norm() / expect.float().norm().clamp(min=1e-6)).item()
+
+
+@triton.jit
+def _queue_order_kernel(out_ptr, rows, lag, score_items, num_splits, total):
+    for i in range(total):
+        s, r, sub = triton_persistent._item(i, rows, lag, score_items, num_splits)
+        tl.store(out_ptr + 3 * i, s.to(tl.int32))
+        tl.store(out_ptr + 3 * i + 1, r)
+        tl.store(out_ptr + 3 * i + 2, sub)
+
+
+def queue_order(rows: int, lag: int, score_items: int, num_splits: int) -> list[tuple[int, int, int]]:
+    """The persistent decode's queue, item by item, as its device function maps it: ``(is_score, row, sub)``
+    (run on the CPU: the interpreter must be on, as in ``tests/conftest.py`` without CUDA)."""
+    total = rows * (score_items + num_splits)
+    got = torch.zeros(3 * total, dtype=torch.int32)
+    _queue_order_kernel[(1,)](got, rows, lag, score_items, num_splits, total)
+    return [tuple(x) for x in got.view(total, 3).tolist()]

@@ -18,7 +18,7 @@ from tinyserve_patch.ops import triton_persistent
 from tinyserve_patch.ops._triton_common import ticket_counters
 from tinyserve_patch.ops.triton_chain import quest_decode_chained_triton
 from tinyserve_patch.ops.triton_persistent import persistent_plan, quest_decode_persistent_triton
-from tests.ops.kernel_cases import cache, gen, randn, rows
+from tests.ops.kernel_cases import cache, gen, queue_order, randn, rows
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU interpreter only; GPU runs: tests/gpu")
 
@@ -118,19 +118,6 @@ def test_persistent_bad_input_and_failed_launch_rearms(monkeypatch):
 def test_queue_order():
     """The interleaved order of the module docstring, item by item (rows 3, lag 1, 2 score + 2 attention
     items per row), through the device function under the interpreter."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def order(out_ptr, rows, lag, score_items, num_splits, total):
-        for i in range(total):
-            s, r, sub = triton_persistent._item(i, rows, lag, score_items, num_splits)
-            tl.store(out_ptr + 3 * i, s.to(tl.int32))
-            tl.store(out_ptr + 3 * i + 1, r)
-            tl.store(out_ptr + 3 * i + 2, sub)
-
-    got = torch.zeros(12 * 3, dtype=torch.int32)
-    order[(1,)](got, 3, 1, 2, 2, 12)
     expect = [(1, 0, 0), (1, 0, 1), (1, 1, 0), (1, 1, 1), (0, 0, 0), (0, 0, 1),
               (1, 2, 0), (1, 2, 1), (0, 1, 0), (0, 1, 1), (0, 2, 0), (0, 2, 1)]
-    assert [tuple(x) for x in got.view(12, 3).tolist()] == expect
+    assert queue_order(3, 1, 2, 2) == expect
