@@ -94,3 +94,18 @@ def test_score_plan_parse_and_tag():
         bench_kernels.parse_plan("blocks_per_program=2", keys, "attention")
     with pytest.raises(SystemExit):
         bench_kernels.parse_args(["--attention-plan", "block_p=64"])
+
+
+def test_persistent_options_parse():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_kernels
+
+    assert bench_kernels.parse_args([]).persistent is None  # not timed unless asked
+    assert bench_kernels.parse_args(["--persistent"]).persistent == []  # the default plan only
+    assert bench_kernels.parse_args(["--persistent", "lag=16,programs=264", "num_warps=4"]).persistent == ["lag=16,programs=264", "num_warps=4"]
+    assert bench_kernels.parse_plan("lag=16,programs=264", bench_kernels.PERSISTENT_KEYS, "persistent") == {"lag": 16, "programs": 264}
+    for bad in ("lags=4", "lag=-1", "lag"):
+        with pytest.raises(SystemExit):
+            bench_kernels.parse_args(["--persistent", bad])

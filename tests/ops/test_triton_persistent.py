@@ -97,6 +97,8 @@ def test_persistent_bad_input_and_failed_launch_rearms(monkeypatch):
     q, k, v, meta, start, end = _case(2, 2, 2, 16, 8, 128, torch.float32, 1)
     with pytest.raises(ValueError, match="lag"):
         quest_decode_persistent_triton(q, k, v, meta, start, end, 8, 4, 1, 1, "max", 0.25, lag=-1)
+    with pytest.raises(ValueError, match="programs"):
+        quest_decode_persistent_triton(q, k, v, meta, start, end, 8, 4, 1, 1, "max", 0.25, programs=0)
     with pytest.raises(ValueError, match="num_select"):
         quest_decode_persistent_triton(q, k, v, meta, start, end, 8, 0, 1, 1, "max", 0.25)
     with pytest.raises(ValueError, match="dtype"):

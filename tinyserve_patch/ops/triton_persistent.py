@@ -41,7 +41,7 @@ index past the end) zeroes the queue, so every launch leaves the counters zeroed
 Counters: a persistent per-device int32 buffer (:func:`_triton_common.ticket_counters`, pool
 ``"persistent"``): the queue, then per row the score tickets, the selection flags and the attention
 tickets. Where it cannot exist (first allocation inside a CUDA-graph capture) the fused row-chained decode
-runs instead (same results).
+runs instead (the same pages; the output as above).
 """
 
 from __future__ import annotations
@@ -267,8 +267,9 @@ def quest_decode_persistent_triton(
     check(lag is None or lag >= 0, f"lag={lag} must be >= 0")
     lag = plan["lag"] if lag is None else min(lag, rows)
     check(num_splits >= 1, f"num_splits={num_splits} must be >= 1")
+    check(programs is None or programs >= 1, f"programs={programs} must be >= 1")
     sync = ticket_counters(q.device, 1 + 3 * rows, pool="persistent")
-    if sync is None:  # first launch inside a CUDA-graph capture: the fused row-chained decode (same results)
+    if sync is None:  # first launch inside a CUDA-graph capture: the fused row-chained decode (same pages)
         return quest_decode_chained_triton(q, k_cache, v_cache, meta, seq_start, seq_end, page_size, num_select, sink_pages,
                                            recent_pages, gqa_reduction, scale, softcap, merge="inline", fused=True,
                                            num_splits=num_splits)
