@@ -7,6 +7,7 @@
 #   kernels bench_kernels.py ($KERNEL_ARGS, default: the full grid)
 #   ablation select_ablation.py (the selection cut after each part, per search; $ABLATION_ARGS)
 #   timeline chain_timeline.py (per-program timestamps of decode steps, split and chained; $TIMELINE_ARGS)
+#   ptimeline persistent_timeline.py (per-item timestamps of the persistent decode beside the fused chain; $PTIMELINE_ARGS)
 #   e2e     bench_e2e.py ($E2E_ARGS, default --quick)
 #   quick   examples/quickstart.py
 # Usage on the device machine, from the repo root:
@@ -33,6 +34,7 @@ fi
 export GIT_COMMIT=$COMMIT
 T_TESTS=${T_TESTS:-480} T_MEMORY=${T_MEMORY:-190} T_TUNE=${T_TUNE:-170} T_KERNELS=${T_KERNELS:-300}
 T_E2E=${T_E2E:-280} T_QUICK=${T_QUICK:-120} T_OPS=${T_OPS:-120} T_ABLATION=${T_ABLATION:-90} T_TIMELINE=${T_TIMELINE:-150}
+T_PTIMELINE=${T_PTIMELINE:-150}
 
 {
   date -u +%FT%TZ
@@ -67,6 +69,10 @@ for stage in $STAGES; do
     ablation)
       timeout "$T_ABLATION" python benchmarks/select_ablation.py --out "$OUT/select_ablation.json" ${ABLATION_ARGS:-} > "$OUT/ablation.log" 2>&1
       tail -20 "$OUT/ablation.log" ;;
+    ptimeline)
+      timeout "$T_PTIMELINE" python benchmarks/persistent_timeline.py --watchdog $((T_PTIMELINE - 10)) \
+        --out "$OUT/persistent_timeline.json" ${PTIMELINE_ARGS:-} > "$OUT/persistent_timeline.log" 2>&1
+      tail -20 "$OUT/persistent_timeline.log" | cut -c1-600 ;;
     timeline)
       timeout "$T_TIMELINE" python benchmarks/chain_timeline.py --out "$OUT/timeline.json" ${TIMELINE_ARGS:-} > "$OUT/timeline.log" 2>&1
       tail -60 "$OUT/timeline.log" ;;

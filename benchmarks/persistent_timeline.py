@@ -139,6 +139,10 @@ def main(argv=None) -> int:
     import torch
     import triton
 
+    if not torch.cuda.is_available():
+        print("persistent_timeline.py needs a CUDA GPU (the trace reads the GPU's global timer)", file=sys.stderr)
+        return 2
+
     from bench_kernels import MODELS, PAGE, Copies, _commit, _versions, key_values
     from tinyserve_patch.ops.trace import KernelTrace
     from tinyserve_patch.ops.triton_chain import quest_decode_chained_triton

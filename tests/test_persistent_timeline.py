@@ -63,3 +63,9 @@ def test_fused_chain_items_take_the_selecting_program_apart(pt):
     score = [it for it in items if it["kind"] == "score"]
     assert [(it["row"], it["start"], it["ready"], it["end"]) for it in score] == [(0, 2, 5, 5), (0, 2, 5, 9), (1, 2, 4, 4), (1, 2, 4, 6)]
     assert [(it["row"], it["start"], it["ready"]) for it in items if it["kind"] == "attention"] == [(0, 3, 9), (1, 3, 6)]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU answer")
+def test_needs_a_gpu(pt, capsys):
+    assert pt.main(["--calls", "1"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
