@@ -137,7 +137,6 @@ def main(argv=None) -> int:
         faulthandler.dump_traceback_later(args.watchdog, exit=True)
 
     import torch
-    import triton
 
     if not torch.cuda.is_available():
         print("persistent_timeline.py needs a CUDA GPU (the trace reads the GPU's global timer)", file=sys.stderr)
@@ -146,8 +145,8 @@ def main(argv=None) -> int:
     from bench_kernels import MODELS, PAGE, Copies, _commit, _versions, key_values
     from tinyserve_patch.ops.trace import KernelTrace
     from tinyserve_patch.ops.triton_chain import quest_decode_chained_triton
-    from tinyserve_patch.ops.triton_persistent import persistent_plan, quest_decode_persistent_triton
-    from tinyserve_patch.ops.triton_score import plan_walk, score_meta
+    from tinyserve_patch.ops.triton_persistent import persistent_plan, quest_decode_persistent_triton, queue_plan
+    from tinyserve_patch.ops.triton_score import score_meta
 
     torch.manual_seed(0)
     results = []
@@ -163,12 +162,7 @@ def main(argv=None) -> int:
         plan = persistent_plan(rows, length // PAGE, nsel, PAGE, d, torch.device("cuda"))
         for name in ["fused_chain", "persistent", *(f"persistent_{t}" for t in args.options)]:
             opts = {k: int(v) for _, k, v in key_values(name.removeprefix("persistent").removeprefix("_"))} if name != "fused_chain" else {}
-            walk = plan_walk(consts, length // PAGE, rows, torch.device("cuda"), c0["meta"].dtype, None, opts.get("blocks_per_program"),
-                             opts.get("num_warps") or 8)
-            lag = min(opts.get("lag", plan["lag"]), rows)
-            splits = opts.get("num_splits", plan["num_splits"])
-            per_split = triton.cdiv(triton.cdiv(nsel * PAGE, splits), 128) * 128  # (block_n 128: head_dim <= 128)
-            splits = triton.cdiv(nsel * PAGE, per_split)
+            queue = queue_plan(consts, rows, length // PAGE, nsel, PAGE, d, torch.device("cuda"), c0["meta"].dtype, **opts)
 
             def call(c, trace=None, opts=opts, name=name):
                 if name == "fused_chain":
@@ -190,7 +184,7 @@ def main(argv=None) -> int:
                 if name == "fused_chain":
                     items = _items_fused_chain(recs, rows)
                 else:
-                    items = _items_persistent(recs[0], rows, lag, walk["programs_per_row"], splits)
+                    items = _items_persistent(recs[0], rows, queue["lag"], queue["score_items"], queue["num_splits"])
                 summaries.append(summarise(items, rows))
             med = {k: round(statistics.median(s[k] for s in summaries), 2) for k in summaries[0]}
             results.append({"shape": text, "decode": name, **med})

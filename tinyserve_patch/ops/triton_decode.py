@@ -341,8 +341,13 @@ def plan_splits(batch_heads: int, num_select: int, page_size: int, block_n: int,
     total = num_select * page_size
     max_splits = triton.cdiv(total, block_n)
     want = triton.cdiv(2 * sm_count, max(1, batch_heads))
-    splits = max(1, min(want, max_splits))
-    per = triton.cdiv(triton.cdiv(total, splits), block_n) * block_n
+    return split_tokens(total, max(1, min(want, max_splits)), block_n)
+
+
+def split_tokens(total: int, num_splits: int, block_n: int) -> tuple[int, int]:
+    """``(num_splits, tokens_per_split)`` of ``total`` selected tokens in at most ``num_splits`` chunks of a
+    multiple of ``block_n`` tokens (fewer splits where the last ones would be empty)."""
+    per = triton.cdiv(triton.cdiv(total, num_splits), block_n) * block_n
     return triton.cdiv(total, per), per
 
 
@@ -440,8 +445,7 @@ def sparse_decode_attention_triton(
     if num_splits is None:
         splits, per = plan_splits(b * hkv, n_sel, page_size, block_n, sm_count(q.device))
     else:
-        per = triton.cdiv(triton.cdiv(n_sel * page_size, num_splits), block_n) * block_n
-        splits = triton.cdiv(n_sel * page_size, per)
+        splits, per = split_tokens(n_sel * page_size, num_splits, block_n)
     single = splits == 1
     counters = ticket_counters(q.device, b * hkv) if merge == "inline" and not single else None
     inline = counters is not None

@@ -54,7 +54,7 @@ from ._triton_common import (SELECT_FINISH, SELECT_WAYS, check, check_select_pag
                              select_num_warps, signal_row, sm_count, ticket_counters, use_pdl, wait_row)
 from .trace import KernelTrace
 from .triton_chain import fused_chain_plan, quest_decode_chained_triton
-from .triton_decode import LOG2E, attend_chunk, check_attention, default_block_n, merge_partials, store_partial
+from .triton_decode import LOG2E, attend_chunk, check_attention, default_block_n, merge_partials, split_tokens, store_partial
 from .triton_score import load_group_query, plan_walk, score_blocks, score_meta
 
 
@@ -220,6 +220,31 @@ def persistent_plan(rows: int, pages: int, num_select: int, page_size: int, head
     return dict(maxnreg=plan["maxnreg"], num_splits=plan["num_splits"], programs=3 * sm_count(device), lag=rows // 2)
 
 
+def queue_plan(consts: dict, rows: int, pages: int, num_select: int, page_size: int, head_dim: int, device: torch.device,
+               meta_dtype: torch.dtype, num_splits: int | None = None, lag: int | None = None, programs: int | None = None,
+               blocks_per_program: int | None = None, num_warps: int | None = None, maxnreg: int | None = None,
+               block_n: int | None = None) -> dict:
+    """The queue and launch of one persistent decode (defaults :func:`persistent_plan`, overrides checked):
+    ``lag``, ``score_items`` and ``blocks_per_program`` per row, ``num_splits`` and ``tokens_per_split``
+    (:func:`triton_decode.split_tokens`), ``total`` items, ``programs``, ``maxnreg``, ``block_n``, and
+    ``walk``, the score walk's launch constants (:func:`triton_score.plan_walk`)."""
+    check(lag is None or lag >= 0, f"lag={lag} must be >= 0")
+    check(num_splits is None or num_splits >= 1, f"num_splits={num_splits} must be >= 1")
+    check(programs is None or programs >= 1, f"programs={programs} must be >= 1")
+    plan = persistent_plan(rows, pages, num_select, page_size, head_dim, device, num_warps)
+    walk = plan_walk(consts, pages, rows, device, meta_dtype, None, blocks_per_program,
+                     num_warps or select_num_warps(check_select_pages(pages)))
+    per = walk.pop("blocks_per_program")
+    score_items = walk.pop("programs_per_row")
+    block_n = block_n or default_block_n(head_dim)
+    splits, tokens_per_split = split_tokens(num_select * page_size, plan["num_splits"] if num_splits is None else num_splits, block_n)
+    total = rows * (score_items + splits)
+    return dict(lag=plan["lag"] if lag is None else min(lag, rows), score_items=score_items, blocks_per_program=per,
+                num_splits=splits, tokens_per_split=tokens_per_split, total=total,
+                programs=min(programs or plan["programs"], total), maxnreg=plan["maxnreg"] if maxnreg is None else maxnreg,
+                block_n=block_n, walk=walk)
+
+
 def quest_decode_persistent_triton(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -262,44 +287,33 @@ def quest_decode_persistent_triton(
     if rows == 0 or hq == 0:
         return out, torch.empty((b, hkv, num_select), dtype=torch.int32, device=q.device)
     block = check_select_pages(pages)
-    plan = persistent_plan(rows, pages, num_select, page_size, d, q.device, num_warps)
-    num_splits = plan["num_splits"] if num_splits is None else num_splits
-    check(lag is None or lag >= 0, f"lag={lag} must be >= 0")
-    lag = plan["lag"] if lag is None else min(lag, rows)
-    check(num_splits >= 1, f"num_splits={num_splits} must be >= 1")
-    check(programs is None or programs >= 1, f"programs={programs} must be >= 1")
+    plan = queue_plan(consts, rows, pages, num_select, page_size, d, q.device, meta.dtype, num_splits, lag, programs,
+                      blocks_per_program, num_warps, maxnreg, block_n)
     sync = ticket_counters(q.device, 1 + 3 * rows, pool="persistent")
     if sync is None:  # first launch inside a CUDA-graph capture: the fused row-chained decode (same pages)
         return quest_decode_chained_triton(q, k_cache, v_cache, meta, seq_start, seq_end, page_size, num_select, sink_pages,
                                            recent_pages, gqa_reduction, scale, softcap, merge="inline", fused=True,
-                                           num_splits=num_splits)
-    walk = plan_walk(consts, pages, rows, meta.device, meta.dtype, None, blocks_per_program, num_warps or select_num_warps(block))
-    per = walk.pop("blocks_per_program")
-    score_items = walk.pop("programs_per_row")
-    block_n = block_n or default_block_n(d)
-    total_tokens = num_select * page_size
-    tokens_per_split = triton.cdiv(triton.cdiv(total_tokens, num_splits), block_n) * block_n
-    num_splits = triton.cdiv(total_tokens, tokens_per_split)
-    total = rows * (score_items + num_splits)
-    nprog = max(1, min(programs or plan["programs"], total))
+                                           num_splits=plan["num_splits"])
+    total, nprog = plan["total"], plan["programs"]
     idx = torch.empty((b, hkv, num_select), dtype=torch.int32, device=q.device)
     ws = torch.empty((rows, pages), dtype=torch.float32, device=q.device)
-    o_ws = torch.empty((rows * num_splits * (hq // hkv), d), dtype=torch.float32, device=q.device)
-    lse_ws = torch.empty((rows * num_splits * (hq // hkv),), dtype=torch.float32, device=q.device)
+    o_ws = torch.empty((rows * plan["num_splits"] * (hq // hkv), d), dtype=torch.float32, device=q.device)
+    lse_ws = torch.empty((rows * plan["num_splits"] * (hq // hkv),), dtype=torch.float32, device=q.device)
     pdl = use_pdl(q.device)
-    maxnreg = plan["maxnreg"] if maxnreg is None else maxnreg
     try:
         _persistent_kernel[(nprog,)](
             q, meta, k_cache, v_cache, seq_start, seq_end, ws, idx, o_ws, lse_ws, out, sync,
-            pages, num_select, hkv, rows, lag, score_items, per, num_splits, tokens_per_split, total, nprog,
+            pages, num_select, hkv, rows, plan["lag"], plan["score_items"], plan["blocks_per_program"], plan["num_splits"],
+            plan["tokens_per_split"], total, nprog,
             float(scale) / softcap if softcap else float(scale) * LOG2E, float(softcap) * LOG2E,
             q.stride(0), q.stride(1), meta.stride(0), meta.stride(1), meta.stride(2), meta.stride(3),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1),
             page_size, sink_pages, recent_pages, out if trace is None else trace.region("persistent", total, q.device),
-            TRACE=trace is not None, BLOCK=block, WAYS=SELECT_WAYS, FINISH=SELECT_FINISH, HEAD_DIM=d, BLOCK_N=block_n, PAGE_SIZE=page_size,
+            TRACE=trace is not None, BLOCK=block, WAYS=SELECT_WAYS, FINISH=SELECT_FINISH, HEAD_DIM=d, BLOCK_N=plan["block_n"],
+            PAGE_SIZE=page_size,
             SOFTCAP=bool(softcap), KV_SCALED_F16=scaled_f16(q.dtype, k_cache.dtype), PDL=pdl, launch_pdl=pdl,
             num_stages=2,  # the attention loop's (the score walk pipelines over its own STAGES)
-            **({"maxnreg": maxnreg} if maxnreg else {}), **walk, **consts,
+            **({"maxnreg": plan["maxnreg"]} if plan["maxnreg"] else {}), **plan["walk"], **consts,
         )
     except BaseException:
         sync[: 1 + 3 * rows].zero_()  # a launch that failed part-way must not leave the queue or a row armed
