@@ -172,7 +172,8 @@ SCORE_PLAN_KEYS = {"blocks_per_program": "p", "num_stages": "s", "num_warps": "w
 #: Options of an attention launch plan (``--attention-plan``) and their initials in row names (after an ``a``).
 ATTENTION_PLAN_KEYS = {"block_n": "n", "num_stages": "s", "num_warps": "w", "num_splits": "k"}
 #: Integer options of the persistent decode (``--persistent``).
-PERSISTENT_KEYS = dict.fromkeys(("lag", "programs", "num_splits", "blocks_per_program", "num_warps", "maxnreg", "block_n"), "")
+PERSISTENT_KEYS = dict.fromkeys(("lag", "programs", "num_splits", "blocks_per_program", "num_warps", "maxnreg", "block_n", "grids",
+                                 "attention_programs", "attention_warps"), "")
 
 
 def parse_plan(text: str, keys: dict = SCORE_PLAN_KEYS, what: str = "score") -> dict:

@@ -1,6 +1,6 @@
 """Where the persistent decode's time goes, item by item, beside the fused row-chained decode (GPU only).
 
-    python benchmarks/persistent_timeline.py [--shapes llama3-8b:8:65536:2048 ...] [--options lag=64 ...] [--out t.json]
+    python benchmarks/persistent_timeline.py [--shapes llama3-8b:8:65536:2048 ...] [--options lag=64 grids=2 ...] [--out t.json]
 
 Both decodes run traced (``tinyserve_patch.ops.trace``: the global timer per program, or per work item
 of the persistent grid), eagerly, ``--calls`` times each after a warm-up, on rotating caches of the
@@ -54,6 +54,17 @@ def _items_persistent(rec: dict, rows: int, lag: int, score_items: int, splits: 
                 kind, row = "attention", rows - lag + (j - (rows - lag) * (score_items + splits)) // splits
         out.append({"kind": kind, "row": row, "start": s, "ready": r, "end": e})
     return out
+
+
+def _items_two_grids(records: list[dict], score_items: int, splits: int) -> list[dict]:
+    """The two-grid persistent decode's traced launches (score grid, attention grid) -> items: score item
+    ``i`` of row ``i // score_items``; attention item ``i`` of the ``i // splits``-th row selected (its
+    "row" here is that rank: the ready list's order, not the row's number)."""
+    score, attention = records
+    out = [{"kind": "score", "row": i // score_items, "start": s, "ready": r, "end": e}
+           for i, (s, r, e) in enumerate(zip(score["start"], score["ready"], score["end"]))]
+    return out + [{"kind": "attention", "row": i // splits, "start": s, "ready": r, "end": e}
+                  for i, (s, r, e) in enumerate(zip(attention["start"], attention["ready"], attention["end"]))]
 
 
 def _items_fused_chain(records: list[dict], rows: int) -> list[dict]:
@@ -183,6 +194,8 @@ def main(argv=None) -> int:
                 recs = trace.records()
                 if name == "fused_chain":
                     items = _items_fused_chain(recs, rows)
+                elif opts.get("grids", 1) == 2:
+                    items = _items_two_grids(recs, queue["score_items"], queue["num_splits"])
                 else:
                     items = _items_persistent(recs[0], rows, queue["lag"], queue["score_items"], queue["num_splits"])
                 summaries.append(summarise(items, rows))

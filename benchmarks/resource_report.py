@@ -54,13 +54,18 @@ class _Captured(Exception):
     pass
 
 
-def capture_launch(kernel, launcher, skip=()) -> dict:
+def capture_launch(kernel, launcher, skip=(), nth: int = 0) -> dict:
     """Run ``launcher()`` (a call into one of the ``triton_*`` launchers on meta tensors) and return the
-    first launch of ``kernel`` it makes, as ``{"args": {name: value}, "options": {...}, "grid": ...}``,
-    without running it; launches of the kernels in ``skip`` (made before it) are dropped."""
+    ``nth`` (from 0) launch of ``kernel`` it makes, as ``{"args": {name: value}, "options": {...}, "grid": ...}``,
+    without running it; launches of the kernels in ``skip`` and the earlier ones of ``kernel`` (made before
+    it) are dropped."""
     seen = {}
+    earlier = [0]
 
     def run(*args, grid, warmup, **kwargs):
+        if earlier[0] < nth:
+            earlier[0] += 1
+            return None
         names = [p.name for p in kernel.params]
         bound = dict(zip(names, args))
         options = {k: kwargs.pop(k) for k in list(kwargs) if k in ("num_warps", "num_stages", "launch_pdl", "num_ctas", "maxnreg")}
@@ -148,7 +153,7 @@ def chain_launches(model: str, batch: int, tokens: int, budget: int) -> list[tup
     one layer and the selection with the narrowing search (``ways=0``) and ranking its last 64 keys
     (``finish=64``), then the same three in
     the row-chained mode (``ops/triton_chain.py``), the fused score + select kernel of its fused mode (with
-    its register cap), the persistent decode (``ops/triton_persistent.py``), then the score over fp8 page metadata and the attention
+    its register cap), the persistent decode (``ops/triton_persistent.py``, one grid and two), then the score over fp8 page metadata and the attention
     over an fp8 K/V cache (``page_meta_dtype`` / ``kv_cache_dtype="fp8_e4m3"``), captured on meta tensors."""
     from tinyserve_patch.ops import triton_chain, triton_decode, triton_fused_select, triton_persistent, triton_score, triton_select
 
@@ -194,6 +199,10 @@ def chain_launches(model: str, batch: int, tokens: int, budget: int) -> list[tup
         ("persistent decode", triton_persistent._persistent_kernel,
          capture_launch(triton_persistent._persistent_kernel, lambda: triton_persistent.quest_decode_persistent_triton(
              q, k, k, meta, start, end, PAGE, budget // PAGE, 1, 1, "max", d**-0.5))),
+        *[(f"persistent decode, two grids: {grid}", triton_persistent._persistent_kernel,
+           capture_launch(triton_persistent._persistent_kernel, lambda: triton_persistent.quest_decode_persistent_triton(
+               q, k, k, meta, start, end, PAGE, budget // PAGE, 1, 1, "max", d**-0.5, grids=2), nth=nth))
+          for nth, grid in enumerate(("score", "attention"))],
         ("score (fp8 metadata)", triton_score._score_kernel,
          capture_launch(triton_score._score_kernel, lambda: triton_score.page_scores_triton(q, meta8, start, end, PAGE, "max"))),
         ("attention (fp8 K/V)", triton_decode._decode_split_kernel,

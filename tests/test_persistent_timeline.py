@@ -65,6 +65,18 @@ def test_fused_chain_items_take_the_selecting_program_apart(pt):
     assert [(it["row"], it["start"], it["ready"]) for it in items if it["kind"] == "attention"] == [(0, 3, 9), (1, 3, 6)]
 
 
+def test_two_grid_items(pt):
+    recs = [
+        {"kernel": "persistent_score", "start": [1, 1, 2, 2], "ready": [3, 4, 5, 6], "end": [3, 8, 5, 9], "sm": [0] * 4},
+        {"kernel": "persistent_attention", "start": [1, 1, 1], "ready": [9, 9, 10], "end": [11, 12, 13], "sm": [0] * 3},
+    ]
+    items = pt._items_two_grids(recs, 2, 2)  # 2 score items a row, 2 splits a row
+    assert [(it["kind"], it["row"]) for it in items] == [("score", 0), ("score", 0), ("score", 1), ("score", 1),
+                                                          ("attention", 0), ("attention", 0), ("attention", 1)]
+    s = pt.summarise([{**it, "start": it["start"] * 1000, "ready": it["ready"] * 1000, "end": it["end"] * 1000} for it in items], 2)
+    assert s["select_max"] == 4 and s["attn_first_ready"] == 8 and s["span"] == 12
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU answer")
 def test_needs_a_gpu(pt, capsys):
     assert pt.main(["--calls", "1"]) == 2

@@ -31,7 +31,7 @@ def test_resource_report_on_a_small_shape(tmp_path):
     fp8 = ["score (fp8 metadata)", "attention (fp8 K/V)"]
     searches = ["select (narrowing search)", "select (ranking the last 64 keys)"]
     assert set(rows) == {"score", "select", "attention", "merge", *searches, *chained, *fp8, "score + select (fused chain)",
-                         "persistent decode"}
+                         "persistent decode", "persistent decode, two grids: score", "persistent decode, two grids: attention"}
     # the fused chain's register cap (fused_chain_plan) holds without spills
     fused = rows["score + select (fused chain)"]
     assert fused["regs"] <= 65536 // (3 * 32 * fused["num_warps"]) and fused["ctas"] == rows["score"]["ctas"]
@@ -41,6 +41,12 @@ def test_resource_report_on_a_small_shape(tmp_path):
     persistent = rows["persistent decode"]
     assert persistent["regs"] <= 65536 // (3 * 32 * persistent["num_warps"]) and persistent["ctas_per_sm"] >= 3
     assert persistent["ctas"] == min(3 * 132, 4 * (4 + 8))
+    # two grids: two score programs and one attention program fit one SM together (registers and the 228 KB
+    # of shared memory less 1 KB reserved per CTA), so the attention grid is resident beside the scoring
+    two_s, two_a = rows["persistent decode, two grids: score"], rows["persistent decode, two grids: attention"]
+    assert 2 * two_s["regs"] * 32 * two_s["num_warps"] + two_a["regs"] * 32 * two_a["num_warps"] <= 65536
+    assert 2 * two_s["smem_bytes"] + two_a["smem_bytes"] + 3 * 1024 <= 228 * 1024
+    assert two_s["ctas"] == min(2 * 132, 4 * 4) and two_a["ctas"] == min(132, 4 * 8)
     for r in rows.values():
         assert 0 < r["regs"] <= 255 and r["local_bytes"] == 0, r  # no spills
         assert r["ctas_per_sm"] >= 1 and r["sass_instructions"] > 0

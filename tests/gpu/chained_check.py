@@ -112,11 +112,12 @@ def main() -> int:
         splits = persistent_plan(rows, meta.shape[2], n, ps, d, dev)["num_splits"]
         want_out, want_idx = quest_decode_chained_triton(q, k, v, meta, start, end, ps, n, 1, 1, "max", scale, softcap, fused=True,
                                                          merge="inline", num_splits=splits)
-        for opts in ({}, {"lag": rows}, {"lag": 0}, {"programs": 33}):
+        # two grids (attention programs of 4 warps: the same bits) by default and with small grids
+        for opts in ({}, {"lag": rows}, {"lag": 0}, {"programs": 33}, {"grids": 2}, {"grids": 2, "programs": 33, "attention_programs": 7}):
             label = f"persistent {opts} {hq}/{hkv}/{d} B={b} L={length} budget={budget} page={ps}"
             if not replays_equal(lambda opts=opts: quest_decode_persistent_triton(q, k, v, meta, start, end, ps, n, 1, 1, "max",
                                                                                   scale, softcap, **opts),
-                                 want_out, want_idx, "persistent", label, bitwise=meta.shape[2] <= 2048):
+                                 want_out, want_idx, "persistent", label, bitwise=meta.shape[2] <= 2048 or "grids" in opts):
                 return 1
     print("chained == split")
     return 0

@@ -117,6 +117,51 @@ def test_persistent_bad_input_and_failed_launch_rearms(monkeypatch):
     assert _armed() == 0
 
 
+@pytest.mark.parametrize("b,h,g,d,ps,cap,n", [(3, 2, 4, 32, 8, 256, 5), (2, 1, 2, 16, 8, 2048, 10)])
+@pytest.mark.parametrize("programs,attention_programs", [(None, None), (1, 1), (3, 2)])
+def test_two_grids_equal_fused_chain(b, h, g, d, ps, cap, n, programs, attention_programs):
+    """grids=2: a score grid publishing rows to a ready list, an attention grid taking them; the fused
+    chain's bits, and both queues, the ready list and the row counters re-armed after every call."""
+    q, k, v, meta, start, end = _case(b, h, g, d, ps, cap, torch.float32, 7 + n)
+    splits = persistent_plan(b * h, meta.shape[2], n, ps, d, q.device, grids=2)["num_splits"]
+    for _ in range(2):
+        out, idx = quest_decode_persistent_triton(q, k, v, meta, start, end, ps, n, 1, 1, "max", d**-0.5, grids=2,
+                                                  programs=programs, attention_programs=attention_programs)
+        expect_out, expect_idx = _fused_chain(q, k, v, meta, start, end, ps, n, 1, 1, "max", d**-0.5, 0.0, splits)
+        assert torch.equal(idx, expect_idx) and torch.equal(out, expect_out)
+        assert _armed() == 0
+
+
+@settings(max_examples=5, deadline=None)
+@given(b=st.integers(1, 3), h=st.integers(1, 2), cap_pages=st.integers(2, 40), n=st.integers(1, 12),
+       programs=st.integers(1, 9), attention_programs=st.integers(1, 9), splits=st.integers(1, 5), seed=st.integers(0, 2**16))
+def test_two_grids_any_grid_sizes(b, h, cap_pages, n, programs, attention_programs, splits, seed):
+    q, k, v, meta, start, end = _case(b, h, 2, 16, 8, 8 * cap_pages, torch.float32, seed)
+    out, idx = quest_decode_persistent_triton(q, k, v, meta, start, end, 8, n, 1, 1, "max", 0.25, grids=2, programs=programs,
+                                              attention_programs=attention_programs, num_splits=splits)
+    expect_out, expect_idx = _fused_chain(q, k, v, meta, start, end, 8, n, 1, 1, "max", 0.25, 0.0, splits)
+    assert torch.equal(idx, expect_idx) and torch.equal(out, expect_out)
+    assert _armed() == 0
+
+
+def test_two_grids_plan_fits_one_sm():
+    """Two score programs at their register cap and one attention program at its cap fit one SM's 64K
+    registers (else the attention grid would not be resident beside the scoring)."""
+    plan = persistent_plan(64, 4096, 128, 16, 128, torch.device("cpu"), grids=2)
+    assert plan["programs"] == 2 * plan["attention_programs"]
+    score_regs = 2 * plan["maxnreg"] * 32 * 8  # the selection's 8 warps at 4096 pages
+    assert score_regs + triton_persistent.ATTENTION_REGS * 32 * plan["attention_warps"] <= 65536
+
+
+def test_two_grids_bad_options():
+    q, k, v, meta, start, end = _case(2, 2, 2, 16, 8, 128, torch.float32, 1)
+    for opts, match in (({"grids": 3}, "grids"), ({"grids": 2, "lag": 1}, "lag"), ({"attention_programs": 4}, "grids=2"),
+                        ({"grids": 2, "attention_programs": 0}, "attention_programs")):
+        with pytest.raises(ValueError, match=match):
+            quest_decode_persistent_triton(q, k, v, meta, start, end, 8, 4, 1, 1, "max", 0.25, **opts)
+    assert _armed() == 0
+
+
 def test_queue_order():
     """The interleaved order of the module docstring, item by item (rows 3, lag 1, 2 score + 2 attention
     items per row), through the device function under the interpreter."""

@@ -222,10 +222,11 @@ def signal_row(counter_ptr, amount):
 @triton.jit
 def wait_row(counter_ptr, target):
     """Spin until ``counter_ptr`` reaches ``target`` (acquire: the counted programs' stores are visible
-    after it; read them with ``cache_modifier=".cg"``, past a possibly stale L1)."""
+    after it; read them with ``cache_modifier=".cg"``, past a possibly stale L1); returns the value seen."""
     n = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
     while n < target:
         n = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+    return n
 
 
 @triton.jit

@@ -50,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import (SELECT_FINISH, SELECT_WAYS, check, check_select_pages, pdl_enter, scaled_f16, select_from_scores,
+from ._triton_common import (SELECT_FINISH, SELECT_WAYS, check, check_select_pages, pdl_enter, pdl_trigger, scaled_f16, select_from_scores,
                              select_num_warps, signal_row, sm_count, ticket_counters, use_pdl, wait_row)
 from .trace import KernelTrace
 from .triton_chain import fused_chain_plan, quest_decode_chained_triton
@@ -111,6 +111,7 @@ def _persistent_kernel(
     tokens_per_split,
     total_items,
     num_programs,
+    score_queue_end,
     qk_scale,
     softcap,
     stride_qb,
@@ -145,22 +146,40 @@ def _persistent_kernel(
     PAGE_SIZE: tl.constexpr,
     SOFTCAP: tl.constexpr,
     KV_SCALED_F16: tl.constexpr,
+    PHASE: tl.constexpr,
     PDL: tl.constexpr,
     TRACE: tl.constexpr,
 ):
-    pdl_enter(PDL)
-    tickets = sync_ptr + 1
-    flags = tickets + rows
+    # PHASE 0: one grid, score and attention items; 1: the score grid of two; 2: their attention grid
+    if PHASE == 2:
+        pdl_trigger(PDL)  # launched behind the score grid: its inputs are flagged per row (the ready list)
+    else:
+        pdl_enter(PDL)
+    queue = sync_ptr  # the grid's own queue counter: sync_ptr[1] for the attention grid
+    if PHASE == 2:
+        queue = sync_ptr + 1
+    ready_n = sync_ptr + 2
+    tickets = sync_ptr + 3
+    flags = tickets + rows  # one grid: a flag per row; two grids: the ready list (row + 1, in selection order)
     splits_done = flags + rows
     offs = tl.arange(0, BLOCK)
     rows_g = tl.arange(0, G_PAD)
     offs_d = tl.arange(0, BLOCK_D)
     row_mask = rows_g < G
     dmask = offs_d < HEAD_DIM
-    i = tl.atomic_add(sync_ptr, 1, sem="relaxed")
+    i = tl.atomic_add(queue, 1, sem="relaxed")
     while i < total_items:
         _stamp(trace_ptr, i, 0, TRACE)
-        is_score, bh, sub = _item(i, rows, lag, score_items, num_splits)
+        if PHASE == 0:
+            is_score, bh, sub = _item(i, rows, lag, score_items, num_splits)
+        elif PHASE == 1:  # row-major: a row's score items adjacent, so rows finish one after another
+            is_score = True
+            bh = i // score_items
+            sub = i % score_items
+        else:  # item i: split i % num_splits of the (i // num_splits)-th row selected
+            is_score = False
+            bh = wait_row(flags + i // num_splits, 1) - 1
+            sub = i % num_splits
         b = bh // kv_heads
         h = bh % kv_heads
         start = tl.load(start_ptr + b).to(tl.int32)
@@ -183,9 +202,15 @@ def _persistent_kernel(
                 scores = tl.load(ws + offs, mask=offs < num_pages, other=float("-inf"), cache_modifier=".cg")
                 select_from_scores(scores, offs, num_pages, start, end, idx_ptr + bh.to(tl.int64) * num_select, num_select,
                                    page_size, sink, recent, BLOCK, WAYS, FINISH)
-                signal_row(flags + bh, 1)
+                if PHASE == 0:
+                    signal_row(flags + bh, 1)
+                else:  # append the row to the ready list (its pages stored before the release)
+                    tl.debug_barrier()
+                    slot = tl.atomic_add(ready_n, 1, sem="relaxed")
+                    tl.atomic_xchg(flags + slot, bh + 1, sem="release", scope="gpu")
         else:  # split `sub` of the row's selected tokens, once the row is selected
-            wait_row(flags + bh, 1)
+            if PHASE == 0:
+                wait_row(flags + bh, 1)
             _stamp(trace_ptr, i, 1, TRACE)
             tok0 = sub * tokens_per_split
             acc, m_i, l_i = attend_chunk(
@@ -204,45 +229,87 @@ def _persistent_kernel(
                 merge_partials(o_ws_ptr, lse_ws_ptr, bh.to(tl.int64) * num_splits * G + rows_g, num_splits, out_ptrs,
                                row_mask, dmask, G, G_PAD, HEAD_DIM, BLOCK_D)
                 tl.atomic_xchg(splits_done + bh, 0)
-                tl.atomic_xchg(flags + bh, 0)
+                if PHASE == 0:
+                    tl.atomic_xchg(flags + bh, 0)
         _stamp(trace_ptr, i, 2, TRACE)
-        i = tl.atomic_add(sync_ptr, 1, sem="relaxed")
+        if PHASE == 2:  # the item's reads of the ready list ordered before its next take (the finisher clears it)
+            tl.debug_barrier()
+            i = tl.atomic_add(queue, 1, sem="acq_rel", scope="gpu")
+        else:
+            i = tl.atomic_add(queue, 1, sem="relaxed")
     if i == total_items + num_programs - 1:  # the queue's last index: every program has left the loop
-        tl.atomic_xchg(sync_ptr, 0)
+        if PHASE == 0:
+            tl.atomic_xchg(queue, 0)
+        elif PHASE == 2:  # re-arm both grids once every score program has left its loop too
+            wait_row(sync_ptr, score_queue_end)
+            r = tl.arange(0, 128)
+            for r0 in range(0, rows, 128):
+                tl.store(flags + r0 + r, 0, mask=r0 + r < rows)
+            tl.atomic_xchg(sync_ptr, 0)
+            tl.atomic_xchg(ready_n, 0)
+            tl.atomic_xchg(queue, 0, sem="release", scope="gpu")
 
 
 def persistent_plan(rows: int, pages: int, num_select: int, page_size: int, head_dim: int, device: torch.device,
-                    num_warps: int | None = None) -> dict:
-    """Launch defaults: the fused row-chained decode's (:func:`triton_chain.fused_chain_plan`: register cap
-    for 3 CTAs per SM at the selection's warps, its attention splits, merged inline), ``programs`` = 3 per
-    SM (the resident grid), ``lag`` = half the rows."""
+                    num_warps: int | None = None, grids: int = 1) -> dict:
+    """Launch defaults. One grid: the fused row-chained decode's (:func:`triton_chain.fused_chain_plan`:
+    register cap for 3 CTAs per SM at the selection's warps, its attention splits, merged inline),
+    ``programs`` = 3 per SM (the resident grid), ``lag`` = half the rows. Two grids: a score grid of 2
+    programs per SM whose register cap leaves room beside them for one attention program of
+    :data:`ATTENTION_WARPS` warps capped at :data:`ATTENTION_REGS` registers, and an attention grid of one
+    program per SM."""
     plan = fused_chain_plan(rows, pages, num_select, page_size, head_dim, device, num_warps)
-    return dict(maxnreg=plan["maxnreg"], num_splits=plan["num_splits"], programs=3 * sm_count(device), lag=rows // 2)
+    if grids == 1:
+        return dict(maxnreg=plan["maxnreg"], num_splits=plan["num_splits"], programs=3 * sm_count(device), lag=rows // 2)
+    warps = num_warps or select_num_warps(check_select_pages(pages))
+    cap = (65536 - ATTENTION_REGS * 32 * ATTENTION_WARPS) // (2 * 32 * warps) // 8 * 8
+    return dict(maxnreg=cap, num_splits=plan["num_splits"], programs=2 * sm_count(device), lag=0,
+                attention_programs=sm_count(device), attention_warps=ATTENTION_WARPS)
+
+
+#: Warps of the two-grid decode's attention programs (the split attention kernel's at head_dim <= 128) and
+#: their register cap (uncapped they take 155 at Llama-3-8B's shape, sm_90: with two score programs of 8
+#: warps at 96 that no longer fits one SM's 64K registers).
+ATTENTION_WARPS = 4
+ATTENTION_REGS = 128
 
 
 def queue_plan(consts: dict, rows: int, pages: int, num_select: int, page_size: int, head_dim: int, device: torch.device,
                meta_dtype: torch.dtype, num_splits: int | None = None, lag: int | None = None, programs: int | None = None,
                blocks_per_program: int | None = None, num_warps: int | None = None, maxnreg: int | None = None,
-               block_n: int | None = None) -> dict:
+               block_n: int | None = None, grids: int = 1, attention_programs: int | None = None,
+               attention_warps: int | None = None) -> dict:
     """The queue and launch of one persistent decode (defaults :func:`persistent_plan`, overrides checked):
     ``lag``, ``score_items`` and ``blocks_per_program`` per row, ``num_splits`` and ``tokens_per_split``
     (:func:`triton_decode.split_tokens`), ``total`` items, ``programs``, ``maxnreg``, ``block_n``, and
-    ``walk``, the score walk's launch constants (:func:`triton_score.plan_walk`)."""
+    ``walk``, the score walk's launch constants (:func:`triton_score.plan_walk`). Two grids (``grids=2``):
+    ``total`` and ``programs`` are the score grid's, ``attention_total``, ``attention_programs`` and
+    ``attention_warps`` the attention grid's."""
+    check(grids in (1, 2), f"grids={grids}: 1 (one grid) or 2 (a score grid and an attention grid)")
     check(lag is None or lag >= 0, f"lag={lag} must be >= 0")
+    check(lag is None or grids == 1, "lag orders the one-grid queue; with grids=2 the attention takes rows as they are selected")
+    check(grids == 2 or (attention_programs is None and attention_warps is None),
+          "attention_programs / attention_warps are options of the two-grid decode (grids=2)")
     check(num_splits is None or num_splits >= 1, f"num_splits={num_splits} must be >= 1")
     check(programs is None or programs >= 1, f"programs={programs} must be >= 1")
-    plan = persistent_plan(rows, pages, num_select, page_size, head_dim, device, num_warps)
+    check(attention_programs is None or attention_programs >= 1, f"attention_programs={attention_programs} must be >= 1")
+    plan = persistent_plan(rows, pages, num_select, page_size, head_dim, device, num_warps, grids)
     walk = plan_walk(consts, pages, rows, device, meta_dtype, None, blocks_per_program,
                      num_warps or select_num_warps(check_select_pages(pages)))
     per = walk.pop("blocks_per_program")
     score_items = walk.pop("programs_per_row")
     block_n = block_n or default_block_n(head_dim)
     splits, tokens_per_split = split_tokens(num_select * page_size, plan["num_splits"] if num_splits is None else num_splits, block_n)
-    total = rows * (score_items + splits)
-    return dict(lag=plan["lag"] if lag is None else min(lag, rows), score_items=score_items, blocks_per_program=per,
-                num_splits=splits, tokens_per_split=tokens_per_split, total=total,
-                programs=min(programs or plan["programs"], total), maxnreg=plan["maxnreg"] if maxnreg is None else maxnreg,
-                block_n=block_n, walk=walk)
+    total = rows * (score_items + splits) if grids == 1 else rows * score_items
+    out = dict(lag=plan["lag"] if lag is None else min(lag, rows), score_items=score_items, blocks_per_program=per,
+               num_splits=splits, tokens_per_split=tokens_per_split, total=total,
+               programs=min(programs or plan["programs"], total), maxnreg=plan["maxnreg"] if maxnreg is None else maxnreg,
+               block_n=block_n, walk=walk)
+    if grids == 2:
+        out.update(attention_total=rows * splits,
+                   attention_programs=min(attention_programs or plan["attention_programs"], rows * splits),
+                   attention_warps=attention_warps or plan["attention_warps"])
+    return out
 
 
 def quest_decode_persistent_triton(
@@ -267,13 +334,18 @@ def quest_decode_persistent_triton(
     maxnreg: int | None = None,
     block_n: int | None = None,
     trace: KernelTrace | None = None,
+    grids: int = 1,
+    attention_programs: int | None = None,
+    attention_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out [B, Hq, D], indices int32 [B, Hkv, num_select])`` in one persistent launch (see module
-    docstring). Tuning overrides: ``num_splits`` (attention items per row), ``lag`` (rows of scoring queued
-    between a row's score and attention items; ``>= rows``: every score item first), ``programs`` (the grid), ``blocks_per_program``,
-    ``num_warps``, ``maxnreg``, ``block_n`` (attention tokens per block). ``trace``: record every item's
-    timestamps (:mod:`trace`; one "row" per item in queue order: taken, scored or its row selected, done,
-    SM)."""
+    """``(out [B, Hq, D], indices int32 [B, Hkv, num_select])`` in one persistent launch, or with
+    ``grids=2`` in a score grid and an attention grid (see module docstring). Tuning overrides: ``num_splits``
+    (attention items per row), ``lag`` (one grid: rows of scoring queued between a row's score and attention
+    items; ``>= rows``: every score item first), ``programs`` (the grid; two grids: the score grid),
+    ``blocks_per_program``, ``num_warps`` and ``maxnreg`` (of the grid that scores), ``block_n`` (attention
+    tokens per block), ``attention_programs`` and ``attention_warps`` (two grids: the attention grid).
+    ``trace``: record every item's timestamps (:mod:`trace`; one "row" per item in queue order: taken,
+    scored or its row selected, done, SM; two grids: a region per grid)."""
     q, meta, consts = score_meta(q, meta, seq_start, seq_end, page_size, gqa_reduction)
     q, k_cache, v_cache = check_attention(q, k_cache, v_cache, seq_start, seq_end, page_size, scale, softcap)
     check(num_select >= 1, f"num_select={num_select} must be >= 1")
@@ -288,35 +360,44 @@ def quest_decode_persistent_triton(
         return out, torch.empty((b, hkv, num_select), dtype=torch.int32, device=q.device)
     block = check_select_pages(pages)
     plan = queue_plan(consts, rows, pages, num_select, page_size, d, q.device, meta.dtype, num_splits, lag, programs,
-                      blocks_per_program, num_warps, maxnreg, block_n)
-    sync = ticket_counters(q.device, 1 + 3 * rows, pool="persistent")
+                      blocks_per_program, num_warps, maxnreg, block_n, grids, attention_programs, attention_warps)
+    sync = ticket_counters(q.device, 3 + 3 * rows, pool="persistent")
     if sync is None:  # first launch inside a CUDA-graph capture: the fused row-chained decode (same pages)
         return quest_decode_chained_triton(q, k_cache, v_cache, meta, seq_start, seq_end, page_size, num_select, sink_pages,
                                            recent_pages, gqa_reduction, scale, softcap, merge="inline", fused=True,
                                            num_splits=plan["num_splits"])
-    total, nprog = plan["total"], plan["programs"]
     idx = torch.empty((b, hkv, num_select), dtype=torch.int32, device=q.device)
     ws = torch.empty((rows, pages), dtype=torch.float32, device=q.device)
     o_ws = torch.empty((rows * plan["num_splits"] * (hq // hkv), d), dtype=torch.float32, device=q.device)
     lse_ws = torch.empty((rows * plan["num_splits"] * (hq // hkv),), dtype=torch.float32, device=q.device)
     pdl = use_pdl(q.device)
-    try:
+    score_end = plan["total"] + plan["programs"]  # the score queue's value once every program has left its loop
+
+    def launch(phase: int, total: int, nprog: int, name: str, **compile_options):
         _persistent_kernel[(nprog,)](
             q, meta, k_cache, v_cache, seq_start, seq_end, ws, idx, o_ws, lse_ws, out, sync,
             pages, num_select, hkv, rows, plan["lag"], plan["score_items"], plan["blocks_per_program"], plan["num_splits"],
-            plan["tokens_per_split"], total, nprog,
+            plan["tokens_per_split"], total, nprog, score_end,
             float(scale) / softcap if softcap else float(scale) * LOG2E, float(softcap) * LOG2E,
             q.stride(0), q.stride(1), meta.stride(0), meta.stride(1), meta.stride(2), meta.stride(3),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1),
-            page_size, sink_pages, recent_pages, out if trace is None else trace.region("persistent", total, q.device),
+            page_size, sink_pages, recent_pages, out if trace is None else trace.region(name, total, q.device),
             TRACE=trace is not None, BLOCK=block, WAYS=SELECT_WAYS, FINISH=SELECT_FINISH, HEAD_DIM=d, BLOCK_N=plan["block_n"],
-            PAGE_SIZE=page_size,
-            SOFTCAP=bool(softcap), KV_SCALED_F16=scaled_f16(q.dtype, k_cache.dtype), PDL=pdl, launch_pdl=pdl,
+            PAGE_SIZE=page_size, SOFTCAP=bool(softcap), KV_SCALED_F16=scaled_f16(q.dtype, k_cache.dtype), PHASE=phase,
+            PDL=pdl, launch_pdl=pdl,
             num_stages=2,  # the attention loop's (the score walk pipelines over its own STAGES)
-            **({"maxnreg": plan["maxnreg"]} if plan["maxnreg"] else {}), **plan["walk"], **consts,
+            **compile_options, **consts,
         )
+
+    score_options = {**plan["walk"], **({"maxnreg": plan["maxnreg"]} if plan["maxnreg"] else {})}
+    try:
+        if grids == 1:
+            launch(0, plan["total"], plan["programs"], "persistent", **score_options)
+        else:  # the attention grid, a PDL launch, is resident beside the score grid's programs as soon as they all started
+            launch(1, plan["total"], plan["programs"], "persistent_score", **score_options)
+            walk = dict(plan["walk"], num_warps=plan["attention_warps"])  # (the score constants unused in this phase)
+            launch(2, plan["attention_total"], plan["attention_programs"], "persistent_attention", maxnreg=ATTENTION_REGS, **walk)
     except BaseException:
-        sync[: 1 + 3 * rows].zero_()  # a launch that failed part-way must not leave the queue or a row armed
+        sync[: 3 + 3 * rows].zero_()  # a launch that failed part-way must not leave the queue or a row armed
         raise
     return out, idx
-
