@@ -3,9 +3,9 @@
     python benchmarks/persistent_timeline.py [--shapes llama3-8b:8:65536:2048 ...] [--options lag=64 grids=2 ...] [--out t.json]
 
 Both decodes run traced (``tinyserve_patch.ops.trace``: the global timer per program, or per work item
-of the persistent grid), eagerly, ``--calls`` times each after a warm-up, on rotating caches of the
-benchmark (``bench_kernels.Copies``); the medians over calls are printed, in microseconds from the
-step's first stamp:
+of the persistent grid), ``--calls`` steps (plus a first and a last, not summarised) captured in one
+CUDA graph after a warm-up, on rotating caches of the benchmark (``bench_kernels.Copies``); the medians
+over the last replay's steps are printed, in microseconds from the step's first stamp:
 
 * ``span``: to the last end; ``score_end``: the last score item (program) scored;
 * ``score_busy``: median time of a score item (program) without its selection; ``select``: median and
@@ -16,9 +16,9 @@ step's first stamp:
 * ``concurrent``: items (programs) running at once, the time-weighted median over the span;
 * ``unstamped``: items without all three stamps (dropped from the rest).
 
-Its first device run (f63ecc4) never printed a line: sampling the concurrency every 0.5 us over a span
-gone astray (a record without stamps would put it at ~1e12 us) did not end; the sweep above and the
-dropped records keep it finite, but the tool has not run to the end on a GPU yet.
+Its first device run (f63ecc4) never printed a line (sampling the concurrency over a span gone astray:
+now a sweep that drops unstamped records); its second (fae97b0) ran eagerly and timed the host's launch
+of each second grid (the fused chain's attention first ready at 157 us, span 185), hence the graph.
 """
 
 from __future__ import annotations
@@ -183,14 +183,24 @@ def main(argv=None) -> int:
                                                       d**-0.5, trace=trace, **opts)
 
             print(f"{text} {name}: warm-up", flush=True)
-            for i in range(6):
+            for i in range(6):  # compile (traced and not) and allocate outside the capture
                 call(copies.items[i % 3])
+                call(copies.items[i % 3], KernelTrace("cuda", capacity=65536))
+            torch.cuda.synchronize()
+            # the steps replayed from one CUDA graph, as the benchmark runs them (eagerly, the host's launch
+            # of a second grid comes tens of us after the first and the timeline shows that, not the kernels)
+            traces = [KernelTrace("cuda", capacity=65536) for _ in range(args.calls + 2)]
+            graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+                for i, trace in enumerate(traces):
+                    call(copies.items[i % 3], trace)
+            torch.cuda.current_stream().wait_stream(stream)
+            for _ in range(3):
+                graph.replay()
             torch.cuda.synchronize()
             summaries = []
-            for i in range(args.calls):
-                trace = KernelTrace("cuda", capacity=65536)
-                call(copies.items[i % 3], trace)
-                torch.cuda.synchronize()
+            for trace in traces[1:-1]:  # the last replay's stamps; the first and last steps not summarised
                 recs = trace.records()
                 if name == "fused_chain":
                     items = _items_fused_chain(recs, rows)
@@ -199,6 +209,7 @@ def main(argv=None) -> int:
                 else:
                     items = _items_persistent(recs[0], rows, queue["lag"], queue["score_items"], queue["num_splits"])
                 summaries.append(summarise(items, rows))
+            del graph
             med = {k: round(statistics.median(s[k] for s in summaries), 2) for k in summaries[0]}
             results.append({"shape": text, "decode": name, **med})
             print(f"{text} {name}: " + " ".join(f"{k}={v}" for k, v in med.items()), flush=True)
