@@ -80,14 +80,17 @@ def test_persistent_half_precision_sum_softcap_fp8(dtype):
         assert _armed() == 0
 
 
-@settings(max_examples=6, deadline=None)
-@given(b=st.integers(1, 3), h=st.integers(1, 2), cap_pages=st.integers(2, 40), n=st.integers(1, 12),
-       lag=st.integers(0, 6), programs=st.integers(1, 9), splits=st.integers(1, 5), seed=st.integers(0, 2**16))
-def test_persistent_any_queue_order_and_grid(b, h, cap_pages, n, lag, programs, splits, seed):
-    """Every lag (beyond the rows: every score item first), grid size and split count gives the fused chain's bits."""
+@settings(max_examples=10, deadline=None)
+@given(b=st.integers(1, 3), h=st.integers(1, 2), cap_pages=st.integers(2, 40), n=st.integers(1, 12), grids=st.sampled_from([1, 2]),
+       lag=st.integers(0, 6), programs=st.integers(1, 9), attention_programs=st.integers(1, 9), splits=st.integers(1, 5),
+       seed=st.integers(0, 2**16))
+def test_persistent_any_queue_order_and_grid(b, h, cap_pages, n, grids, lag, programs, attention_programs, splits, seed):
+    """Every lag (one grid; beyond the rows: every score item first), grid size (two grids: of each) and
+    split count gives the fused chain's bits."""
     q, k, v, meta, start, end = _case(b, h, 2, 16, 8, 8 * cap_pages, torch.float32, seed)
-    out, idx = quest_decode_persistent_triton(q, k, v, meta, start, end, 8, n, 1, 1, "max", 0.25, lag=lag, programs=programs,
-                                              num_splits=splits)
+    opts = {"lag": lag} if grids == 1 else {"grids": 2, "attention_programs": attention_programs}
+    out, idx = quest_decode_persistent_triton(q, k, v, meta, start, end, 8, n, 1, 1, "max", 0.25, programs=programs,
+                                              num_splits=splits, **opts)
     expect_out, expect_idx = _fused_chain(q, k, v, meta, start, end, 8, n, 1, 1, "max", 0.25, 0.0, splits)
     assert torch.equal(idx, expect_idx) and torch.equal(out, expect_out)
     assert _armed() == 0
@@ -132,18 +135,6 @@ def test_two_grids_equal_fused_chain(b, h, g, d, ps, cap, n, programs, attention
         assert _armed() == 0
 
 
-@settings(max_examples=5, deadline=None)
-@given(b=st.integers(1, 3), h=st.integers(1, 2), cap_pages=st.integers(2, 40), n=st.integers(1, 12),
-       programs=st.integers(1, 9), attention_programs=st.integers(1, 9), splits=st.integers(1, 5), seed=st.integers(0, 2**16))
-def test_two_grids_any_grid_sizes(b, h, cap_pages, n, programs, attention_programs, splits, seed):
-    q, k, v, meta, start, end = _case(b, h, 2, 16, 8, 8 * cap_pages, torch.float32, seed)
-    out, idx = quest_decode_persistent_triton(q, k, v, meta, start, end, 8, n, 1, 1, "max", 0.25, grids=2, programs=programs,
-                                              attention_programs=attention_programs, num_splits=splits)
-    expect_out, expect_idx = _fused_chain(q, k, v, meta, start, end, 8, n, 1, 1, "max", 0.25, 0.0, splits)
-    assert torch.equal(idx, expect_idx) and torch.equal(out, expect_out)
-    assert _armed() == 0
-
-
 def test_two_grids_plan_fits_one_sm():
     """Two score programs at their register cap and one attention program at its cap fit one SM's 64K
     registers (else the attention grid would not be resident beside the scoring)."""
@@ -151,12 +142,15 @@ def test_two_grids_plan_fits_one_sm():
     assert plan["programs"] == 2 * plan["attention_programs"]
     score_regs = 2 * plan["maxnreg"] * 32 * 8  # the selection's 8 warps at 4096 pages
     assert score_regs + triton_persistent.ATTENTION_REGS * 32 * plan["attention_warps"] <= 65536
+    wide = persistent_plan(64, 4096, 128, 16, 128, torch.device("cpu"), grids=2, attention_warps=8)  # the reserve follows the warps
+    assert 2 * wide["maxnreg"] * 32 * 8 + triton_persistent.ATTENTION_REGS * 32 * 8 <= 65536
 
 
 def test_two_grids_bad_options():
     q, k, v, meta, start, end = _case(2, 2, 2, 16, 8, 128, torch.float32, 1)
     for opts, match in (({"grids": 3}, "grids"), ({"grids": 2, "lag": 1}, "lag"), ({"attention_programs": 4}, "grids=2"),
-                        ({"grids": 2, "attention_programs": 0}, "attention_programs")):
+                        ({"grids": 2, "attention_programs": 0}, "attention_programs"),
+                        ({"grids": 2, "attention_warps": 3}, "attention_warps")):
         with pytest.raises(ValueError, match=match):
             quest_decode_persistent_triton(q, k, v, meta, start, end, 8, 4, 1, 1, "max", 0.25, **opts)
     assert _armed() == 0

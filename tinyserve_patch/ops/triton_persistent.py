@@ -38,10 +38,25 @@ attention items, so a spinning item only waits for items already taken by runnin
 nothing. The program that takes the queue's last index (``total + programs - 1``: every program takes one
 index past the end) zeroes the queue, so every launch leaves the counters zeroed (CUDA graphs).
 
+Two grids (``grids=2``, commit fae97b0): the score items in a grid of their own (2 programs an SM, row-major
+queue, its own register cap), whose selecting item appends the row to a ready list (``row + 1`` per slot,
+release), and the attention items in a second grid (one program an SM, 4 warps, 128 registers), a PDL
+launch that is resident beside the scoring as soon as every score program has started; its item ``i`` is
+split ``i % num_splits`` of the ``i // num_splits``-th row selected. Its program that takes the attention
+queue's last index waits until every score program has left its loop, then clears both queues and the
+ready list. No wait can deadlock: the score grid waits for nothing, and the attention grid is launched only
+once every score program is resident. The same bits as the fused chain at the same splits (4-warp
+attention). Measured (H200, ``kernels_h200_two_grids_fae97b0.*``, graphed timeline
+``persistent_timeline_h200_664aadd.*``): the overlap happens (the first rows' attention from 20 us instead
+of 29 in the fused chain) but the scoring, with one SM slot and part of the bandwidth given to the
+attention, ends at 46 us instead of 39 and the last row is selected at 57 instead of 50: Llama-3-8B
+B=8/64K/2048 74.2-86.3 us against 62.1. An SM cannot hold the score's 3 programs and the attention's 2.
+
 Counters: a persistent per-device int32 buffer (:func:`_triton_common.ticket_counters`, pool
-``"persistent"``): the queue, then per row the score tickets, the selection flags and the attention
-tickets. Where it cannot exist (first allocation inside a CUDA-graph capture) the fused row-chained decode
-runs instead (the same pages; the output as above).
+``"persistent"``): the queue, the attention grid's queue and the ready list's length (two grids), then per
+row the score tickets, the selection flags (two grids: the ready list) and the attention tickets. Where it
+cannot exist (first allocation inside a CUDA-graph capture) the fused row-chained decode runs instead (the
+same pages; the output as above).
 """
 
 from __future__ import annotations
@@ -251,7 +266,7 @@ def _persistent_kernel(
 
 
 def persistent_plan(rows: int, pages: int, num_select: int, page_size: int, head_dim: int, device: torch.device,
-                    num_warps: int | None = None, grids: int = 1) -> dict:
+                    num_warps: int | None = None, grids: int = 1, attention_warps: int | None = None) -> dict:
     """Launch defaults. One grid: the fused row-chained decode's (:func:`triton_chain.fused_chain_plan`:
     register cap for 3 CTAs per SM at the selection's warps, its attention splits, merged inline),
     ``programs`` = 3 per SM (the resident grid), ``lag`` = half the rows. Two grids: a score grid of 2
@@ -262,9 +277,10 @@ def persistent_plan(rows: int, pages: int, num_select: int, page_size: int, head
     if grids == 1:
         return dict(maxnreg=plan["maxnreg"], num_splits=plan["num_splits"], programs=3 * sm_count(device), lag=rows // 2)
     warps = num_warps or select_num_warps(check_select_pages(pages))
-    cap = (65536 - ATTENTION_REGS * 32 * ATTENTION_WARPS) // (2 * 32 * warps) // 8 * 8
+    attention_warps = attention_warps or ATTENTION_WARPS
+    cap = max(8, (65536 - ATTENTION_REGS * 32 * attention_warps) // (2 * 32 * warps) // 8 * 8)
     return dict(maxnreg=cap, num_splits=plan["num_splits"], programs=2 * sm_count(device), lag=0,
-                attention_programs=sm_count(device), attention_warps=ATTENTION_WARPS)
+                attention_programs=sm_count(device), attention_warps=attention_warps)
 
 
 #: Warps of the two-grid decode's attention programs (the split attention kernel's at head_dim <= 128) and
@@ -293,7 +309,8 @@ def queue_plan(consts: dict, rows: int, pages: int, num_select: int, page_size: 
     check(num_splits is None or num_splits >= 1, f"num_splits={num_splits} must be >= 1")
     check(programs is None or programs >= 1, f"programs={programs} must be >= 1")
     check(attention_programs is None or attention_programs >= 1, f"attention_programs={attention_programs} must be >= 1")
-    plan = persistent_plan(rows, pages, num_select, page_size, head_dim, device, num_warps, grids)
+    check(attention_warps is None or attention_warps in (1, 2, 4, 8, 16), f"attention_warps={attention_warps}: 1, 2, 4, 8 or 16")
+    plan = persistent_plan(rows, pages, num_select, page_size, head_dim, device, num_warps, grids, attention_warps)
     walk = plan_walk(consts, pages, rows, device, meta_dtype, None, blocks_per_program,
                      num_warps or select_num_warps(check_select_pages(pages)))
     per = walk.pop("blocks_per_program")
@@ -308,7 +325,7 @@ def queue_plan(consts: dict, rows: int, pages: int, num_select: int, page_size: 
     if grids == 2:
         out.update(attention_total=rows * splits,
                    attention_programs=min(attention_programs or plan["attention_programs"], rows * splits),
-                   attention_warps=attention_warps or plan["attention_warps"])
+                   attention_warps=plan["attention_warps"])
     return out
 
 
