@@ -28,6 +28,47 @@ from .triton_score import load_group_query, plan_walk, score_blocks, score_meta
 
 
 @triton.jit
+def score_part(q_ptr, meta_ptr, ws_ptr, b, h, bh, part, blocks_per_program, num_pages, start, end, stride_qb, stride_qh,
+               stride_mb, stride_mh, stride_mp, stride_mm, D, page_size, G: tl.constexpr, G_PAD: tl.constexpr,
+               BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, GQA_SUM: tl.constexpr, F32: tl.constexpr,
+               SCALED_F16: tl.constexpr, STAGES: tl.constexpr, WALK: tl.constexpr):
+    """Score blocks ``[part * blocks_per_program, ...)`` of (row ``b``, KV head ``h``) = ``bh`` into its fp32
+    scratch row (:func:`triton_score.score_blocks`); returns that row's pointer once every thread's scores
+    are stored (CTA barrier: the row may be re-read or its ticket taken next)."""
+    q_pos, q_neg, inv_scale = load_group_query(q_ptr, b, h, stride_qb, stride_qh, G, G_PAD, D, BLOCK_D, SCALED_F16)
+    meta_bh = meta_ptr + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+    ws = ws_ptr + bh.to(tl.int64) * num_pages
+    first = part * blocks_per_program
+    last = tl.minimum(first + blocks_per_program, tl.cdiv(num_pages, BLOCK_P))
+    score_blocks(
+        q_pos, q_neg, inv_scale, meta_bh, ws, first, last, num_pages, start, end, stride_mp, stride_mm, D, page_size,
+        G, G_PAD, BLOCK_D, BLOCK_P, GQA_SUM, F32, SCALED_F16, STAGES, WALK,
+    )
+    tl.debug_barrier()
+    return ws
+
+
+@triton.jit
+def select_if_last(ticket_ptr, parts, ws, offs, num_pages, start, end, out_ptr, num_select, page_size, sink, recent, notify_ptr,
+                   ready_len_ptr, tag, BLOCK: tl.constexpr, WAYS: tl.constexpr, FINISH: tl.constexpr, NOTIFY: tl.constexpr):
+    """After a program's :func:`score_part` (``offs`` = ``tl.arange(0, BLOCK)``): take a ticket of the row's ``parts`` (acq_rel, GPU scope: the
+    usual "last block" pattern); the last one re-arms the ticket, re-reads the row's scores ``ws`` past L1,
+    selects into ``out_ptr`` and, once the pages are stored, tells the row's attention (release): ``NOTIFY``
+    0 nobody; 1 adds 1 to the row's flag at ``notify_ptr``; 2 appends ``tag`` to the ready list at
+    ``notify_ptr``, whose length is at ``ready_len_ptr`` (:mod:`triton_persistent`, two grids)."""
+    ticket = tl.atomic_add(ticket_ptr, 1)  # default: acq_rel, gpu scope
+    if ticket == parts - 1:  # every other part of this (row, head) has stored its scores
+        tl.store(ticket_ptr, 0)
+        scores = tl.load(ws + offs, mask=offs < num_pages, other=float("-inf"), cache_modifier=".cg")
+        select_from_scores(scores, offs, num_pages, start, end, out_ptr, num_select, page_size, sink, recent, BLOCK, WAYS, FINISH)
+        if NOTIFY == 1:
+            signal_row(notify_ptr, 1)
+        elif NOTIFY == 2:
+            tl.debug_barrier()
+            slot = tl.atomic_add(ready_len_ptr, 1, sem="relaxed")
+            tl.atomic_xchg(notify_ptr + slot, tag, sem="release", scope="gpu")
+
+@triton.jit
 def _fused_kernel(
     q_ptr,
     meta_ptr,
@@ -79,32 +120,20 @@ def _fused_kernel(
     h = bh % kv_heads
     start = tl.load(start_ptr + b).to(tl.int32)
     end = tl.load(end_ptr + b).to(tl.int32)
-    q_pos, q_neg, inv_scale = load_group_query(q_ptr, b, h, stride_qb, stride_qh, G, G_PAD, D, BLOCK_D, SCALED_F16)
-    meta_bh = meta_ptr + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
-    ws = ws_ptr + bh.to(tl.int64) * num_pages
-    first = pid * blocks_per_program
-    last = tl.minimum(first + blocks_per_program, tl.cdiv(num_pages, BLOCK_P))
-    score_blocks(
-        q_pos, q_neg, inv_scale, meta_bh, ws, first, last, num_pages, start, end, stride_mp, stride_mm, D, page_size,
-        G, G_PAD, BLOCK_D, BLOCK_P, GQA_SUM, F32, SCALED_F16, STAGES, WALK,
-    )
-    tl.debug_barrier()  # every thread's scores stored before the row is re-read / the ticket is taken
-
+    ws = score_part(q_ptr, meta_ptr, ws_ptr, b, h, bh, pid, blocks_per_program, num_pages, start, end, stride_qb, stride_qh,
+                    stride_mb, stride_mh, stride_mp, stride_mm, D, page_size, G, G_PAD, BLOCK_D, BLOCK_P, GQA_SUM, F32,
+                    SCALED_F16, STAGES, WALK)
     offs = tl.arange(0, BLOCK)
     out_bh = out_ptr + bh.to(tl.int64) * num_select
+    NOTIFY: tl.constexpr = 1 if CHAIN else 0  # select_if_last: flag the row for its attention programs
     if SINGLE:
         scores = tl.load(ws + offs, mask=offs < num_pages, other=float("-inf"))
         select_from_scores(scores, offs, num_pages, start, end, out_bh, num_select, page_size, sink, recent, BLOCK, WAYS, FINISH)
         if CHAIN:
             signal_row(flag_ptr + bh, 1)  # this row's attention programs wait for it
     else:
-        ticket = tl.atomic_add(counter_ptr + bh, 1)  # default: acq_rel, gpu scope
-        if ticket == programs_per_row - 1:  # every other program of this (row, head) has stored its scores
-            tl.store(counter_ptr + bh, 0)
-            scores = tl.load(ws + offs, mask=offs < num_pages, other=float("-inf"), cache_modifier=".cg")
-            select_from_scores(scores, offs, num_pages, start, end, out_bh, num_select, page_size, sink, recent, BLOCK, WAYS, FINISH)
-            if CHAIN:
-                signal_row(flag_ptr + bh, 1)
+        select_if_last(counter_ptr + bh, programs_per_row, ws, offs, num_pages, start, end, out_bh, num_select, page_size, sink, recent,
+                       flag_ptr + bh, flag_ptr, 0, BLOCK, WAYS, FINISH, NOTIFY)
     trace_mark(trace_ptr, 2, TRACE)
 
 

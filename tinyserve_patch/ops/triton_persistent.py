@@ -65,12 +65,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import (SELECT_FINISH, SELECT_WAYS, check, check_select_pages, pdl_enter, pdl_trigger, scaled_f16, select_from_scores,
-                             select_num_warps, signal_row, sm_count, ticket_counters, use_pdl, wait_row)
+from ._triton_common import (SELECT_FINISH, SELECT_WAYS, check, check_select_pages, pdl_enter, pdl_trigger, scaled_f16,
+                             select_num_warps, sm_count, ticket_counters, use_pdl, wait_row)
 from .trace import KernelTrace
 from .triton_chain import fused_chain_plan, quest_decode_chained_triton
 from .triton_decode import LOG2E, attend_chunk, check_attention, default_block_n, merge_partials, split_tokens, store_partial
-from .triton_score import load_group_query, plan_walk, score_blocks, score_meta
+from .triton_fused_select import score_part, select_if_last
+from .triton_score import plan_walk, score_meta
 
 
 @triton.jit
@@ -177,6 +178,7 @@ def _persistent_kernel(
     tickets = sync_ptr + 3
     flags = tickets + rows  # one grid: a flag per row; two grids: the ready list (row + 1, in selection order)
     splits_done = flags + rows
+    NOTIFY: tl.constexpr = 1 if PHASE == 0 else 2  # how the selecting item tells the attention (select_if_last)
     offs = tl.arange(0, BLOCK)
     rows_g = tl.arange(0, G_PAD)
     offs_d = tl.arange(0, BLOCK_D)
@@ -200,29 +202,15 @@ def _persistent_kernel(
         start = tl.load(start_ptr + b).to(tl.int32)
         end = tl.load(end_ptr + b).to(tl.int32)
         if is_score:  # blocks [sub * per, ...) of the row; the row's last item to finish selects it
-            q_pos, q_neg, inv_scale = load_group_query(q_ptr, b, h, stride_qb, stride_qh, G, G_PAD, HEAD_DIM, BLOCK_D, SCALED_F16)
-            meta_bh = meta_ptr + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
-            ws = ws_ptr + bh.to(tl.int64) * num_pages
-            first = sub * blocks_per_program
-            last = tl.minimum(first + blocks_per_program, tl.cdiv(num_pages, BLOCK_P))
-            score_blocks(
-                q_pos, q_neg, inv_scale, meta_bh, ws, first, last, num_pages, start, end, stride_mp, stride_mm, HEAD_DIM,
-                page_size, G, G_PAD, BLOCK_D, BLOCK_P, GQA_SUM, F32, SCALED_F16, STAGES, WALK,
-            )
-            tl.debug_barrier()  # every thread's scores stored before the ticket is taken
+            ws = score_part(q_ptr, meta_ptr, ws_ptr, b, h, bh, sub, blocks_per_program, num_pages, start, end, stride_qb,
+                            stride_qh, stride_mb, stride_mh, stride_mp, stride_mm, HEAD_DIM, page_size, G, G_PAD, BLOCK_D,
+                            BLOCK_P, GQA_SUM, F32, SCALED_F16, STAGES, WALK)
             _stamp(trace_ptr, i, 1, TRACE)
-            ticket = tl.atomic_add(tickets + bh, 1)  # acq_rel, gpu scope
-            if ticket == score_items - 1:
-                tl.store(tickets + bh, 0)
-                scores = tl.load(ws + offs, mask=offs < num_pages, other=float("-inf"), cache_modifier=".cg")
-                select_from_scores(scores, offs, num_pages, start, end, idx_ptr + bh.to(tl.int64) * num_select, num_select,
-                                   page_size, sink, recent, BLOCK, WAYS, FINISH)
-                if PHASE == 0:
-                    signal_row(flags + bh, 1)
-                else:  # append the row to the ready list (its pages stored before the release)
-                    tl.debug_barrier()
-                    slot = tl.atomic_add(ready_n, 1, sem="relaxed")
-                    tl.atomic_xchg(flags + slot, bh + 1, sem="release", scope="gpu")
+            notify = flags  # two grids: the ready list (row + 1 appended)
+            if PHASE == 0:
+                notify = flags + bh  # one grid: the row's flag
+            select_if_last(tickets + bh, score_items, ws, offs, num_pages, start, end, idx_ptr + bh.to(tl.int64) * num_select,
+                           num_select, page_size, sink, recent, notify, ready_n, bh + 1, BLOCK, WAYS, FINISH, NOTIFY)
         else:  # split `sub` of the row's selected tokens, once the row is selected
             if PHASE == 0:
                 wait_row(flags + bh, 1)
