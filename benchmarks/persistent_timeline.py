@@ -14,7 +14,9 @@ over the last replay's steps are printed, in microseconds from the step's first 
 * ``attn_wait``: median time an attention item waits for its row (from taken / started to ready);
   ``attn_busy``: median time of an attention item once ready; ``attn_first_ready``: the first one;
 * ``concurrent``: items (programs) running at once, the time-weighted median over the span;
-* ``unstamped``: items without all three stamps (dropped from the rest).
+* ``unstamped``: items without all three stamps (dropped from the rest);
+* ``step_us``: the graph's time per step (median of 5 replays), ``dense_sdpa_us``: dense SDPA decode of the
+  same shape in the same run (CUDA graph), the baseline.
 
 Its first device run (f63ecc4) never printed a line (sampling the concurrency over a span gone astray:
 now a sweep that drops unstamped records); its second (fae97b0) ran eagerly and timed the host's launch
@@ -24,6 +26,7 @@ of each second grid (the fused chain's attention first ready at 157 us, span 185
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -153,7 +156,7 @@ def main(argv=None) -> int:
         print("persistent_timeline.py needs a CUDA GPU (the trace reads the GPU's global timer)", file=sys.stderr)
         return 2
 
-    from bench_kernels import MODELS, PAGE, Copies, _commit, _versions, key_values
+    from bench_kernels import MODELS, PAGE, Copies, _bench, _commit, _versions, dense_decode, key_values
     from tinyserve_patch.ops.trace import KernelTrace
     from tinyserve_patch.ops.triton_chain import quest_decode_chained_triton
     from tinyserve_patch.ops.triton_persistent import persistent_plan, quest_decode_persistent_triton, queue_plan
@@ -171,6 +174,8 @@ def main(argv=None) -> int:
         c0 = copies.items[0]
         _, _, consts = score_meta(c0["q"], c0["meta"], start, end, PAGE, "max")
         plan = persistent_plan(rows, length // PAGE, nsel, PAGE, d, torch.device("cuda"))
+        rotation = itertools.cycle(copies.items)  # the baseline of this run: dense SDPA decode, CUDA graph
+        dense_us = 1e3 * _bench(lambda: dense_decode(next(rotation), d**-0.5), graph=True, rep=40)
         for name in ["fused_chain", "persistent", *(f"persistent_{t}" for t in args.options)]:
             opts = {k: int(v) for _, k, v in key_values(name.removeprefix("persistent").removeprefix("_"))} if name != "fused_chain" else {}
             queue = queue_plan(consts, rows, length // PAGE, nsel, PAGE, d, torch.device("cuda"), c0["meta"].dtype, **opts)
@@ -199,6 +204,13 @@ def main(argv=None) -> int:
             for _ in range(3):
                 graph.replay()
             torch.cuda.synchronize()
+            t0, t1, replays = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True), []
+            for _ in range(5):  # the graph's time per step (the last replay's stamps are read below)
+                t0.record()
+                graph.replay()
+                t1.record()
+                torch.cuda.synchronize()
+                replays.append(t0.elapsed_time(t1) * 1e3 / len(traces))
             summaries = []
             for trace in traces[1:-1]:  # the last replay's stamps; the first and last steps not summarised
                 recs = trace.records()
@@ -211,6 +223,7 @@ def main(argv=None) -> int:
                 summaries.append(summarise(items, rows))
             del graph
             med = {k: round(statistics.median(s[k] for s in summaries), 2) for k in summaries[0]}
+            med.update(step_us=round(statistics.median(replays), 2), dense_sdpa_us=round(dense_us, 2))
             results.append({"shape": text, "decode": name, **med})
             print(f"{text} {name}: " + " ".join(f"{k}={v}" for k, v in med.items()), flush=True)
         copies = None
