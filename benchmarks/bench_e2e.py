@@ -22,8 +22,9 @@ Rows, per (model, batch, context):
     hf_static           cache_implementation="static": HF auto-compiles the decode step
                         (torch.compile mode="reduce-overhead", i.e. CUDA graphs)
     ts_dense[_eager]    tinyserve, token_budget="dense": same cache and code path, every page attended
-    ts_sparse[_eager]   tinyserve, token_budget=B, split score / select kernels
-    ts_fused[_eager]    tinyserve, token_budget=B, fused score+select kernel
+    ts_sparse[_eager]   tinyserve, token_budget=B, the default kernels (fused="auto": the split chain, or the
+                        fused row-chained decode where triton_chain.prefer_fused_chain picks it)
+    ts_fused[_eager]    tinyserve, token_budget=B, fused=True: the fused row-chained decode
 "_eager" rows pass ``disable_compile=True`` to generate(); the others let generate() auto-compile the decode
 step, as it does for HF's static cache (a patched model's TinyServeCache is static and compileable).
 
@@ -198,7 +199,7 @@ class Row:
     reason: str | None = None
     label: str = ""
     compiled: bool = False
-    fused: bool = False
+    fused: bool | str = "auto"  # SparseConfig.fused of a tinyserve row
     new_tokens: int = 0
     prefill_ms: float | None = None
     decode_ms: float | None = None
@@ -469,7 +470,7 @@ def configure(model, row: Row, args):
         budget = row.budget if is_sparse(row.mode) else "dense"
         tp.patch_model(
             model, token_budget=budget, page_size=args.page_size, dense_layers=args.dense_layers,
-            fused=row.mode.startswith("ts_fused"), collect_stats=not args.no_stats, prefill_chunk_size=row.prefill_chunk,
+            fused=row.fused, collect_stats=not args.no_stats, prefill_chunk_size=row.prefill_chunk,
             kv_cache_dtype=row.kv_dtype, page_meta_dtype=row.meta_dtype,
         )
     else:
@@ -500,7 +501,7 @@ def run_row(model, row: Row, args, device: torch.device, bandwidth: float) -> No
         f", {row.kv_dtype} KV" if row.kv_dtype != "auto" else "") + (
         f", {row.meta_dtype} page metadata" if row.meta_dtype != "auto" else "")
     row.compiled = is_compiled(row.mode)
-    row.fused = row.mode.startswith("ts_fused")
+    row.fused = True if row.mode.startswith("ts_fused") else "auto"
     row.new_tokens = n
     configure(model, row, args)
     vocab = model.config.vocab_size

@@ -4,7 +4,9 @@
 
 Shapes: TinyLlama (32 q / 4 kv heads, d 64) and Llama-3-8B (32 / 8, d 128); batch 1 and 8; 4K, 16K, 64K
 and 128K cached tokens; token budgets 1024 / 2048 / 4096; page 16; bf16. Rows: dense SDPA decode
-(``enable_gqa``), each kernel alone (score, select, fused score+select, sparse attention), and the two
+(``enable_gqa``), each kernel alone (score, select, fused score+select, sparse attention), the default
+pipeline (``total_default``: ``torch.ops.tinyserve.quest_decode`` as ``patch_model`` runs it, i.e. the split
+chain or, where ``triton_chain.prefer_fused_chain`` picks it, the fused row-chained decode), and the two
 sparse pipelines (split: score + select + attend; fused: score_select + attend), the split pipeline with
 plain launches instead of programmatic dependent launches (``total_split_nopdl``, ``TINYSERVE_PDL=0``:
 what the launch overlap gains on Hopper) and with the attention's other way of merging its splits
@@ -271,6 +273,10 @@ def correctness_check(chained: bool = False, fp8_kv: bool = False, persistent: b
                                                    merge="inline", num_splits=splits)
         p_out, p_idx = quest_decode_persistent_triton(q, k, v, meta, start, end, PAGE, n, 1, 1, "max", d**-0.5)
         assert torch.equal(p_idx, f_idx) and torch.equal(p_out, f_out), "persistent decode differs from the fused chain"
+    from tinyserve_patch.ops.triton_chain import quest_decode_triton
+
+    d_out, d_idx = quest_decode_triton(q, k, v, meta, start, end, PAGE, n, 1, 1, "max", d**-0.5)  # the default: split here
+    assert torch.equal(d_idx, idx) and torch.equal(d_out, out), "quest_decode (the default path) differs from the split chain"
     print(f"correctness check passed (attention rel err {err:.2e})")
 
 
@@ -279,7 +285,7 @@ def correctness_check(chained: bool = False, fp8_kv: bool = False, persistent: b
 
 def run(args) -> dict:
     from tinyserve_patch.ops.triton_decode import DEFAULT_MERGE, sparse_decode_attention_triton
-    from tinyserve_patch.ops.triton_chain import quest_decode_chained_triton
+    from tinyserve_patch.ops.triton_chain import quest_decode_chained_triton, quest_decode_triton
     from tinyserve_patch.ops.triton_fused_select import score_and_select_triton
     from tinyserve_patch.ops.triton_persistent import quest_decode_persistent_triton
     from tinyserve_patch.ops.triton_score import page_scores_triton
@@ -381,6 +387,10 @@ def run(args) -> dict:
                 return quest_decode_chained_triton(c["q"], c["k"], c["v"], c["meta"], start, end, PAGE, nsel, 1, 1, "max", scale,
                                                    fused=fused, **options)
 
+            def default_total():  # what patch_model runs: ops.quest_decode with fused="auto" (split or fused chain by shape)
+                c = copies.next()
+                return quest_decode_triton(c["q"], c["k"], c["v"], c["meta"], start, end, PAGE, nsel, 1, 1, "max", scale)
+
             def persistent_total(**options):
                 c = copies.next()
                 return quest_decode_persistent_triton(c["q"], c["k"], c["v"], c["meta"], start, end, PAGE, nsel, 1, 1, "max",
@@ -402,6 +412,7 @@ def run(args) -> dict:
             add("select", budget, score_bytes + idx_bytes, select)
             add("fused_score_select", budget, meta_bytes + qo_bytes // 2 + idx_bytes, fused)
             add("sparse_attention", budget, sel_kv + qo_bytes + idx_bytes, attend, dense_ms)
+            add("total_default", budget, total_bytes, default_total, dense_ms)
             add("total_split", budget, total_bytes, split_over("meta"), dense_ms)
             add("total_split_nopdl", budget, total_bytes, without_pdl(split_over("meta")), dense_ms)
             add(f"total_split_merge_{other_merge}", budget, total_bytes, split_over("meta", attention={"merge": other_merge}), dense_ms)
@@ -467,7 +478,7 @@ def markdown(rows: list[dict], graph: bool) -> str:
 
 
 #: The decode chains judged by :func:`targets` (rows of these kinds, where the run has them).
-CHAINS = ("total_split", "total_chained", "total_chained_fused", "total_persistent")
+CHAINS = ("total_default", "total_split", "total_chained", "total_chained_fused", "total_persistent")
 
 
 def targets(rows: list[dict]) -> list[str]:

@@ -34,7 +34,7 @@ def test_defaults():
     assert c.page_size == 16
     assert (c.sink_pages, c.recent_pages, c.dense_layers) == (1, 1, 2)
     assert (c.policy, c.gqa_reduction) == ("quest", "max")
-    assert (c.fused, c.seed, c.collect_stats, c.track_recall) == (False, 0, True, False)
+    assert (c.fused, c.seed, c.collect_stats, c.track_recall) == ("auto", 0, True, False)
     assert c.extra == {}
     assert not c.is_dense
     assert c.budget_pages == 128
@@ -87,8 +87,9 @@ INVALID = [
     ("policy", "Quest", "one of ('quest', 'oracle', 'streaming', 'random')", {}),
     ("gqa_reduction", "mean", "one of ('max', 'sum')", {}),
     ("gqa_reduction", None, "one of ('max', 'sum')", {}),
-    ("fused", 1, "True or False", {}),
-    ("fused", "true", "True or False", {}),
+    ("fused", 1, "True, False or 'auto'", {}),
+    ("fused", "true", "True, False or 'auto'", {}),
+    ("fused", None, "True, False or 'auto'", {}),
     ("collect_stats", 0, "True or False", {}),
     ("track_recall", None, "True or False", {}),
     ("prefill_chunk_size", 0, "a positive integer", {}),
@@ -195,6 +196,13 @@ def test_from_kwargs_bools(text, expected):
     assert SparseConfig.from_kwargs(track_recall=text).track_recall is expected
 
 
+def test_fused_auto():
+    assert SparseConfig.from_kwargs(fused=" Auto ").fused == "auto"
+    assert SparseConfig(fused=False).replace(fused="auto") == SparseConfig()
+    with pytest.raises(ValueError, match=re.escape("SparseConfig.track_recall='auto' is invalid: allowed true or false")):
+        SparseConfig.from_kwargs(track_recall="auto")
+
+
 def test_prefill_chunk_size_parsing():
     assert SparseConfig().prefill_chunk_size is None
     assert SparseConfig.from_kwargs(prefill_chunk_size="4096").prefill_chunk_size == 4096
@@ -202,7 +210,7 @@ def test_prefill_chunk_size_parsing():
 
 
 def test_from_kwargs_bad_strings():
-    with pytest.raises(ValueError, match=re.escape("SparseConfig.fused='maybe' is invalid: allowed true or false")):
+    with pytest.raises(ValueError, match=re.escape("SparseConfig.fused='maybe' is invalid: allowed true, false or auto")):
         SparseConfig.from_kwargs(fused="maybe")
     with pytest.raises(ValueError, match=re.escape("SparseConfig.page_size='sixteen' is invalid: allowed an integer")):
         SparseConfig.from_kwargs(page_size="sixteen")
@@ -240,7 +248,7 @@ def valid_configs(draw):
     return SparseConfig(
         token_budget=budget, page_size=page_size, sink_pages=sink, recent_pages=recent,
         dense_layers=draw(st.integers(0, 8)), policy=draw(st.sampled_from(POLICIES)),
-        gqa_reduction=draw(st.sampled_from(GQA_REDUCTIONS)), fused=draw(st.booleans()),
+        gqa_reduction=draw(st.sampled_from(GQA_REDUCTIONS)), fused=draw(st.sampled_from([False, True, "auto"])),
         seed=draw(st.integers(0, 2**31)), collect_stats=draw(st.booleans()), track_recall=draw(st.booleans()),
     )
 

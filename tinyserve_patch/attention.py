@@ -11,7 +11,8 @@ attention module (installed by :func:`~tinyserve_patch.patch.patch_model`) adds 
   the mask is the layer's own and the query heads of a KV head attend as packed rows (no K/V copy per
   query head); Gemma 2's soft-capped logits go through the same function, eagerly.
 * Decode (``q_len == 1``): policy scores -> page selection -> sparse flash-decoding, all through
-  ``torch.ops.tinyserve``. A sliding-window layer selects within its window.
+  ``torch.ops.tinyserve`` (``quest``: one op, ``quest_decode``, whose CUDA kernels ``config.fused``
+  picks; :func:`~tinyserve_patch.policies.decode`). A sliding-window layer selects within its window.
 """
 
 from __future__ import annotations
@@ -19,8 +20,7 @@ from __future__ import annotations
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from . import ops
-from .policies import get_policy
+from .policies import decode as sparse_decode, get_policy
 
 _warned_foreign_cache = False
 
@@ -153,10 +153,7 @@ def tinyserve_attention_forward(
     config = state.config
     q = query[:, :, 0, :].to(layer.dtype).contiguous()  # [batch, q_heads, head_dim]
     seq_start, seq_end = layer.row_ranges(sliding_window)
-    indices = get_policy(config.policy)(q, layer, seq_start, seq_end, config)
-    out = ops.sparse_decode_attention(
-        q, layer.keys, layer.values, indices, seq_start, seq_end, config.page_size, float(scaling), float(softcap or 0.0)
-    )
+    out, indices = sparse_decode(q, layer, seq_start, seq_end, config, float(scaling), float(softcap or 0.0))
     if config.collect_stats:
         oracle = get_policy("oracle")(q, layer, seq_start, seq_end, config) if config.track_recall else None
         layer.stats.record_sparse(indices, seq_start, seq_end, config.page_size, oracle)

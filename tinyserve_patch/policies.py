@@ -28,7 +28,7 @@ def _select(scores, seq_start, seq_end, config: SparseConfig) -> torch.Tensor:
 
 def quest(q, layer, seq_start, seq_end, config: SparseConfig) -> torch.Tensor:
     """Upper bound sum_d max(q_d*min_d, q_d*max_d) from the page metadata (Quest)."""
-    if config.fused:
+    if config.fused is True:
         return ops.score_and_select(
             q, layer.meta, seq_start, seq_end, config.page_size, config.budget_pages,
             config.sink_pages, config.recent_pages, config.gqa_reduction,
@@ -58,6 +58,21 @@ def random(q, layer, seq_start, seq_end, config: SparseConfig) -> torch.Tensor:
 
 
 POLICIES: dict[str, Policy] = {"quest": quest, "oracle": oracle, "streaming": streaming, "random": random}
+
+
+def decode(q, layer, seq_start, seq_end, config: SparseConfig, scale: float, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sparse decode step of ``config.policy`` over ``layer``'s cache: ``(attention [b, hq, d] in q's
+    dtype, selected pages [b, hkv, n])``. ``quest`` runs as one op (``ops.quest_decode``: scoring,
+    selection and attention, whose CUDA kernels ``config.fused`` picks); the other policies select, then
+    attend."""
+    if config.policy == "quest":
+        return ops.quest_decode(
+            q, layer.keys, layer.values, layer.meta, seq_start, seq_end, config.page_size, config.budget_pages,
+            config.sink_pages, config.recent_pages, config.gqa_reduction, scale, softcap, config.fused,
+        )
+    indices = get_policy(config.policy)(q, layer, seq_start, seq_end, config)
+    out = ops.sparse_decode_attention(q, layer.keys, layer.values, indices, seq_start, seq_end, config.page_size, scale, softcap)
+    return out, indices
 
 
 def get_policy(name: str) -> Policy:

@@ -1,5 +1,6 @@
-"""Row-chained decode vs the split chain, and the persistent decode vs the fused row-chained decode, on a
-GPU, eager and replayed from a CUDA graph (run by
+"""Row-chained decode vs the split chain, ``quest_decode`` (every path, and the fused one compiled with
+``mode="reduce-overhead"`` over a growing cache) vs the same, and the persistent decode vs the fused
+row-chained decode, on a GPU, eager and replayed from a CUDA graph (run by
 ``test_gpu_kernels.py::test_gpu_chained_decode_equals_split_eager_and_graphed`` in a subprocess with a
 timeout: a wrong wait hangs the GPU rather than failing). Prints one line per case, exits non-zero on a
 mismatch."""
@@ -13,9 +14,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from tinyserve_patch import ops  # noqa: E402
 from tinyserve_patch.ops import reference as ref  # noqa: E402
 from tinyserve_patch.ops._triton_common import ticket_counters, use_pdl  # noqa: E402
-from tinyserve_patch.ops.triton_chain import fused_chain_plan, quest_decode_chained_triton  # noqa: E402
+from tinyserve_patch.ops.triton_chain import fused_chain_plan, prefer_fused_chain, quest_decode_chained_triton  # noqa: E402
 from tinyserve_patch.ops.triton_decode import sparse_decode_attention_triton  # noqa: E402
 from tinyserve_patch.ops.triton_fused_select import score_and_select_triton  # noqa: E402
 from tinyserve_patch.ops.triton_persistent import persistent_plan, quest_decode_persistent_triton  # noqa: E402
@@ -104,6 +106,14 @@ def main() -> int:
                                                                      fused=fused, attention_options=attn, fused_options=walk),
                                  want_out, want_idx, "chain", label):
                 return 1
+        # the one-op decode (what patch_model runs): each path gives its chain's bits, "auto" the one it picks
+        auto = prefer_fused_chain(b * hkv, meta.shape[2], d, q.dtype, k.dtype, meta.dtype, dev)
+        for fused in (False, True, "auto"):
+            want_out, want_idx = split(q, k, v, meta, start, end, ps, n, scale, softcap, fused is True or (fused == "auto" and auto))
+            label = f"quest_decode fused={fused} (auto: {'fused' if auto else 'split'}) {hq}/{hkv}/{d} B={b} L={length} budget={budget}"
+            if not replays_equal(lambda fused=fused: ops.quest_decode(q, k, v, meta, start, end, ps, n, 1, 1, "max", scale, softcap, fused),
+                                 want_out, want_idx, "chain", label):
+                return 1
         # the persistent decode against the fused row-chained decode with its splits merged inline (the same
         # pages; the same output bits where the persistent program has the attention kernel's 4 warps, else
         # within rounding: other warps reduce the softmax sums in another order): by default, all score items
@@ -119,8 +129,54 @@ def main() -> int:
                                                                                   scale, softcap, **opts),
                                  want_out, want_idx, "persistent", label, bitwise=meta.shape[2] <= 2048 or "grids" in opts):
                 return 1
+    if not compiled_loop_equals_eager():
+        return 1
     print("chained == split")
     return 0
+
+
+def _step(k, v, meta, pos, k_new, v_new, q, start, fused):
+    """Append a token per row at ``pos`` (advanced in place), then one ``quest_decode`` step."""
+    ops.append_kv(k, v, meta, k_new, v_new, pos)
+    pos.add_(1)
+    return ops.quest_decode(q, k, v, meta, start, pos.clone(), 16, 8, 1, 1, "max", 0.125, 0.0, fused)
+
+
+def compiled_loop_equals_eager() -> bool:
+    """``quest_decode`` with the fused row-chained decode, compiled with ``mode="reduce-overhead"`` (CUDA
+    graphs, no graph break), over 20 steps of a growing cache: the eager steps' pages and bits."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    dev = torch.device("cuda")
+    g = torch.Generator(device="cuda").manual_seed(5)
+    b, hkv, hq, d, cap, ps = 4, 8, 32, 128, 4096, 16
+    k = torch.zeros(b, hkv, cap, d, dtype=torch.bfloat16, device=dev)
+    v = torch.zeros_like(k)
+    meta = torch.zeros(b, hkv, cap // ps, 2, d, dtype=torch.bfloat16, device=dev)
+    prompt = torch.randn(b, hkv, 2000, d, generator=g, device=dev).to(torch.bfloat16)
+    ops.append_kv(k, v, meta, prompt, prompt, torch.tensor([0, -37, 0, -500], dtype=torch.int32, device=dev))
+    pos = torch.tensor([2000, 1963, 2000, 1500], dtype=torch.int32, device=dev)
+    start = torch.tensor([0, 20, 0, 33], dtype=torch.int32, device=dev)
+    eager = [t.clone() for t in (k, v, meta, pos)]
+    for t in (k, v, meta, pos):
+        torch._dynamo.mark_static_address(t)
+    step = torch.compile(_step, mode="reduce-overhead", fullgraph=True)
+    for i in range(20):
+        k_new, v_new, q = (torch.randn(*shape, generator=g, device=dev).to(torch.bfloat16)
+                           for shape in ((b, hkv, 1, d), (b, hkv, 1, d), (b, hq, d)))
+        out, idx = (t.clone() for t in step(k, v, meta, pos, k_new, v_new, q, start, True))
+        e_out, e_idx = _step(*eager, k_new, v_new, q, start, True)
+        if not (torch.equal(idx, e_idx) and torch.equal(out, e_out)):
+            print(f"MISMATCH compiled quest_decode step {i}: pages equal {torch.equal(idx, e_idx)}")
+            return False
+    if counters["inductor"]["cudagraph_skips"] or int(ticket_counters(dev, 1, pool="chain").count_nonzero()):
+        print(f"compiled quest_decode: cudagraph skips {counters['inductor']['cudagraph_skips']} or counters left armed")
+        return False
+    print("ok quest_decode fused, reduce-overhead: 20 steps equal eager")
+    return True
 
 
 if __name__ == "__main__":

@@ -266,12 +266,15 @@ def test_gpu_fp32_paths():
 # ---------------------------------------------------------------------------------------------- CUDA graphs
 
 
-def _decode_step(k_cache, v_cache, meta, pos, k_new, v_new, q, seq_start, fused: bool):
-    """Append one token per row at ``pos``, advance ``pos`` in place, score, select, attend."""
+def _decode_step(k_cache, v_cache, meta, pos, k_new, v_new, q, seq_start, path: str):
+    """Append one token per row at ``pos``, advance ``pos`` in place, score, select, attend (``path``:
+    ``split``, ``fused`` score + select, or ``one_op``: ``quest_decode`` as ``patch_model`` runs it)."""
     ops.append_kv(k_cache, v_cache, meta, k_new, v_new, pos)
     pos.add_(1)
     seq_end = pos.clone()
-    if fused:
+    if path == "one_op":
+        return ops.quest_decode(q, k_cache, v_cache, meta, seq_start, seq_end, 16, 8, 1, 1, "max", 0.125, 0.0)
+    if path == "fused":
         idx = ops.score_and_select(q, meta, seq_start, seq_end, 16, 8, 1, 1, "max")
     else:
         scores = ops.page_scores(q, meta, seq_start, seq_end, 16, "max")
@@ -280,8 +283,8 @@ def _decode_step(k_cache, v_cache, meta, pos, k_new, v_new, q, seq_start, fused:
     return out, idx
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_gpu_reduce_overhead_decode_loop_matches_eager(fused):
+@pytest.mark.parametrize("path", ["split", "fused", "one_op"])
+def test_gpu_reduce_overhead_decode_loop_matches_eager(path):
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -305,9 +308,9 @@ def test_gpu_reduce_overhead_decode_loop_matches_eager(fused):
         k_new = torch.randn(b, hkv, 1, d, generator=g, device=DEV).to(torch.bfloat16)
         v_new = torch.randn(b, hkv, 1, d, generator=g, device=DEV).to(torch.bfloat16)
         q = torch.randn(b, hq, d, generator=g, device=DEV).to(torch.bfloat16)
-        out, idx = step(k, v, meta, pos, k_new, v_new, q, seq_start, fused)
+        out, idx = step(k, v, meta, pos, k_new, v_new, q, seq_start, path)
         out, idx = out.clone(), idx.clone()
-        e_out, e_idx = _decode_step(*eager_bufs, k_new, v_new, q, seq_start, fused)
+        e_out, e_idx = _decode_step(*eager_bufs, k_new, v_new, q, seq_start, path)
         assert torch.equal(idx, e_idx), i
         torch.testing.assert_close(out, e_out, rtol=0, atol=0)
     assert torch.equal(pos, eager_bufs[3]) and int(pos[0]) == 220

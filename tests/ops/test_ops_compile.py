@@ -1,5 +1,6 @@
-"""The public ops chain (append -> score -> select -> attend, and the fused score+select) traces with
-torch.compile(fullgraph=True) as one graph, with no graph break, and gives the reference's numbers."""
+"""The public ops chain (append -> score -> select -> attend, the fused score+select, and the one-op
+``quest_decode``) traces with torch.compile(fullgraph=True) as one graph, with no graph break, and gives the
+reference's numbers."""
 
 from __future__ import annotations
 
@@ -14,9 +15,13 @@ from tests.ops.kernel_cases import DEVICE, gen, randn
 B, HKV, G, D, PS, CAP, SEL = 2, 2, 2, 16, 8, 64, 3
 
 
-def decode_step(k_cache, v_cache, meta, k_new, v_new, pos, q, seq_start, seq_end, fused: bool):
+def decode_step(k_cache, v_cache, meta, k_new, v_new, pos, q, seq_start, seq_end, path: str):
+    """``path``: ``split`` (score, select, attend), ``fused`` (score_and_select, attend), ``one_op``
+    (quest_decode)."""
     ops.append_kv(k_cache, v_cache, meta, k_new, v_new, pos)
-    if fused:
+    if path == "one_op":
+        return ops.quest_decode(q, k_cache, v_cache, meta, seq_start, seq_end, PS, SEL, 1, 1, "max", D**-0.5)
+    if path == "fused":
         idx = ops.score_and_select(q, meta, seq_start, seq_end, PS, SEL, 1, 1, "max")
     else:
         scores = ops.page_scores(q, meta, seq_start, seq_end, PS, "max")
@@ -49,11 +54,11 @@ def _reference(args):
     return ref.sparse_decode_attention(q, k, v, idx, start, end, PS, D**-0.5), idx, (k, v, meta)
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_decode_step_is_one_graph(fused):
+@pytest.mark.parametrize("path", ["split", "fused", "one_op"])
+def test_decode_step_is_one_graph(path):
     torch._dynamo.reset()
     args = _inputs(0)
-    explain = torch._dynamo.explain(decode_step)(*[a.clone() for a in args], fused)
+    explain = torch._dynamo.explain(decode_step)(*[a.clone() for a in args], path)
     assert explain.graph_break_count == 0 and explain.graph_count == 1, explain.break_reasons
     graphs = []
 
@@ -62,22 +67,23 @@ def test_decode_step_is_one_graph(fused):
         return gm.forward
 
     compiled = torch.compile(decode_step, backend=backend, fullgraph=True)
-    compiled(*[a.clone() for a in args], fused)
-    compiled(*[a.clone() for a in args], fused)  # no recompilation
+    compiled(*[a.clone() for a in args], path)
+    compiled(*[a.clone() for a in args], path)  # no recompilation
     assert len(graphs) == 1
     names = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
     assert any("tinyserve.append_kv" in n for n in names)
-    assert any("tinyserve.sparse_decode" in n for n in names)
+    assert any(f"tinyserve.{'quest_decode' if path == 'one_op' else 'sparse_decode'}" in n for n in names)
 
 
+@pytest.mark.parametrize("path", ["split", "one_op"])
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_compiled_step_matches_reference(backend):
+def test_compiled_step_matches_reference(backend, path):
     torch._dynamo.reset()
     args = _inputs(1)
     expect_out, expect_idx, expect_bufs = _reference(args)
     compiled = torch.compile(decode_step, backend=backend, fullgraph=True)
     work = [a.clone() for a in args]
-    out, idx = compiled(*work, False)
+    out, idx = compiled(*work, path)
     assert torch.equal(idx, expect_idx)
     torch.testing.assert_close(out, expect_out, rtol=1e-5, atol=1e-5)
     for got, exp in zip(work[:3], expect_bufs):  # the in-place append reached the caller's buffers

@@ -361,7 +361,8 @@ def test_quest_bound_is_tight_for_single_token_pages():
 @given(p=problems(), extra=st.integers(0, 3), softcap=st.sampled_from((0.0, 0.0, 2.0, 30.0)),
        scale=st.floats(0.05, 1.5), fused=st.booleans())
 def test_full_budget_equals_dense(p, extra, softcap, scale, fused):
-    """num_select >= pages: sparse attention == reference dense == SDPA (or a manual soft-capped dense)."""
+    """num_select >= pages: sparse attention == reference dense == SDPA (or a manual soft-capped dense);
+    the one-op ``quest_decode`` gives the same pages and output as its three ops."""
     q, k, v, meta = tensors(p)
     s0, s1, ps = p["seq_start"], p["seq_end"], p["ps"]
     num_select = p["pages"] + extra
@@ -369,11 +370,14 @@ def test_full_budget_equals_dense(p, extra, softcap, scale, fused):
         idx = ops.score_and_select(q, meta, s0, s1, ps, num_select, 1, 1)
     else:
         idx = ops.select_pages(ops.page_scores(q, meta, s0, s1, ps), s0, s1, ps, num_select, 1, 1)
+    one_op_out, one_op_idx = ops.quest_decode(q, k, v, meta, s0, s1, ps, num_select, 1, 1, "max", scale, softcap, fused)
+    assert torch.equal(one_op_idx, idx)
     for r in range(p["b"]):  # every valid page selected
         valid = valid_pages_of(int(s0[r]), int(s1[r]), p["pages"], ps)
         for h in range(p["hkv"]):
             assert idx[r, h].tolist() == valid + [-1] * (num_select - len(valid))
     out = ops.sparse_decode_attention(q, k, v, idx, s0, s1, ps, scale, softcap)
+    assert torch.equal(one_op_out, out)
     dense = ref.dense_decode_attention(q, k, v, s0, s1, scale, softcap)
     assert out.dtype == torch.float32 and out.shape == q.shape
     torch.testing.assert_close(out, dense, atol=1e-5, rtol=1e-5)
@@ -702,6 +706,23 @@ BAD = {
     "k_new / v_new shapes": (
         lambda t: ops.append_kv(t["k"], t["v"], t["meta"], t["k"][:, :, :1], t["v"][:, :, :2], i32([0])),
         "k_new and v_new shapes differ"),
+    "quest_decode page size": (
+        lambda t: ops.quest_decode(t["q"], t["k"], t["v"], t["meta"], t["s0"], t["s1"], 8, 2),
+        "page_size=8 but the cache holds pages of 16 tokens"),
+    "quest_decode fused": (
+        lambda t: ops.quest_decode(t["q"], t["k"], t["v"], t["meta"], t["s0"], t["s1"], 16, 2, fused="yes"),
+        "fused='yes': allowed True, False or 'auto'"),
+    "quest_decode fused 1": (
+        lambda t: ops.quest_decode(t["q"], t["k"], t["v"], t["meta"], t["s0"], t["s1"], 16, 2, fused=1),
+        "fused=1: allowed True, False or 'auto'"),
+    "quest_decode num_select 0": (
+        lambda t: ops.quest_decode(t["q"], t["k"], t["v"], t["meta"], t["s0"], t["s1"], 16, 0), "num_select=0 must be >= 1"),
+    "quest_decode gqa_reduction": (
+        lambda t: ops.quest_decode(t["q"], t["k"], t["v"], t["meta"], t["s0"], t["s1"], 16, 2, gqa_reduction="mean"),
+        "gqa_reduction='mean': allowed 'max' or 'sum'"),
+    "quest_decode q heads": (
+        lambda t: ops.quest_decode(t["q"][:, :3], t["k"], t["v"], t["meta"], t["s0"], t["s1"], 16, 2),
+        "q_heads 3 is not a multiple of kv_heads 2"),
     "append overflow": (
         lambda t: ops.append_kv(t["k"], t["v"], t["meta"], t["k"][:, :, :2], t["v"][:, :, :2], i32([31])),
         "append of 2 tokens at 31 overflows the cache capacity 32"),

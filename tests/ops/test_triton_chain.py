@@ -148,3 +148,48 @@ def test_fused_chain_options_reach_the_fused_kernel():
     with pytest.raises(TypeError):
         quest_decode_chained_triton(q, k, v, meta, start, end, 8, 10, 1, 1, "max", 0.25, fused=True,
                                     fused_options={"no_such_option": 1})
+
+
+# ------------------------------------------------------------------------------- quest_decode_triton (one op)
+
+
+@pytest.mark.parametrize("path", ["split", "fused", "auto"])
+def test_quest_decode_paths_give_their_chains_bits(path):
+    """Each path of the one-op decode gives its chain's pages and output; ``auto`` on a device without PDL
+    (the interpreter) is the split chain."""
+    q, k, v, meta, start, end = _case(3, 2, 2, 32, 8, 256, torch.float32, 31)
+    out, idx = triton_chain.quest_decode_triton(q, k, v, meta, start, end, 8, 5, 1, 1, "max", 0.2, 0.0, path)
+    want_out, want_idx = _split(q, k, v, meta, start, end, 8, 5, 1, 1, "max", 0.2, fused=path == "fused")
+    assert torch.equal(idx, want_idx) and torch.equal(out, want_out)
+    expect_idx = ref.select_pages(ref.page_scores(q, meta, start, end, 8, "max"), start, end, 8, 5, 1, 1)
+    assert torch.equal(idx, expect_idx)
+    torch.testing.assert_close(out, ref.sparse_decode_attention(q, k, v, idx, start, end, 8, 0.2), rtol=1e-5, atol=1e-5)
+    assert _armed(q.device) == 0
+    with pytest.raises(ValueError, match="path='chained'"):
+        triton_chain.quest_decode_triton(q, k, v, meta, start, end, 8, 5, 1, 1, "max", 0.2, 0.0, "chained")
+
+
+LLAMA3, TINYLLAMA = (8, 128), (4, 64)  # (kv_heads, head_dim)
+
+
+@pytest.mark.parametrize("model,batch,tokens,fused", [
+    # the fused chain where it was faster on the H100 (kernels_h100_9c08c6f.json): Llama-3-8B B=8 at 64K / 128K
+    (LLAMA3, 8, 65536, True), (LLAMA3, 8, 131072, True), (LLAMA3, 16, 65536, True),
+    # a score grid under two waves: batch 1, or B=8 at 16K
+    (LLAMA3, 1, 65536, False), (LLAMA3, 1, 131072, False), (LLAMA3, 8, 16384, False), (LLAMA3, 4, 65536, False),
+    # head_dim 64 loses even with 2.6 waves (TinyLlama B=8 / 128K)
+    (TINYLLAMA, 8, 131072, False), (TINYLLAMA, 8, 65536, False),
+])
+def test_prefer_fused_chain_rule(monkeypatch, model, batch, tokens, fused):
+    """The ``auto`` rule on a Hopper-like device (PDL, 132 SMs): the shapes measured, and what keeps the
+    split chain (no PDL, fp8 storage)."""
+    monkeypatch.setattr(triton_chain, "use_pdl", lambda device: True)
+    monkeypatch.setattr(triton_chain, "sm_count", lambda device: 132)
+    hkv, d = model
+    bf16, fp8 = torch.bfloat16, torch.float8_e4m3fn
+    dev = torch.device("cuda")
+    assert triton_chain.prefer_fused_chain(batch * hkv, tokens // 16, d, bf16, bf16, bf16, dev) is fused
+    assert not triton_chain.prefer_fused_chain(batch * hkv, tokens // 16, d, bf16, bf16, fp8, dev)
+    assert not triton_chain.prefer_fused_chain(batch * hkv, tokens // 16, d, bf16, fp8, bf16, dev)
+    monkeypatch.setattr(triton_chain, "use_pdl", lambda device: False)
+    assert not triton_chain.prefer_fused_chain(batch * hkv, tokens // 16, d, bf16, bf16, bf16, dev)

@@ -22,6 +22,7 @@ __all__ = [
     "select_pages",
     "score_and_select",
     "sparse_decode_attention",
+    "quest_decode",
     "check_cache",
     "reference",
 ]
@@ -140,3 +141,34 @@ def sparse_decode_attention(q, k_cache, v_cache, indices, seq_start, seq_end, pa
         f"indices must be int32 [batch, kv_heads, n], got {indices.dtype} {tuple(indices.shape)}",
     )
     return torch.ops.tinyserve.sparse_decode(q, k_cache, v_cache, indices, seq_start, seq_end, page_size, float(scale), float(softcap or 0.0))
+
+
+#: ``fused`` values of :func:`quest_decode` -> ``path`` of ``torch.ops.tinyserve.quest_decode``
+_DECODE_PATH = {"auto": "auto", False: "split", True: "fused"}
+
+
+def quest_decode(q, k_cache, v_cache, meta, seq_start, seq_end, page_size: int, num_select: int, sink_pages: int = 1,
+                 recent_pages: int = 1, gqa_reduction: str = "max", scale: float | None = None, softcap: float = 0.0,
+                 fused: bool | str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """One Quest decode step: ``page_scores`` -> ``select_pages`` -> ``sparse_decode_attention`` as one op.
+    Returns ``(out [batch, q_heads, head_dim] in q's dtype, indices int32 [batch, kv_heads, num_select])``.
+
+    ``fused`` picks the CUDA kernels, never the result: ``False``, the three kernels one grid after another;
+    ``True``, the fused row-chained decode (score and select in one kernel whose last program of a row
+    selects it and releases that row's attention programs, so early rows' selection and attention run
+    under later rows' scoring); ``"auto"``, the fused chain where it was measured faster (head_dim 128,
+    model-dtype storage, a score grid of two waves or more, e.g. Llama-3-8B batch 8 at 64K tokens: see
+    ``triton_chain.prefer_fused_chain``), else the three kernels. CPU tensors run the reference."""
+    page = check_cache(k_cache, v_cache, meta)
+    _check(page == page_size, f"page_size={page_size} but the cache holds pages of {page} tokens")
+    _check_query(q, k_cache.shape[1], k_cache.shape[-1], k_cache.dtype, k_cache.device)
+    _check_query(q, meta.shape[1], meta.shape[-1], meta.dtype, meta.device)
+    _check_rows(seq_start, seq_end, q.shape[0], q.device)
+    _check(num_select >= 1, f"num_select={num_select} must be >= 1")
+    _check(sink_pages >= 0 and recent_pages >= 0, f"sink_pages={sink_pages} / recent_pages={recent_pages} must be >= 0")
+    _check(gqa_reduction in ("max", "sum"), f"gqa_reduction={gqa_reduction!r}: allowed 'max' or 'sum'")
+    _check(fused in _DECODE_PATH and isinstance(fused, (bool, str)), f"fused={fused!r}: allowed True, False or 'auto'")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return torch.ops.tinyserve.quest_decode(q, k_cache, v_cache, meta, seq_start, seq_end, page_size, num_select,
+                                            sink_pages, recent_pages, gqa_reduction, scale, float(softcap or 0.0),
+                                            _DECODE_PATH[fused])

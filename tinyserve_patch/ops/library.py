@@ -27,6 +27,8 @@ def _triton(name: str):
         from .triton_decode import sparse_decode_attention_triton as fn
     elif name == "score_select":
         from .triton_fused_select import score_and_select_triton as fn
+    elif name == "quest_decode":
+        from .triton_chain import quest_decode_triton as fn
     else:  # pragma: no cover - programming error
         raise KeyError(name)
     return fn
@@ -168,3 +170,43 @@ def _sparse_decode_cuda(q, k_cache, v_cache, indices, seq_start, seq_end, page_s
 @sparse_decode.register_fake
 def _sparse_decode_fake(q, k_cache, v_cache, indices, seq_start, seq_end, page_size, scale, softcap):
     return torch.empty_like(q)
+
+
+# ---------------------------------------------------------------------------------------------- quest_decode
+
+
+@torch.library.custom_op(f"{_NS}::quest_decode", mutates_args=())
+def quest_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: torch.Tensor,
+    seq_start: torch.Tensor,
+    seq_end: torch.Tensor,
+    page_size: int,
+    num_select: int,
+    sink_pages: int,
+    recent_pages: int,
+    gqa_reduction: str,
+    scale: float,
+    softcap: float,
+    path: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    scores = ref.page_scores(q, meta, seq_start, seq_end, page_size, gqa_reduction)
+    indices = ref.select_pages(scores, seq_start, seq_end, page_size, num_select, sink_pages, recent_pages)
+    out = ref.sparse_decode_attention(q, k_cache, v_cache, indices, seq_start, seq_end, page_size, scale, softcap)
+    return out, indices
+
+
+@quest_decode.register_kernel("cuda")
+def _quest_decode_cuda(q, k_cache, v_cache, meta, seq_start, seq_end, page_size, num_select, sink_pages, recent_pages,
+                       gqa_reduction, scale, softcap, path):
+    return _triton("quest_decode")(q, k_cache, v_cache, meta, seq_start, seq_end, page_size, num_select, sink_pages,
+                                   recent_pages, gqa_reduction, scale, softcap, path)
+
+
+@quest_decode.register_fake
+def _quest_decode_fake(q, k_cache, v_cache, meta, seq_start, seq_end, page_size, num_select, sink_pages, recent_pages,
+                       gqa_reduction, scale, softcap, path):
+    b, hkv = meta.shape[:2]
+    return torch.empty_like(q), q.new_empty((b, hkv, num_select), dtype=torch.int32)

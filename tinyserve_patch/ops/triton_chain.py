@@ -1,7 +1,9 @@
 """Row-chained decode: the score, select and attention kernels synchronised per (row, KV head) instead of
-grid by grid. Experimental and off by default: on the H200 (commit 2a4f45d) it equals the split chain
-eager and from CUDA graphs, gains 1.4 us at Llama-3-8B B=8/64K/2048 (67.9 vs 69.3 us) and loses 2.5-3.5 us
-at batch 1 (``benchmarks/results/kernels_h200_chained_2a4f45d.json``).
+grid by grid, and :func:`quest_decode_triton`, the CUDA side of ``torch.ops.tinyserve.quest_decode``, which
+picks the split chain or the fused row-chained decode per shape (:func:`prefer_fused_chain`). The unfused
+row-chained decode stays an option: on the H200 (commit 2a4f45d) it gained 1.4 us at Llama-3-8B
+B=8/64K/2048 (67.9 vs 69.3 us) and lost 2.5-3.5 us at batch 1
+(``benchmarks/results/kernels_h200_chained_2a4f45d.json``).
 
 Inputs as the split chain's: ``q`` ``[B, Hq, D]``, ``k_cache`` / ``v_cache`` ``[B, Hkv, cap, D]``, ``meta``
 ``[B, Hkv, P, 2, D]``, ``seq_start`` / ``seq_end`` ``[B]``. Returns the attention ``[B, Hq, D]`` (q's dtype)
@@ -38,11 +40,11 @@ from __future__ import annotations
 import torch
 import triton
 
-from ._triton_common import check, select_num_warps, sm_count, ticket_counters
+from ._triton_common import check, select_num_warps, sm_count, ticket_counters, use_pdl
 from .triton_decode import default_block_n, plan_splits, sparse_decode_attention_triton
 from .triton_fused_select import score_and_select_triton
 from .trace import KernelTrace
-from .triton_score import page_scores_triton, score_meta
+from .triton_score import default_block_p, default_launch, page_scores_triton, score_meta
 from .triton_select import select_pages_triton
 
 
@@ -57,6 +59,68 @@ def fused_chain_plan(rows: int, pages: int, num_select: int, page_size: int, hea
     warps = num_warps or select_num_warps(triton.next_power_of_2(pages))
     splits, _ = plan_splits(rows, num_select, page_size, default_block_n(head_dim), 2 * sm_count(device))
     return dict(maxnreg=65536 // (3 * 32 * warps) // 8 * 8, num_splits=splits, merge="inline" if splits <= 8 else "kernel")
+
+
+#: Fused score + select programs resident on one SM under :func:`fused_chain_plan`'s register cap.
+FUSED_CHAIN_PROGRAMS_PER_SM = 3
+#: Decode paths of :func:`quest_decode_triton` (``torch.ops.tinyserve.quest_decode``).
+DECODE_PATHS = ("auto", "split", "fused")
+
+
+def prefer_fused_chain(rows: int, pages: int, head_dim: int, q_dtype: torch.dtype, kv_dtype: torch.dtype,
+                       meta_dtype: torch.dtype, device: torch.device) -> bool:
+    """The ``"auto"`` rule of :func:`quest_decode_triton`: the fused row-chained decode where it was measured
+    faster than the split chain, the split chain everywhere else (both give the same pages and output).
+
+    The fused chain wins only where its score grid runs at least two waves (rows then finish scoring one
+    after another, so early rows' selection and attention run under later rows' scoring) with head_dim
+    128. On the H100 (``kernels_h100_9c08c6f.json``, 48 shapes, CUDA graphs): Llama-3-8B B=8 / 64K
+    (1024 programs, 2.6 waves) 80.5 vs 87.4 us at budget 2048, 72.5 vs 74.4 at 1024, 102.9 vs 111.6 at
+    4096; B=8 / 128K (5.2 waves) 132.7 vs 135.8, 149.4 vs 163.3, 126.4 vs 125.8 (1024). Under two waves
+    it loses up to 41% (batch 1) and at head_dim 64 up to 22% even with 2.6 waves (TinyLlama B=8 / 128K:
+    half the metadata bytes per page to hide a selection over 8192 pages); the H200 runs agree
+    (``kernels_h200_chained_fused_ead825d.json``, ``kernels_h200_d7a1b95_subset.json``). Measured with
+    K/V and metadata in the model's dtype on Hopper (PDL), so fp8 storage, other head dims and GPUs
+    without PDL (where the chain's waits cannot overlap anything) keep the split chain."""
+    if not use_pdl(device) or head_dim != 128 or not (kv_dtype == meta_dtype == q_dtype):
+        return False
+    sms = sm_count(device)
+    block_p = default_block_p(head_dim)
+    blocks = triton.cdiv(pages, block_p)
+    per, _, _ = default_launch(rows * blocks, sms, meta_dtype, block_p, head_dim)
+    return rows * triton.cdiv(blocks, per) >= 2 * FUSED_CHAIN_PROGRAMS_PER_SM * sms
+
+
+def quest_decode_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: torch.Tensor,
+    seq_start: torch.Tensor,
+    seq_end: torch.Tensor,
+    page_size: int,
+    num_select: int,
+    sink_pages: int,
+    recent_pages: int,
+    gqa_reduction: str,
+    scale: float,
+    softcap: float = 0.0,
+    path: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Quest decode step on CUDA, ``(out [B, Hq, D], indices int32 [B, Hkv, num_select])``, by ``path``:
+    ``"split"``: the score, select and attention kernels, each waiting for the whole previous grid (PDL);
+    ``"fused"``: the fused row-chained decode (:func:`quest_decode_chained_triton` with ``fused=True``);
+    ``"auto"``: :func:`prefer_fused_chain` picks one. The same pages and output either way."""
+    check(path in DECODE_PATHS, f"path={path!r}: allowed {DECODE_PATHS}")
+    if path == "auto":
+        b, hkv, pages, _, d = meta.shape
+        path = "fused" if prefer_fused_chain(b * hkv, pages, d, q.dtype, k_cache.dtype, meta.dtype, q.device) else "split"
+    if path == "fused":
+        return quest_decode_chained_triton(q, k_cache, v_cache, meta, seq_start, seq_end, page_size, num_select,
+                                           sink_pages, recent_pages, gqa_reduction, scale, softcap, fused=True)
+    scores = page_scores_triton(q, meta, seq_start, seq_end, page_size, gqa_reduction)
+    idx = select_pages_triton(scores, seq_start, seq_end, page_size, num_select, sink_pages, recent_pages)
+    return sparse_decode_attention_triton(q, k_cache, v_cache, idx, seq_start, seq_end, page_size, scale, softcap), idx
 
 
 def quest_decode_chained_triton(
