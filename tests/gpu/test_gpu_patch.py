@@ -63,6 +63,26 @@ def test_gpu_sparse_decode_equals_cpu_reference(family, kv_cache_dtype, page_met
     torch.testing.assert_close(got.cpu(), want, atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.parametrize("family,kv_cache_dtype,page_meta_dtype", [
+    ("llama", "auto", "auto"), ("llama", "fp8_e4m3", "auto"), ("llama", "auto", "fp8_e4m3"),
+    ("gemma2", "auto", "auto"), ("gemma3_text", "auto", "auto"), ("gpt2", "auto", "auto"),
+])
+@torch.no_grad()
+def test_gpu_fused_chain_decode_equals_cpu_reference(family, kv_cache_dtype, page_meta_dtype):
+    """``fused=True`` (the fused row-chained decode; what ``"auto"`` picks at large shapes) through
+    patch_model: the CPU reference's teacher-forced logits, soft-capping, sliding windows and fp8 storage
+    included."""
+    cfg = dict(token_budget=32, page_size=8, dense_layers=0, kv_cache_dtype=kv_cache_dtype, page_meta_dtype=page_meta_dtype)
+    cpu = tp.patch_model(tiny_model(family, torch.float32), **cfg)
+    gpu = tp.patch_model(tiny_model(family, torch.float32).cuda(), fused=True, **cfg)
+    ids, mask = batch(pad=9)
+    cont = torch.randint(1, 100, (2, GEN["max_new_tokens"]), generator=torch.Generator().manual_seed(4))
+    want = decode_logits(cpu, ids, cont, mask)
+    got = decode_logits(gpu, ids.cuda(), cont.cuda(), mask.cuda())
+    assert tp.stats(gpu)["sparse_layers"] >= 1
+    torch.testing.assert_close(got.cpu(), want, atol=1e-3, rtol=1e-3)
+
+
 @torch.no_grad()
 def test_gpu_padded_row_equals_row_alone():
     model = tp.patch_model(_cuda_model("llama"), token_budget=32, page_size=8, dense_layers=0)
@@ -74,10 +94,12 @@ def test_gpu_padded_row_equals_row_alone():
         torch.testing.assert_close(b[1].float(), a[0].float(), atol=3e-2, rtol=3e-2)
 
 
+@pytest.mark.parametrize("fused", ["auto", True])
 @torch.no_grad()
-def test_gpu_generate_auto_compile_cuda_graphs_matches_eager():
-    """generate() auto-compiles the decode step (reduce-overhead: CUDA graphs) for the static TinyServeCache."""
-    model = tp.patch_model(_cuda_model("llama"), token_budget=32, page_size=8, dense_layers=1)
+def test_gpu_generate_auto_compile_cuda_graphs_matches_eager(fused):
+    """generate() auto-compiles the decode step (reduce-overhead: CUDA graphs) for the static TinyServeCache;
+    ``fused=True``: with the fused row-chained decode in the captured graphs."""
+    model = tp.patch_model(_cuda_model("llama"), token_budget=32, page_size=8, dense_layers=1, fused=fused)
     ids, mask = _cuda_batch()
     eager = model.generate(ids, attention_mask=mask, disable_compile=True, output_logits=True, return_dict_in_generate=True, **GEN)
     compiled = model.generate(ids, attention_mask=mask, output_logits=True, return_dict_in_generate=True, **GEN)
