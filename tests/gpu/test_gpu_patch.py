@@ -52,11 +52,17 @@ def test_gpu_sparse_decode_equals_cpu_reference(family, kv_cache_dtype, page_met
     """The same fp32 model patched with a small budget: the Triton kernels on the GPU give the CPU
     reference ops' teacher-forced decode logits (same pages selected, same attention); with fp8 K/V or
     fp8 page metadata the two round identically."""
+    _gpu_logits_equal_cpu(family, kv_cache_dtype, page_meta_dtype, fused="auto", seed=3)
+
+
+def _gpu_logits_equal_cpu(family, kv_cache_dtype, page_meta_dtype, fused, seed):
+    """fp32 ``family`` patched with a 32-token budget on the CPU (reference ops) and on the GPU (``fused``):
+    the same teacher-forced decode logits on random continuation tokens drawn with ``seed``."""
     cfg = dict(token_budget=32, page_size=8, dense_layers=0, kv_cache_dtype=kv_cache_dtype, page_meta_dtype=page_meta_dtype)
     cpu = tp.patch_model(tiny_model(family, torch.float32), **cfg)
-    gpu = tp.patch_model(tiny_model(family, torch.float32).cuda(), **cfg)
+    gpu = tp.patch_model(tiny_model(family, torch.float32).cuda(), fused=fused, **cfg)
     ids, mask = batch(pad=9)
-    cont = torch.randint(1, 100, (2, GEN["max_new_tokens"]), generator=torch.Generator().manual_seed(3))
+    cont = torch.randint(1, 100, (2, GEN["max_new_tokens"]), generator=torch.Generator().manual_seed(seed))
     want = decode_logits(cpu, ids, cont, mask)
     got = decode_logits(gpu, ids.cuda(), cont.cuda(), mask.cuda())
     assert tp.stats(gpu)["sparse_layers"] >= 1
@@ -72,15 +78,7 @@ def test_gpu_fused_chain_decode_equals_cpu_reference(family, kv_cache_dtype, pag
     """``fused=True`` (the fused row-chained decode; what ``"auto"`` picks at large shapes) through
     patch_model: the CPU reference's teacher-forced logits, soft-capping, sliding windows and fp8 storage
     included."""
-    cfg = dict(token_budget=32, page_size=8, dense_layers=0, kv_cache_dtype=kv_cache_dtype, page_meta_dtype=page_meta_dtype)
-    cpu = tp.patch_model(tiny_model(family, torch.float32), **cfg)
-    gpu = tp.patch_model(tiny_model(family, torch.float32).cuda(), fused=True, **cfg)
-    ids, mask = batch(pad=9)
-    cont = torch.randint(1, 100, (2, GEN["max_new_tokens"]), generator=torch.Generator().manual_seed(4))
-    want = decode_logits(cpu, ids, cont, mask)
-    got = decode_logits(gpu, ids.cuda(), cont.cuda(), mask.cuda())
-    assert tp.stats(gpu)["sparse_layers"] >= 1
-    torch.testing.assert_close(got.cpu(), want, atol=1e-3, rtol=1e-3)
+    _gpu_logits_equal_cpu(family, kv_cache_dtype, page_meta_dtype, fused=True, seed=4)
 
 
 @torch.no_grad()
