@@ -185,6 +185,7 @@ def test_prefer_fused_chain_rule(monkeypatch, model, batch, tokens, fused):
     split chain (no PDL, fp8 storage)."""
     monkeypatch.setattr(triton_chain, "use_pdl", lambda device: True)
     monkeypatch.setattr(triton_chain, "sm_count", lambda device: 132)
+    monkeypatch.setattr("tinyserve_patch.ops.triton_score.sm_count", lambda device: 132)  # plan_walk's
     hkv, d = model
     bf16, fp8 = torch.bfloat16, torch.float8_e4m3fn
     dev = torch.device("cuda")

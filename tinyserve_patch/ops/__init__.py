@@ -168,7 +168,7 @@ def quest_decode(q, k_cache, v_cache, meta, seq_start, seq_end, page_size: int, 
     _check(sink_pages >= 0 and recent_pages >= 0, f"sink_pages={sink_pages} / recent_pages={recent_pages} must be >= 0")
     _check(gqa_reduction in ("max", "sum"), f"gqa_reduction={gqa_reduction!r}: allowed 'max' or 'sum'")
     _check(fused in _DECODE_PATH and isinstance(fused, (bool, str)), f"fused={fused!r}: allowed True, False or 'auto'")
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = reference.default_scale(q.shape[-1]) if scale is None else float(scale)
     return torch.ops.tinyserve.quest_decode(q, k_cache, v_cache, meta, seq_start, seq_end, page_size, num_select,
                                             sink_pages, recent_pages, gqa_reduction, scale, float(softcap or 0.0),
                                             _DECODE_PATH[fused])

@@ -44,7 +44,7 @@ from ._triton_common import check, select_num_warps, sm_count, ticket_counters, 
 from .triton_decode import default_block_n, plan_splits, sparse_decode_attention_triton
 from .triton_fused_select import score_and_select_triton
 from .trace import KernelTrace
-from .triton_score import default_block_p, default_launch, page_scores_triton, score_meta
+from .triton_score import page_scores_triton, plan_walk, score_meta
 from .triton_select import select_pages_triton
 
 
@@ -84,11 +84,8 @@ def prefer_fused_chain(rows: int, pages: int, head_dim: int, q_dtype: torch.dtyp
     without PDL (where the chain's waits cannot overlap anything) keep the split chain."""
     if not use_pdl(device) or head_dim != 128 or not (kv_dtype == meta_dtype == q_dtype):
         return False
-    sms = sm_count(device)
-    block_p = default_block_p(head_dim)
-    blocks = triton.cdiv(pages, block_p)
-    per, _, _ = default_launch(rows * blocks, sms, meta_dtype, block_p, head_dim)
-    return rows * triton.cdiv(blocks, per) >= 2 * FUSED_CHAIN_PROGRAMS_PER_SM * sms
+    walk = plan_walk({"BLOCK_D": head_dim}, pages, rows, device, meta_dtype)  # the fused launch's score walk
+    return rows * walk["programs_per_row"] >= 2 * FUSED_CHAIN_PROGRAMS_PER_SM * sm_count(device)
 
 
 def quest_decode_triton(
