@@ -7,6 +7,8 @@
     python benchmarks/bench_e2e.py --quick --out /tmp/e2e_quick.json                           # the target shapes only (~3 min)
     python benchmarks/bench_e2e.py --models tinyllama --batches 1 4 --contexts 8192 --budgets 1024 2048 --modes hf_static ts_sparse
     python benchmarks/bench_e2e.py --smoke --out /tmp/e2e.json                                 # tiny model, CPU, seconds
+    python benchmarks/bench_e2e.py --synthetic-context --models llama3-8b --batches 8 --contexts 65536 --budgets 2048 \
+        --modes hf_static ts_dense ts_sparse ts_split                                          # decode only, 64K without a prefill
     python benchmarks/plot_e2e.py benchmarks/results/e2e_h100*.json                             # plots + README table
 
 One invocation of the whole issue grid does not fit 8 minutes: every compiled row compiles its own decode
@@ -25,6 +27,7 @@ Rows, per (model, batch, context):
     ts_sparse[_eager]   tinyserve, token_budget=B, the default kernels (fused="auto": the split chain, or the
                         fused row-chained decode where triton_chain.prefer_fused_chain picks it)
     ts_fused[_eager]    tinyserve, token_budget=B, fused=True: the fused row-chained decode
+    ts_split            tinyserve, token_budget=B, fused=False: the split chain (score, select, attend) everywhere
 "_eager" rows pass ``disable_compile=True`` to generate(); the others let generate() auto-compile the decode
 step, as it does for HF's static cache (a patched model's TinyServeCache is static and compileable).
 
@@ -60,6 +63,16 @@ Method (one timed generate() per row):
   x_floor = decode_ms / floor_ms.
 * fraction_read: tinyserve_patch.stats(model)["fraction_read"] of the timed run (share of the valid KV tokens
   attended, over all layers and decode steps; the dense rows read 1.0).
+
+Synthetic context (``--synthetic-context``; hf_static and tinyserve rows): decode speed at contexts whose
+prefill would take minutes per row (Llama-3-8B B=8/64K: ~10^16 FLOPs of masked attention). The row's cache
+(HF ``StaticCache`` / ``TinyServeCache``, capacity context + N) is the one the warm-up compiled on; before each
+timed run it is rewound, buffers kept, and every layer is appended ``context`` tokens of N(0, 1) keys and
+values per row through the cache's own ``update()`` (tinyserve: the same append op that builds the page
+metadata in a prefill). generate() then gets ``context + 1`` prompt tokens, runs the last one as its first
+step (``prefill_ms`` is that one step, not a prefill) and decodes N - 1 more. Every decode step runs the whole
+model over the full cache, so decode_ms is what a real prefill would be followed by; the keys are random, so
+which pages are selected says nothing about real attention (their number, hence the bytes, is the budget's).
 
 Every row runs inside try/except (an OOM or compile error is recorded and the run goes on); rows that
 would not fit the GPU (estimated weights + KV + prefill activations) are skipped with the reason; once
@@ -115,18 +128,21 @@ MODELS = {
     ),
 }
 
-MODES = ("hf_dynamic", "hf_static", "ts_dense", "ts_dense_eager", "ts_sparse", "ts_sparse_eager", "ts_fused", "ts_fused_eager")
+MODES = ("hf_dynamic", "hf_static", "ts_dense", "ts_dense_eager", "ts_sparse", "ts_sparse_eager", "ts_fused", "ts_fused_eager",
+         "ts_split")
 MODE_LABELS = {
     "hf_dynamic": "HF dynamic (eager)",
     "hf_static": "HF static + compile",
     "ts_dense": "tinyserve dense, compiled",
     "ts_dense_eager": "tinyserve dense, eager",
-    "ts_sparse": "tinyserve sparse split, compiled",
-    "ts_sparse_eager": "tinyserve sparse split, eager",
+    "ts_sparse": "tinyserve sparse, compiled",
+    "ts_sparse_eager": "tinyserve sparse, eager",
     "ts_fused": "tinyserve sparse fused, compiled",
     "ts_fused_eager": "tinyserve sparse fused, eager",
+    "ts_split": "tinyserve sparse split, compiled",
 }
 WARMUP_PROMPT = 64
+SYNTHETIC_FILL_CHUNK = 8192  # tokens per row appended by one update() of --synthetic-context
 CHEAP_PREFILL_TOKENS = 32768  # rows with batch * context up to this run 3 timed generate() calls (--repeats 0)
 
 
@@ -194,6 +210,7 @@ class Row:
     prefill_chunk: int | None = None  # generate(prefill_chunk_size=...); tinyserve: SparseConfig.prefill_chunk_size
     kv_dtype: str = "auto"  # tinyserve: SparseConfig.kv_cache_dtype ("fp8_e4m3": K/V pages in fp8)
     meta_dtype: str = "auto"  # tinyserve: SparseConfig.page_meta_dtype ("fp8_e4m3": outward-rounded fp8 min/max)
+    synthetic: bool = False  # --synthetic-context: the cache filled with random K/V instead of a prefill
     # results
     status: str = "pending"  # ok | error | skipped
     reason: str | None = None
@@ -226,13 +243,15 @@ class Row:
     step_ms: list = field(default_factory=list)
 
     def key(self):
-        return (self.model, self.batch, self.context, self.mode, self.budget, self.prefill_chunk, self.kv_dtype, self.meta_dtype)
+        return (self.model, self.batch, self.context, self.mode, self.budget, self.prefill_chunk, self.kv_dtype, self.meta_dtype,
+                self.synthetic)
 
     def describe(self) -> str:
         b = f" budget={self.budget}" if self.budget else ""
         c = f" prefill_chunk={self.prefill_chunk}" if self.prefill_chunk else ""
         k = f" kv={self.kv_dtype}" if self.kv_dtype != "auto" else ""
         k += f" meta={self.meta_dtype}" if self.meta_dtype != "auto" else ""
+        k += " (synthetic context)" if self.synthetic else ""
         return f"{self.model} B={self.batch} L={self.context} {MODE_LABELS[self.mode]}{b}{c}{k}"
 
 
@@ -241,22 +260,30 @@ def is_tinyserve(mode: str) -> bool:
 
 
 def is_compiled(mode: str) -> bool:
-    return mode in ("hf_static", "ts_dense", "ts_sparse", "ts_fused")
+    return mode in ("hf_static", "ts_dense", "ts_sparse", "ts_fused", "ts_split")
 
 
 def is_sparse(mode: str) -> bool:
-    return mode.startswith("ts_sparse") or mode.startswith("ts_fused")
+    return mode.startswith(("ts_sparse", "ts_fused", "ts_split"))
+
+
+def fused_setting(mode: str) -> bool | str:
+    """SparseConfig.fused of a tinyserve row."""
+    return True if mode.startswith("ts_fused") else False if mode == "ts_split" else "auto"
 
 
 def rows_for(model, batch, context, modes, budgets, chunk: int | None = None, kv_dtype: str = "auto",
-             meta_dtype: str = "auto") -> list[Row]:
+             meta_dtype: str = "auto", synthetic: bool = False) -> list[Row]:
+    if synthetic and ("hf_dynamic" in modes or chunk):
+        raise SystemExit("--synthetic-context fills a preallocated cache: hf_static and tinyserve rows only, no prefill chunks")
     out = []
     for mode in modes:
         kv = kv_dtype if is_tinyserve(mode) else "auto"
         if is_sparse(mode):
-            out += [Row(model, batch, context, mode, budget=b, prefill_chunk=chunk, kv_dtype=kv, meta_dtype=meta_dtype) for b in budgets]
+            out += [Row(model, batch, context, mode, budget=b, prefill_chunk=chunk, kv_dtype=kv, meta_dtype=meta_dtype,
+                        synthetic=synthetic) for b in budgets]
         else:
-            out.append(Row(model, batch, context, mode, prefill_chunk=chunk, kv_dtype=kv))
+            out.append(Row(model, batch, context, mode, prefill_chunk=chunk, kv_dtype=kv, synthetic=synthetic))
     return out
 
 
@@ -332,6 +359,7 @@ def smoke_grid(new_tokens: int) -> list[Row]:
     g += rows_for("tiny", 2, within, ["ts_sparse", "ts_dense"], [64])
     g += rows_for("tiny", 2, 128, ["ts_sparse_eager"], [64], chunk=32, kv_dtype="fp8_e4m3")
     g += rows_for("tiny", 2, 128, ["ts_sparse_eager"], [64], meta_dtype="fp8_e4m3")
+    g += rows_for("tiny", 2, 128, ["hf_static", "ts_dense", "ts_sparse", "ts_split"], [64], synthetic=True)
     return dedupe(g)
 
 
@@ -451,8 +479,11 @@ def estimate_gib(name: str, row: Row, new_tokens: int, elem: int) -> float:
     kv_elem = 1 if row.kv_dtype == "fp8_e4m3" else elem
     kv = d["layers"] * tokens * d["kv_heads"] * d["head_dim"] * 2 * kv_elem * (1.13 if is_tinyserve(row.mode) else 1.0)
     chunk = min(row.context, row.prefill_chunk or row.context)
+    if row.synthetic:  # no prefill: the warm-up's short prompt and two fill chunks of K / V
+        chunk = WARMUP_PROMPT
+        kv += 2 * row.batch * d["kv_heads"] * SYNTHETIC_FILL_CHUNK * d["head_dim"] * elem
     act = row.batch * chunk * (3 * d["intermediate"] + 6 * d["hidden"]) * elem
-    mask = row.batch * row.context * (row.context + new_tokens) if row.mode == "hf_static" else 0
+    mask = row.batch * chunk * (row.context + new_tokens) if row.mode == "hf_static" else 0
     if row.prefill_chunk:  # [q, capacity] masks of a chunk: HF's bool, the layer's bool and SDPA's additive one
         mask = row.batch * chunk * (row.context + new_tokens) * (2 + elem)
     if row.mode == "hf_dynamic":  # DynamicCache grows by torch.cat: one layer's KV twice for a moment
@@ -479,13 +510,52 @@ def configure(model, row: Row, args):
 
 def generate_kwargs(row: Row, new_tokens: int) -> dict:
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    if row.mode == "hf_static":
+    if row.mode == "hf_static" and not row.synthetic:  # synthetic rows pass their own StaticCache
         kw["cache_implementation"] = "static"
     if row.prefill_chunk and not is_tinyserve(row.mode):  # tinyserve rows chunk through their SparseConfig
         kw["prefill_chunk_size"] = row.prefill_chunk
     if not is_compiled(row.mode):
         kw["disable_compile"] = True
     return kw
+
+
+def row_cache(model, row: Row, new_tokens: int):
+    """The cache a --synthetic-context row warms up on and is timed on: capacity context + N tokens."""
+    import tinyserve_patch as tp
+    from transformers import StaticCache
+
+    if is_tinyserve(row.mode):
+        return tp.make_cache(model, row.batch, row.context + new_tokens)
+    return StaticCache(config=model.config, max_cache_len=row.context + new_tokens)
+
+
+@torch.no_grad()
+def fill_synthetic(cache, batch: int, context: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                   device: torch.device, seed: int = 0) -> None:
+    """Rewind every layer of ``cache`` (a ``StaticCache`` or ``TinyServeCache`` that already ran, so its
+    buffers exist) to empty, buffers kept where they are (the CUDA graphs recorded on them stay valid), then
+    append ``context`` tokens of N(0, 1) keys and values ``[batch, kv_heads, n, head_dim]`` per row through the
+    layer's ``update()``, in chunks of ``SYNTHETIC_FILL_CHUNK`` tokens, as a prefill's writes would (tinyserve:
+    the append op builds each page's min / max)."""
+    from tinyserve_patch.cache import TinyServeLayer
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for layer in cache.layers:
+        tinyserve = isinstance(layer, TinyServeLayer)
+        if tinyserve:
+            layer.crop(0)  # length 0, buffers kept
+            layer.stats.reset()  # the timed run's pages only
+        else:
+            layer.reset()  # HF: zeroes in place, length 0
+        for s in range(0, context, SYNTHETIC_FILL_CHUNK):
+            n = min(SYNTHETIC_FILL_CHUNK, context - s)
+            keys = torch.randn(batch, kv_heads, n, head_dim, generator=gen, device=device, dtype=dtype)
+            values = torch.randn(batch, kv_heads, n, head_dim, generator=gen, device=device, dtype=dtype)
+            if tinyserve:  # what the attention pre-hook does at a prefill chunk: no padding
+                layer.observe_padding(None, batch, n, device)
+            layer.update(keys, values)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()
@@ -500,22 +570,27 @@ def run_row(model, row: Row, args, device: torch.device, bandwidth: float) -> No
         f", prefill chunks of {row.prefill_chunk}" if row.prefill_chunk else "") + (
         f", {row.kv_dtype} KV" if row.kv_dtype != "auto" else "") + (
         f", {row.meta_dtype} page metadata" if row.meta_dtype != "auto" else "")
+    if row.synthetic:
+        row.label += ", synthetic context"
     row.compiled = is_compiled(row.mode)
-    row.fused = True if row.mode.startswith("ts_fused") else "auto"
+    row.fused = fused_setting(row.mode)
     row.new_tokens = n
     configure(model, row, args)
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(1234)
-    ids = torch.randint(3, vocab, (row.batch, row.context), generator=gen).to(device)
+    # synthetic: the cache holds `context` tokens; generate() runs the last prompt token as its first step
+    ids = torch.randint(3, vocab, (row.batch, row.context + int(row.synthetic)), generator=gen).to(device)
     warm_ids = ids[:, :WARMUP_PROMPT]
     kw = generate_kwargs(row, n)
     if row.mode == "hf_static":
         for attr in ("_previous_max_cache_length", "_cache"):  # HF keeps the largest static cache length seen
             if hasattr(model, attr):
                 delattr(model, attr)
-        kw["max_cache_len"] = row.context + n - 1  # what generate() sizes the timed run's cache to
+        if not row.synthetic:
+            kw["max_cache_len"] = row.context + n - 1  # what generate() sizes the timed run's cache to
     if row.compiled and cuda:
         torch._dynamo.reset()
+    cache = row_cache(model, row, n) if row.synthetic else None
 
     # ---- warm-up: short prompt, cache of the timed run's capacity (compiled rows: all N steps)
     t0 = time.perf_counter()
@@ -523,7 +598,9 @@ def run_row(model, row: Row, args, device: torch.device, bandwidth: float) -> No
     warm_kw = dict(kw)
     if not row.compiled:
         warm_kw.update(max_new_tokens=min(3, n), min_new_tokens=min(3, n))
-    if is_tinyserve(row.mode):
+    if cache is not None:
+        warm_kw[CACHE_KWARG] = cache
+    elif is_tinyserve(row.mode):
         warm_kw[CACHE_KWARG] = tp.make_cache(model, row.batch, row.context + n)
     warm_timer = StepTimer(cuda=False, reset_peak_after_prefill=False)  # host clock: where compile time goes
     warm_timer.mark()
@@ -545,10 +622,19 @@ def run_row(model, row: Row, args, device: torch.device, bandwidth: float) -> No
 
     # ---- timed run(s): rows with a cheap prefill run several times and keep the run of lowest median step
     # (host jitter moves a ~5 ms step by several percent from one generate() to the next)
-    reps = args.repeats or (3 if row.batch * row.context <= CHEAP_PREFILL_TOKENS else 1)
+    reps = args.repeats or (3 if row.synthetic or row.batch * row.context <= CHEAP_PREFILL_TOKENS else 1)
     c1 = compile_count()
     runs = []
-    for _ in range(reps):
+    dims = model_dims(row.model)
+    for rep in range(reps):
+        if cache is not None:
+            fill_synthetic(cache, row.batch, row.context, dims["kv_heads"], dims["head_dim"], next(model.parameters()).dtype,
+                           device, seed=rep)
+            kw[CACHE_KWARG] = cache
+            if is_tinyserve(row.mode):  # tp.stats() reads the model's last cache (the warm-up cleared it)
+                model._tinyserve_state.last_cache = cache
+            if cuda:  # the peak of the decode steps, not of the fill's random chunks
+                torch.cuda.reset_peak_memory_stats()
         timer = StepTimer(cuda, reset_peak_after_prefill=False)
         timer.mark()
         out = model.generate(ids, attention_mask=torch.ones_like(ids), logits_processor=LogitsProcessorList([timer]), **kw)
@@ -573,8 +659,8 @@ def run_row(model, row: Row, args, device: torch.device, bandwidth: float) -> No
     row.tokens_per_s = row.batch * 1000.0 / row.decode_ms
 
     # ---- decode-phase peak: a second timed run would double the cost; the StepTimer resets the peak after
-    # the prefill only when --decode-peak is given
-    if cuda and args.decode_peak:
+    # the prefill only when --decode-peak is given (a synthetic row's peak_gib is already its decode peak)
+    if cuda and args.decode_peak and not row.synthetic:
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -685,6 +771,30 @@ def evaluate_targets(rows: list[Row], tgt: dict) -> list[dict]:
     return out
 
 
+def speedups(rows: list[Row]) -> list[dict]:
+    """Decode tokens/s of every measured sparse row against the dense rows of the same model, batch, context
+    and fill (HF static + compile, tinyserve dense), from this run."""
+    out = []
+    for sp in rows:
+        if sp.status != "ok" or not is_sparse(sp.mode):
+            continue
+        entry = {"row": sp.describe(), "tokens_per_s": sp.tokens_per_s}
+        for base_mode in ("hf_static", "ts_dense"):
+            base = find(rows, model=sp.model, batch=sp.batch, context=sp.context, mode=base_mode,
+                        prefill_chunk=sp.prefill_chunk, synthetic=sp.synthetic)
+            entry[f"vs_{base_mode}"] = None if base is None else sp.tokens_per_s / base.tokens_per_s
+        out.append(entry)
+    return out
+
+
+def speedups_markdown(entries: list[dict]) -> str:
+    def ratio(x):
+        return "-" if x is None else f"{x:.2f}x"
+
+    return "\n".join(f"- {e['row']}: {e['tokens_per_s']:.0f} tok/s = {ratio(e['vs_hf_static'])} HF static + compile, "
+                     f"{ratio(e['vs_ts_dense'])} tinyserve dense" for e in entries)
+
+
 # --------------------------------------------------------------------------------------------- output
 
 
@@ -745,10 +855,10 @@ def estimate_row_s(row: Row, rows: list[Row], new_tokens: int, new_model: bool) 
     done = [r for r in rows if r.model == row.model and r.status == "ok"]
     layers = model_dims(row.model)["layers"]
     tokens = row.batch * row.context
-    per_token = max((r.prefill_ms / 1000 / (r.batch * r.context) for r in done), default=None)
+    per_token = max((r.prefill_ms / 1000 / (r.batch * r.context) for r in done if not r.synthetic), default=None)
     if per_token is None:  # ~40% of an H100's bf16 peak, plus attention
         per_token = 2 * param_count(row.model) / 3e14 * (1 + row.context / 16384)
-    prefill = per_token * tokens
+    prefill = 0.0 if row.synthetic else per_token * tokens
     if is_compiled(row.mode):
         warm = max((r.warmup_s for r in done if r.compiled), default=40.0 * layers / 22)
         step = max((r.decode_ms_mean / 1000 for r in done if r.compiled and r.batch == row.batch), default=0.05)
@@ -772,6 +882,8 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", type=int, default=None, help="tokens generated per timed run (default 32; smoke 4)")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--prefill-chunk", type=int, default=None, help="custom grid: prefill in chunks of N tokens (every row)")
+    p.add_argument("--synthetic-context", action="store_true",
+                   help="custom grid: fill each row's cache with random K/V instead of a prefill (decode speed only; see docstring)")
     p.add_argument("--dense-layers", type=int, default=None, help="tinyserve dense_layers (default 2; smoke 1)")
     p.add_argument("--no-stats", action="store_true", help="patch with collect_stats=False (fraction_read then n/a)")
     p.add_argument("--repeats", type=int, default=0,
@@ -792,15 +904,20 @@ def build_rows(args) -> tuple[list[Row], dict]:
     tgt = dict(model="tinyllama", batch=8, context=32768, budget=2048, mem_batch=4, mem_context=32768)
     custom = args.batches or args.contexts or args.budgets or args.modes
     if custom:
-        modes = args.modes or [m for m in MODES if m != "ts_fused_eager"]
+        default_modes = ("hf_static", "ts_dense", "ts_sparse", "ts_split") if args.synthetic_context else [
+            m for m in MODES if m not in ("ts_fused_eager", "ts_split")]
+        modes = args.modes or list(default_modes)
         rows = []
         for model in args.models or ["tinyllama"]:
             for b in args.batches or [1]:
                 for L in args.contexts or [8192]:
-                    rows += rows_for(model, b, L, modes, args.budgets or [2048], chunk=args.prefill_chunk)
+                    rows += rows_for(model, b, L, modes, args.budgets or [2048], chunk=args.prefill_chunk,
+                                     synthetic=args.synthetic_context)
         budgets = args.budgets or [2048]
         tgt["budget"] = 2048 if 2048 in budgets else budgets[0]
         return dedupe(rows), tgt
+    if args.synthetic_context:
+        raise SystemExit("--synthetic-context needs a custom grid (--batches / --contexts / --budgets / --modes)")
     if args.quick:
         rows = quick_grid(n)
     elif args.grid == "all":
@@ -934,19 +1051,22 @@ def main(argv=None) -> int:
 
     del model
     result["targets"] = evaluate_targets(rows, tgt)
+    result["speedups"] = speedups(rows)
     save()
     table = markdown_table(rows)
     targets_md = targets_markdown(result["targets"])
+    speedups_md = speedups_markdown(result["speedups"])
     md = (
         f"# End-to-end decode benchmark\n\n{device_name}, torch {result['versions']['torch']}, triton {result['versions']['triton']}, "
         f"transformers {result['versions']['transformers']}, commit {result['commit'][:12]}, {result['date']}; "
         f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; {args.new_tokens} new tokens; decode ms/step = median step.\n\n"
-        f"{table}\n\n## Targets\n\n{targets_md}\n"
+        f"{table}\n\n## Sparse against dense, same run\n\n{speedups_md}\n\n## Targets\n\n{targets_md}\n"
     )
     out_path.with_suffix(".md").write_text(md)
     print("\n== targets ==", flush=True)
     for t in result["targets"]:
         print(f"{t['verdict']:5} {t['target']}: {t['detail']}", flush=True)
+    print("\n== sparse against dense ==\n" + speedups_md, flush=True)
     print(f"\n== results ({time.perf_counter() - t_start:.0f}s; JSON {out_path}, table {out_path.with_suffix('.md')}) ==\n", flush=True)
     print(table, flush=True)
     return 0
