@@ -87,6 +87,8 @@ class TinyServeLayer(CacheLayerMixin):
         if not _is_compiling():
             for t in (self.keys, self.values, self.meta, self.cumulative_length, self.row_start, *self.stats.tensors()):
                 torch._dynamo.mark_static_address(t)
+            # the decode kernels' counters, now: a first decode step run by a CUDA-graph warm-up must not allocate
+            ops.reserve_counters(self.device, self.batch_size * self.num_heads)
         self.is_initialized = True
 
     # -------------------------------------------------------------------------------- writes

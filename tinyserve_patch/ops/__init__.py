@@ -23,6 +23,7 @@ __all__ = [
     "score_and_select",
     "sparse_decode_attention",
     "quest_decode",
+    "reserve_counters",
     "check_cache",
     "reference",
 ]
@@ -31,6 +32,24 @@ __all__ = [
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)
+
+
+def reserve_counters(device: torch.device | str, rows: int) -> None:
+    """Allocate the persistent program counters the CUDA kernels of a decode step over ``rows`` (batch x KV
+    heads) rows count through (fused selection, the row-chained decode), outside any CUDA graph. Needed once
+    per device before a decode step is first run under ``torch.compile(mode="reduce-overhead")`` or CUDA-graph
+    capture, where allocating them would put them in the graph's memory pool; a
+    :class:`~tinyserve_patch.cache.TinyServeCache` does it when it allocates its buffers, so only direct
+    callers of these ops under CUDA graphs need it. A no-op off CUDA."""
+    device = torch.device(device)
+    _check(rows >= 0, f"rows={rows} must be >= 0")
+    if device.type != "cuda":
+        return
+    if device.index is None:  # the kernels key the counters by their tensors' device, which has an index
+        device = torch.device("cuda", torch.cuda.current_device())
+    from ._triton_common import reserve_ticket_counters
+
+    reserve_ticket_counters(device, rows)
 
 
 def check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, meta: torch.Tensor | None = None) -> int:

@@ -76,6 +76,7 @@ def use_pdl(device: torch.device) -> bool:
 
 
 _TICKETS: dict = {}
+_RETIRED: list = []  # buffers a pool outgrew: CUDA graphs captured on them may still replay, so they stay allocated
 
 
 def ticket_counters(device: torch.device, n: int, pool: str = "tickets") -> torch.Tensor | None:
@@ -85,16 +86,34 @@ def ticket_counters(device: torch.device, n: int, pool: str = "tickets") -> torc
     :mod:`triton_chain`), each of which leaves its counters zeroed again; None when the buffer would have to
     be allocated during CUDA-graph capture (a buffer first allocated then lives in the graph's pool, which
     CUDA-graph trees reject): the caller then falls back (the fused selection to a zeroed buffer of its own,
-    the inline merge to the merge kernel, the chained decode to the split kernels). One decode stream per
-    device at a time: concurrent launches would share it."""
+    the inline merge to the merge kernel, the chained decode to the split kernels). A cudagraph-trees
+    warm-up run is not a capture and would allocate into the graph's pool: :func:`reserve_ticket_counters`
+    allocates every pool ahead. One decode stream per device at a time: concurrent launches would share it."""
     key = (device, pool)
     buf = _TICKETS.get(key)
     if buf is None or buf.numel() < n:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return None
+        if buf is not None:
+            _RETIRED.append(buf)
         buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
         _TICKETS[key] = buf
     return buf
+
+
+#: Counters of each pool for a decode step over ``rows`` (batch x KV heads) rows: ``fixed + per_row * rows``.
+COUNTER_POOLS = {"tickets": (0, 1), "chain": (0, 3), "persistent": (3, 3)}
+
+
+def reserve_ticket_counters(device: torch.device, rows: int) -> None:
+    """Allocate every pool of :func:`ticket_counters` for decode steps of up to ``rows`` rows now, so that no
+    kernel launch allocates one later. A first allocation inside CUDA-graph capture is refused (the
+    launchers fall back), but one in a cudagraph-trees warm-up run (``torch.compile(mode="reduce-overhead")``,
+    ``generate()``'s auto-compile) cannot be told apart from an eager call: it would land in the graph's
+    private memory pool, which the trees then reject ("tensors in the cudagraph pool not tracked as
+    outputs"). Call it eagerly (:class:`~tinyserve_patch.cache.TinyServeLayer` does when it allocates)."""
+    for pool, (fixed, per_row) in COUNTER_POOLS.items():
+        ticket_counters(device, fixed + per_row * rows, pool)
 
 
 def check(cond: bool, msg: str) -> None:
