@@ -316,6 +316,42 @@ def test_grouped_attention_equals_repeated_kv(groups, softcap, mask_kind):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("window", [None, 13, 16, 40])
+@pytest.mark.parametrize("kv_dtype", [None, torch.float8_e4m3fn])
+@pytest.mark.parametrize("softcap", [0.0, 5.0])
+@pytest.mark.parametrize("impl", ["op", "triton"])
+def test_dense_decode_paged_equals_masked_attention(window, kv_dtype, softcap, impl, monkeypatch):
+    """A dense decode step over the cache (the path CUDA takes: every page of the row's range listed in order
+    for the paged decode op) == the masked grouped attention over the same stored keys, for ragged rows
+    (one left-padded, one with a partial last page), sliding windows shorter and longer than a page and
+    than the rows, fp8 storage and soft-capping. ``op``: on CPU the op runs the reference; ``triton``: the
+    Triton kernel itself (under the interpreter without CUDA), with its indices expanded over the heads."""
+    from tinyserve_patch import attention
+    from tinyserve_patch.attention import _dense_decode_paged, _grouped_attention
+    from tinyserve_patch.cache import TinyServeLayer
+
+    if impl == "triton":
+        if window in (16, 40):
+            pytest.skip("the interpreter is slow: two windows suffice for the kernel")
+        from tinyserve_patch.ops.triton_decode import sparse_decode_attention_triton
+
+        monkeypatch.setattr(attention.ops, "sparse_decode_attention", sparse_decode_attention_triton)
+
+    g = torch.Generator().manual_seed(7)
+    b, hkv, groups, d, page, prompt = 2, 2, 3, 8, 8, 37
+    layer = TinyServeLayer(48, page, kv_dtype=kv_dtype)
+    keys = torch.randn(b, hkv, prompt, d, generator=g)
+    layer.observe_padding(torch.arange(prompt)[None, :] >= torch.tensor([[0], [5]]), b, prompt, "cpu")  # row 1: 5 pads
+    layer.update(keys, torch.randn(b, hkv, prompt, d, generator=g))
+    layer.update(torch.randn(b, hkv, 1, d, generator=g), torch.randn(b, hkv, 1, d, generator=g))  # the decode token
+    q = torch.randn(b, hkv * groups, 1, d, generator=g)
+    got = _dense_decode_paged(q, layer, window, 0.3, softcap)
+    mask = layer.attention_mask(1, window)
+    want = _grouped_attention(q, layer.keys.to(q.dtype), layer.values.to(q.dtype), mask, 0.0, 0.3, softcap)
+    assert got.shape == want.shape == (b, 1, hkv * groups, d)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("chunk", [None, 24])
 def test_dense_cache_path_never_repeats_kv(chunk, monkeypatch):
     """Dense attention over the cache (later prefill chunks, dense layers' decode, within-budget decode)

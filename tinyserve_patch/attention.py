@@ -7,9 +7,11 @@ attention module (installed by :func:`~tinyserve_patch.patch.patch_model`) adds 
 
 * Dense: the first forward (prefill: its own keys, HF's mask, HF's SDPA attention), later chunks
   (``q_len > 1``), the first ``dense_layers`` layers, dense configs, caches whose capacity is within the
-  budget (no row can exceed it), and caches that are not a TinyServeCache. Over the left-aligned cache
-  the mask is the layer's own and the query heads of a KV head attend as packed rows (no K/V copy per
-  query head); Gemma 2's soft-capped logits go through the same function, eagerly.
+  budget (no row can exceed it), and caches that are not a TinyServeCache. A decode step over a CUDA
+  cache runs the paged flash-decoding op over every page of the row (the sparse path's kernel, all pages
+  listed); otherwise, over the left-aligned cache, the mask is the layer's own and the query heads of a KV
+  head attend as packed rows (no K/V copy per query head); Gemma 2's soft-capped logits go through the
+  same function, eagerly.
 * Decode (``q_len == 1``): policy scores -> page selection -> sparse flash-decoding, all through
   ``torch.ops.tinyserve`` (``quest``: one op, ``quest_decode``, whose CUDA kernels ``config.fused``
   picks; :func:`~tinyserve_patch.policies.decode`). A sliding-window layer selects within its window.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from . import ops
 from .policies import decode as sparse_decode, get_policy
 
 _warned_foreign_cache = False
@@ -81,16 +84,41 @@ def _grouped_attention(query, key, value, mask, dropout, scaling, softcap):
 QUERY_ROWS = 512
 
 
+def _dense_decode_paged(query, layer, sliding_window, scaling, softcap):
+    """One query per row (``query`` ``[batch, q_heads, 1, head_dim]``) over every page of the row's range
+    ``[start, end)`` of the cache, through the paged flash-decoding op (``torch.ops.tinyserve.sparse_decode``)
+    with the pages listed in order: ``[batch, 1, q_heads, head_dim]``. Indices ``[batch, kv_heads, S]``, slot
+    ``j`` = the range's first page + ``j`` while below its end page, else ``-1``; ``S`` = the capacity's
+    pages, or a sliding window's (+ 2: a window rarely starts on a page boundary). The kernel splits each
+    row's keys over programs and reads fp8 storage as it is; SDPA with the layer's mask takes a kernel that
+    does not split a row's keys (and an fp8 cache had to be upcast whole): at Llama-3-8B B=8/64K on an H200
+    that path made a dense decode step 50.7 ms (``benchmarks/results/e2e_h200_synthetic_*.json``)."""
+    ps = layer.page_size
+    start, end = layer.row_ranges(sliding_window)
+    pages = layer.capacity // ps
+    slots = pages if not sliding_window else min(pages, int(sliding_window) // ps + 2)
+    first = (start // ps)[:, None]
+    idx = first + torch.arange(slots, device=start.device, dtype=torch.int32)[None, :]
+    idx = torch.where(idx * ps < end[:, None], idx, -1).to(torch.int32)  # [batch, S]
+    indices = idx[:, None, :].expand(idx.shape[0], layer.num_heads, slots)
+    q = query[:, :, 0, :].to(layer.dtype).contiguous()
+    out = ops.sparse_decode_attention(q, layer.keys, layer.values, indices, start, end, ps, float(scaling), float(softcap or 0.0))
+    return out.to(query.dtype)[:, None]
+
+
 def _dense(module, query, key, value, attention_mask, dropout, scaling, softcap, sliding_window, layer, kwargs):
     """Dense attention: ``[batch, q_len, q_heads, head_dim]``. The first forward (its own keys, HF's mask)
-    goes through HF's SDPA attention (flash with ``is_causal`` when there is no padding); over the
-    left-aligned cache (any later forward) the mask is the layer's own and :func:`_grouped_attention`
-    runs ``QUERY_ROWS // G`` queries at a time."""
+    goes through HF's SDPA attention (flash with ``is_causal`` when there is no padding); a decode step over a
+    CUDA cache through :func:`_dense_decode_paged`; any other forward over the left-aligned cache (a later
+    prefill chunk, a CPU decode step) with the layer's own mask, :func:`_grouped_attention` running
+    ``QUERY_ROWS // G`` queries at a time."""
     if layer is None or layer.first_forward:
         if softcap:
             return _grouped_attention(query, key, value, attention_mask, dropout, scaling, softcap), None
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     q_len = query.shape[2]
+    if q_len == 1 and query.is_cuda and not dropout:
+        return _dense_decode_paged(query, layer, sliding_window, scaling, softcap), None
     kv_len = None
     if q_len > 1 and not torch.compiler.is_compiling():
         # a later prefill chunk (eager): attend over the longest row written so far, not the whole capacity
