@@ -143,6 +143,7 @@ MODE_LABELS = {
 }
 WARMUP_PROMPT = 64
 SYNTHETIC_FILL_CHUNK = 8192  # tokens per row appended by one update() of --synthetic-context
+SYNTHETIC_SETTLE_S = 2.0  # pause between a --synthetic-context fill and the timed generate()
 CHEAP_PREFILL_TOKENS = 32768  # rows with batch * context up to this run 3 timed generate() calls (--repeats 0)
 
 
@@ -556,6 +557,9 @@ def fill_synthetic(cache, batch: int, context: int, kv_heads: int, head_dim: int
             layer.update(keys, values)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+        # the fill's random numbers load the GPU for a moment; in the first runs (90023b2, 24b60f5) every
+        # row's first decode steps were 5-15% slower than its last ones: let the clocks settle first
+        time.sleep(SYNTHETIC_SETTLE_S)
 
 
 @torch.no_grad()
