@@ -15,6 +15,8 @@
 # Usage on the device machine, from the repo root:
 #   GIT_COMMIT=<sha> STAGES="tests memory tune" bash benchmarks/gpu_session.sh
 #   GIT_COMMIT=<sha> STAGES="kernels e2e" bash benchmarks/gpu_session.sh
+#   GIT_COMMIT=<sha> STAGES=e2e E2E_ARGS="--synthetic-context --models llama3-8b --batches 8 --contexts 65536 \
+#     --budgets 2048 --modes hf_static ts_dense ts_sparse ts_split" bash benchmarks/gpu_session.sh  # ~200 s, H200
 # Writes at most 8 files under $OUT (the device tool's return folder); commit the JSON under
 # benchmarks/results/. Each stage has its own time limit so one stage cannot eat the others'.
 # GIT_COMMIT (required): the literal sha of the commit the copied tree is at, taken on the machine that sends
