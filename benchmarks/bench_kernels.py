@@ -4,7 +4,8 @@
 
 Shapes: TinyLlama (32 q / 4 kv heads, d 64) and Llama-3-8B (32 / 8, d 128); batch 1 and 8; 4K, 16K, 64K
 and 128K cached tokens; token budgets 1024 / 2048 / 4096; page 16; bf16. Rows: dense SDPA decode
-(``enable_gqa``), each kernel alone (score, select, fused score+select, sparse attention), the default
+(``enable_gqa``), ``patch_model``'s dense decode step on CUDA (``dense_paged``:
+``ops.dense_decode_attention``, the paged kernel with every page listed), each kernel alone (score, select, fused score+select, sparse attention), the default
 pipeline (``total_default``: ``torch.ops.tinyserve.quest_decode`` as ``patch_model`` runs it, i.e. the split
 chain or, where ``triton_chain.prefer_fused_chain`` picks it, the fused row-chained decode), and the two
 sparse pipelines (split: score + select + attend; fused: score_select + attend), the split pipeline with
@@ -277,6 +278,13 @@ def correctness_check(chained: bool = False, fp8_kv: bool = False, persistent: b
 
     d_out, d_idx = quest_decode_triton(q, k, v, meta, start, end, PAGE, n, 1, 1, "max", d**-0.5)  # the default: split here
     assert torch.equal(d_idx, idx) and torch.equal(d_out, out), "quest_decode (the default path) differs from the split chain"
+    from tinyserve_patch.ops import dense_decode_attention
+
+    every = torch.arange(L // PAGE, dtype=torch.int32, device="cuda").expand(b, hkv, L // PAGE)
+    dense = dense_decode_attention(q, k, v, start, end, PAGE, d**-0.5)
+    expect_dense = ref.sparse_decode_attention(q.float(), k.float(), v.float(), every, start, end, PAGE, d**-0.5)
+    err_dense = ((dense.float() - expect_dense).norm() / expect_dense.norm()).item()
+    assert err_dense < 1e-2, f"dense paged decode: relative error {err_dense}"
     print(f"correctness check passed (attention rel err {err:.2e})")
 
 
@@ -284,6 +292,7 @@ def correctness_check(chained: bool = False, fp8_kv: bool = False, persistent: b
 
 
 def run(args) -> dict:
+    from tinyserve_patch.ops import dense_decode_attention
     from tinyserve_patch.ops.triton_decode import DEFAULT_MERGE, sparse_decode_attention_triton
     from tinyserve_patch.ops.triton_chain import quest_decode_chained_triton, quest_decode_triton
     from tinyserve_patch.ops.triton_fused_select import score_and_select_triton
@@ -332,6 +341,12 @@ def run(args) -> dict:
         drec = add("dense_sdpa", length, kv_bytes + qo_bytes, dense)
         dense_ms = {m: drec[f"{m}_ms"] for m in ("eager", "graph") if f"{m}_ms" in drec}
         drec.update({f"{m}_speedup": 1.0 for m in dense_ms})
+
+        def dense_paged():  # patch_model's dense decode step on CUDA: the paged kernel, every page listed
+            c = copies.next()
+            return dense_decode_attention(c["q"], c["k"], c["v"], start, end, PAGE, scale)
+
+        add("dense_paged", length, kv_bytes + qo_bytes, dense_paged, dense_ms)
         half = copies.items[0]["meta"].numel() // 2
         meta_dst = torch.empty(half, dtype=DTYPE, device="cuda")
 
@@ -467,7 +482,7 @@ def markdown(rows: list[dict], graph: bool) -> str:
         cols += ["graph ms", "graph % floor", "graph x dense"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        cells = [r["model"], str(r["batch"]), f"{r['tokens'] // K}K", "-" if r["kind"] in ("dense_sdpa", "copy_meta") else str(r["budget"]),
+        cells = [r["model"], str(r["batch"]), f"{r['tokens'] // K}K", "-" if r["kind"] in ("dense_sdpa", "dense_paged", "copy_meta") else str(r["budget"]),
                  r["kind"], f"{r['eager_ms']:.4f}", f"{r['floor_ms']:.4f}", f"{r['eager_pct_floor']:.0f}%",
                  f"{r['eager_speedup']:.2f}" if "eager_speedup" in r else "-"]
         if graph:

@@ -88,3 +88,25 @@ def test_compiled_step_matches_reference(backend, path):
     torch.testing.assert_close(out, expect_out, rtol=1e-5, atol=1e-5)
     for got, exp in zip(work[:3], expect_bufs):  # the in-place append reached the caller's buffers
         assert torch.equal(got, exp)
+
+
+@pytest.mark.parametrize("window", [None, 9])
+def test_dense_decode_compiles_and_equals_every_page_listed(window):
+    """ops.dense_decode_attention (the dense decode step over the cache) traces as one graph with no break
+    and equals the reference attention with every page listed, over each row's [start, end); a window of 9
+    tokens needs only 9 // 8 + 2 = 3 slots."""
+    torch._dynamo.reset()
+    k, v, _, _, _, pos, q, start, end = _inputs(2)
+    if window:
+        start = (end - window).clamp(min=0)
+    every = torch.arange(CAP // PS, dtype=torch.int32, device=DEVICE).expand(B, HKV, CAP // PS)
+    want = ref.sparse_decode_attention(q, k, v, every, start, end, PS, D**-0.5)
+
+    def step(q, k, v, start, end):
+        return ops.dense_decode_attention(q, k, v, start, end, PS, D**-0.5, window=window)
+
+    explain = torch._dynamo.explain(step)(q, k, v, start, end)
+    assert explain.graph_break_count == 0 and explain.graph_count == 1, explain.break_reasons
+    got = torch.compile(step, backend="aot_eager", fullgraph=True)(q, k, v, start, end)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(step(q, k, v, start, end), want, rtol=1e-5, atol=1e-5)

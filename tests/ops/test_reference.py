@@ -723,6 +723,15 @@ BAD = {
     "quest_decode q heads": (
         lambda t: ops.quest_decode(t["q"][:, :3], t["k"], t["v"], t["meta"], t["s0"], t["s1"], 16, 2),
         "q_heads 3 is not a multiple of kv_heads 2"),
+    "dense_decode page size": (
+        lambda t: ops.dense_decode_attention(t["q"], t["k"], t["v"], t["s0"], t["s1"], 5, 0.3),
+        "capacity 32 is not a multiple of page_size 5"),
+    "dense_decode window": (
+        lambda t: ops.dense_decode_attention(t["q"], t["k"], t["v"], t["s0"], t["s1"], 16, 0.3, window=0),
+        "window=0 must be >= 1"),
+    "dense_decode q heads": (
+        lambda t: ops.dense_decode_attention(t["q"][:, :3], t["k"], t["v"], t["s0"], t["s1"], 16, 0.3),
+        "q_heads 3 is not a multiple of kv_heads 2"),
     "append overflow": (
         lambda t: ops.append_kv(t["k"], t["v"], t["meta"], t["k"][:, :, :2], t["v"][:, :, :2], i32([31])),
         "append of 2 tokens at 31 overflows the cache capacity 32"),

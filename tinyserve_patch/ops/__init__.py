@@ -22,6 +22,7 @@ __all__ = [
     "select_pages",
     "score_and_select",
     "sparse_decode_attention",
+    "dense_decode_attention",
     "quest_decode",
     "reserve_counters",
     "check_cache",
@@ -160,6 +161,26 @@ def sparse_decode_attention(q, k_cache, v_cache, indices, seq_start, seq_end, pa
         f"indices must be int32 [batch, kv_heads, n], got {indices.dtype} {tuple(indices.shape)}",
     )
     return torch.ops.tinyserve.sparse_decode(q, k_cache, v_cache, indices, seq_start, seq_end, page_size, float(scale), float(softcap or 0.0))
+
+
+def dense_decode_attention(q, k_cache, v_cache, seq_start, seq_end, page_size: int, scale: float, softcap: float = 0.0,
+                           window: int | None = None) -> torch.Tensor:
+    """Attention of each row's query over every token of its ``[seq_start, seq_end)``: ``[batch, q_heads,
+    head_dim]`` in ``q``'s dtype. :func:`sparse_decode_attention` with the row's pages listed in order, the
+    same indices for every KV head: slot ``j`` = the range's first page + ``j`` while below its end page, else
+    ``-1``, over ``S`` slots: the capacity's pages, or, with ``window`` (the most tokens a range spans, e.g. a
+    sliding window), ``window // page_size + 2`` of them (a window rarely starts on a page boundary). On CUDA
+    the paged kernel splits each row's keys over programs and reads fp8 storage as stored."""
+    _check(k_cache.dim() == 4, f"k_cache must be [batch, kv_heads, capacity, head_dim], got {tuple(k_cache.shape)}")
+    _check(page_size >= 1 and k_cache.shape[2] % page_size == 0, f"capacity {k_cache.shape[2]} is not a multiple of page_size {page_size}")
+    _check(window is None or int(window) >= 1, f"window={window} must be >= 1")
+    pages = k_cache.shape[2] // page_size
+    slots = pages if window is None else min(pages, int(window) // page_size + 2)
+    first = (seq_start // page_size)[:, None]
+    idx = first + torch.arange(slots, device=seq_start.device, dtype=torch.int32)[None, :]
+    idx = torch.where(idx * page_size < seq_end[:, None], idx, -1).to(torch.int32)  # [batch, S]
+    indices = idx[:, None, :].expand(idx.shape[0], k_cache.shape[1], slots)
+    return sparse_decode_attention(q, k_cache, v_cache, indices, seq_start, seq_end, page_size, scale, softcap)
 
 
 #: ``fused`` values of :func:`quest_decode` -> ``path`` of ``torch.ops.tinyserve.quest_decode``
