@@ -6,7 +6,7 @@
     python benchmarks/plot_e2e.py /tmp/e2e.json --outdir /tmp/plots
 
 Several JSONs (e.g. ``--grid default``, ``models`` and ``sweep`` runs) are merged: rows are keyed by (model,
-batch, context, mode, budget), a measured row wins over a skipped one and a later file over an earlier one;
+batch, context, mode, budget, prefill chunks, K/V and metadata dtypes, synthetic context), a measured row wins over a skipped one and a later file over an earlier one;
 the header lists every run's device, versions and commit.
 
 Writes, per model: ``e2e_decode_<model>.png`` (decode ms/step vs context, one panel per batch, one line per
@@ -24,7 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-ORDER = ["hf_dynamic", "hf_static", "ts_dense_eager", "ts_dense", "ts_sparse_eager", "ts_sparse", "ts_fused_eager", "ts_fused"]
+ORDER = ["hf_dynamic", "hf_static", "ts_dense_eager", "ts_dense", "ts_sparse_eager", "ts_sparse", "ts_fused_eager", "ts_fused",
+         "ts_split"]
 SHORT = {
     "hf_dynamic": "HF dynamic",
     "hf_static": "HF static+compile",
@@ -34,6 +35,7 @@ SHORT = {
     "ts_sparse_eager": "ts sparse eager",
     "ts_fused": "ts fused",
     "ts_fused_eager": "ts fused eager",
+    "ts_split": "ts split",
 }
 STYLE = {
     "hf_dynamic": dict(color="tab:gray", linestyle="--", marker="x"),
@@ -44,17 +46,20 @@ STYLE = {
     "ts_sparse_eager": dict(color="tab:red", linestyle=":", marker="^"),
     "ts_fused": dict(color="tab:green", linestyle="-", marker="v"),
     "ts_fused_eager": dict(color="tab:green", linestyle=":", marker="v"),
+    "ts_split": dict(color="tab:purple", linestyle="-", marker="D"),
 }
 
 
-def method_key(row: dict) -> tuple[str, int | None, int | None, str, str]:
-    return row["mode"], row.get("budget"), row.get("prefill_chunk"), row.get("kv_dtype", "auto"), row.get("meta_dtype", "auto")
+def method_key(row: dict) -> tuple[str, int | None, int | None, str, str, bool]:
+    return (row["mode"], row.get("budget"), row.get("prefill_chunk"), row.get("kv_dtype", "auto"), row.get("meta_dtype", "auto"),
+            bool(row.get("synthetic")))
 
 
 def method_name(key) -> str:
-    mode, budget, chunk, kv, meta = key
+    mode, budget, chunk, kv, meta, synthetic = key
     return (SHORT.get(mode, mode) + (f" {budget}" if budget else "") + (f" (chunks {chunk})" if chunk else "")
-            + (f" [{kv} KV]" if kv != "auto" else "") + (f" [{meta} meta]" if meta != "auto" else ""))
+            + (f" [{kv} KV]" if kv != "auto" else "") + (f" [{meta} meta]" if meta != "auto" else "")
+            + (" [synthetic context]" if synthetic else ""))
 
 
 def sort_methods(keys):
