@@ -212,6 +212,7 @@ def _n_copies(touched: int, per_copy: int, l2: int) -> int:
 def correctness_check(chained: bool = False, fp8_kv: bool = False, persistent: bool = False) -> None:
     """Every kernel vs the reference on one small shape (aborts the benchmark on a mismatch); ``chained``:
     the row-chained decode against the split kernels too; ``fp8_kv``: the attention over an fp8 cache."""
+    from tinyserve_patch.ops import dense_decode_attention
     from tinyserve_patch.ops import reference as ref
     from tinyserve_patch.ops.triton_decode import sparse_decode_attention_triton
     from tinyserve_patch.ops.triton_fused_select import score_and_select_triton
@@ -278,8 +279,6 @@ def correctness_check(chained: bool = False, fp8_kv: bool = False, persistent: b
 
     d_out, d_idx = quest_decode_triton(q, k, v, meta, start, end, PAGE, n, 1, 1, "max", d**-0.5)  # the default: split here
     assert torch.equal(d_idx, idx) and torch.equal(d_out, out), "quest_decode (the default path) differs from the split chain"
-    from tinyserve_patch.ops import dense_decode_attention
-
     every = torch.arange(L // PAGE, dtype=torch.int32, device="cuda").expand(b, hkv, L // PAGE)
     dense = dense_decode_attention(q, k, v, start, end, PAGE, d**-0.5)
     expect_dense = ref.sparse_decode_attention(q.float(), k.float(), v.float(), every, start, end, PAGE, d**-0.5)

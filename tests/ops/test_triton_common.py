@@ -35,7 +35,7 @@ def test_reserve_counters_sizes_every_pool_and_keeps_outgrown_buffers(monkeypatc
     common.reserve_ticket_counters(cpu, 2000)  # tickets: 2000 fit; chain: 6000, persistent: 6003 do not
     assert common._TICKETS[(cpu, "tickets")] is first["tickets"]
     assert common._TICKETS[(cpu, "chain")].numel() == 6000 and common._TICKETS[(cpu, "persistent")].numel() == 6003
-    assert [b for b in common._RETIRED] == [first["chain"], first["persistent"]]
+    assert common._RETIRED == [first["chain"], first["persistent"]]
     assert common.ticket_counters(cpu, 6000, "chain") is common._TICKETS[(cpu, "chain")]  # no launch allocates now
     ops.reserve_counters("cpu", 5)  # a no-op off CUDA
     assert len(common._TICKETS) == 3

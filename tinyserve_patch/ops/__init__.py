@@ -171,7 +171,7 @@ def dense_decode_attention(q, k_cache, v_cache, seq_start, seq_end, page_size: i
     ``-1``, over ``S`` slots: the capacity's pages, or, with ``window`` (the most tokens a range spans, e.g. a
     sliding window), ``window // page_size + 2`` of them (a window rarely starts on a page boundary). On CUDA
     the paged kernel splits each row's keys over programs and reads fp8 storage as stored."""
-    _check(k_cache.dim() == 4, f"k_cache must be [batch, kv_heads, capacity, head_dim], got {tuple(k_cache.shape)}")
+    check_cache(k_cache, v_cache)
     _check(page_size >= 1 and k_cache.shape[2] % page_size == 0, f"capacity {k_cache.shape[2]} is not a multiple of page_size {page_size}")
     _check(window is None or int(window) >= 1, f"window={window} must be >= 1")
     pages = k_cache.shape[2] // page_size
