@@ -242,6 +242,7 @@ class Row:
     compile_phases_s: dict = field(default_factory=dict)  # dynamo/inductor phases timed during the warm-up
     row_s: float | None = None
     step_ms: list = field(default_factory=list)
+    profile: dict | None = None  # --profile-steps: device time per decode step by kernel (see profile_decode)
 
     def key(self):
         return (self.model, self.batch, self.context, self.mode, self.budget, self.prefill_chunk, self.kv_dtype, self.meta_dtype,
@@ -403,6 +404,69 @@ class StepTimer:
             torch.cuda.synchronize()
             return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
         return [(b - a) * 1000 for a, b in zip(self.marks, self.marks[1:])]
+
+
+class ProfileWindow:
+    """Logits processor that starts a torch.profiler capture of CUDA kernels after the first token (the
+    prefill is not in it) and stops it ``steps`` decode steps later."""
+
+    def __init__(self, steps: int):
+        from torch.profiler import ProfilerActivity, profile
+
+        self.steps = steps
+        self.calls = 0
+        self.prof = profile(activities=[ProfilerActivity.CUDA])
+
+    def __call__(self, input_ids, scores):
+        self.calls += 1
+        if self.calls == 1:
+            torch.cuda.synchronize()
+            self.prof.start()
+        elif self.calls == self.steps + 1:
+            torch.cuda.synchronize()
+            self.prof.stop()
+        return scores
+
+
+#: Kernel-name patterns of :func:`profile_decode`'s groups, first match wins (anything else: "other").
+KERNEL_GROUPS = (
+    ("tinyserve attention", ("_decode_split", "_decode_merge", "_score", "_select", "_chain", "_fused", "_append", "_meta")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_")),
+    ("flash / sdpa", ("flash", "fmha", "attention")),
+    ("inductor fused", ("triton_",)),
+)
+
+
+def profile_decode(model, ids, kw: dict, steps: int) -> dict:
+    """One more generate() of ``steps + 1`` tokens with :class:`ProfileWindow`: device time of the kernels of
+    ``steps`` decode steps (graph-replayed kernels included where CUPTI reports them), per step: the total,
+    per group of :data:`KERNEL_GROUPS` and the 15 heaviest kernels by name."""
+    from transformers import LogitsProcessorList
+
+    window = ProfileWindow(steps)
+    pkw = dict(kw, max_new_tokens=steps + 1, min_new_tokens=steps + 1)
+    model.generate(ids, attention_mask=torch.ones_like(ids), logits_processor=LogitsProcessorList([window]), **pkw)
+    torch.cuda.synchronize()
+    per_name: dict[str, list] = {}
+    for evt in window.prof.events():
+        if str(getattr(evt, "device_type", "")).endswith("CUDA") and getattr(evt, "device_time", 0) > 0:
+            entry = per_name.setdefault(evt.name, [0.0, 0])
+            entry[0] += evt.device_time / 1000.0  # us -> ms
+            entry[1] += 1
+    groups: dict[str, float] = {}
+    for name, (ms, _) in per_name.items():
+        low = name.lower()
+        group = next((g for g, pats in KERNEL_GROUPS if any(p in low for p in pats)), "other")
+        groups[group] = groups.get(group, 0.0) + ms / steps
+    top = sorted(per_name.items(), key=lambda kv: -kv[1][0])[:15]
+    return {
+        "steps": steps,
+        "kernel_ms_per_step": round(sum(ms for ms, _ in per_name.values()) / steps, 4),
+        "kernels_per_step": round(sum(n for _, n in per_name.values()) / steps, 1),
+        "groups_ms_per_step": {g: round(v, 4) for g, v in sorted(groups.items(), key=lambda kv: -kv[1])},
+        "top": [{"name": n[:120], "ms_per_step": round(ms / steps, 4), "calls_per_step": round(c / steps, 2)}
+                for n, (ms, c) in top],
+    }
 
 
 def compile_count() -> int:
@@ -675,6 +739,12 @@ def run_row(model, row: Row, args, device: torch.device, bandwidth: float) -> No
         row.peak_decode_gib = torch.cuda.max_memory_allocated() / GiB
         del out
 
+    if cuda and args.profile_steps:
+        if cache is not None:
+            fill_synthetic(cache, row.batch, row.context, dims["kv_heads"], dims["head_dim"], next(model.parameters()).dtype,
+                           device, seed=reps)
+        row.profile = profile_decode(model, ids, kw, args.profile_steps)
+
     # ---- stats and floor
     if is_tinyserve(row.mode):
         s = tp.stats(model)
@@ -892,6 +962,8 @@ def parse_args(argv=None):
     p.add_argument("--no-stats", action="store_true", help="patch with collect_stats=False (fraction_read then n/a)")
     p.add_argument("--repeats", type=int, default=0,
                    help="timed generate() calls per row, the lowest median kept (default 0: 3 where batch*context <= 32768, else 1)")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="CUDA: one more generate() per row under torch.profiler; device time per step by kernel (row.profile)")
     p.add_argument("--decode-peak", action="store_true", help="a second timed run per row for the decode-phase peak memory")
     p.add_argument("--time-budget", type=float, default=420.0, help="seconds; rows after it are skipped (recorded)")
     p.add_argument("--device", default=None, help="default: cuda if available (smoke: cpu)")
@@ -1049,6 +1121,12 @@ def main(argv=None) -> int:
             log(f"row {i + 1}/{len(rows)} {row.describe()}: prefill {row.prefill_ms:.1f} ms, decode {row.decode_ms:.3f} ms/step "
                 f"(mean {row.decode_ms_mean:.3f}), {row.tokens_per_s:.1f} tok/s{peak}, {row.x_floor:.1f}x floor{kv}; "
                 f"compiles warm-up/timed {row.compiles_warmup}/{row.compiles_timed}; row {row.row_s:.1f}s (warm-up {row.warmup_s:.1f}s)")
+            if row.profile:
+                prof = row.profile
+                log(f"  profile: {prof['kernel_ms_per_step']:.3f} ms of kernels a step ({prof['kernels_per_step']:.0f} kernels): "
+                    + ", ".join(f"{g} {ms:.3f}" for g, ms in prof["groups_ms_per_step"].items()))
+                for k in prof["top"][:8]:
+                    log(f"    {k['ms_per_step']:.4f} ms x{k['calls_per_step']:.0f}  {k['name'][:90]}")
         else:
             log(f"row {i + 1}/{len(rows)} {row.describe()}: {row.status.upper()} {row.reason} (row {row.row_s:.1f}s)")
         save()
