@@ -167,7 +167,7 @@ def tinyserve_attention_forward(
         out = _dense(module, query, key, value, attention_mask, dropout, scaling, softcap, sliding_window, layer, kwargs)
         if layer is not None and q_len == 1 and state is not None and state.config.collect_stats:
             start, end = layer.row_ranges(sliding_window)
-            layer.stats.record_dense(start, end, layer.num_heads)
+            layer.stats.record_dense(start, end)
         return out
 
     config = state.config

@@ -214,7 +214,7 @@ class TinyServeLayer(CacheLayerMixin):
         if not self.is_initialized:
             return
         index = beam_idx.to(self.device)
-        for t in (self.keys, self.values, self.meta, self.row_start):
+        for t in (self.keys, self.values, self.meta, self.row_start, self.stats.prev_selected, self.stats.has_prev):
             t.copy_(t.index_select(0, index))
 
     def batch_repeat_interleave(self, repeats: int) -> None:

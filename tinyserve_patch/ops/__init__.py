@@ -24,6 +24,7 @@ __all__ = [
     "sparse_decode_attention",
     "dense_decode_attention",
     "quest_decode",
+    "record_decode",
     "reserve_counters",
     "check_cache",
     "reference",
@@ -212,3 +213,22 @@ def quest_decode(q, k_cache, v_cache, meta, seq_start, seq_end, page_size: int, 
     return torch.ops.tinyserve.quest_decode(q, k_cache, v_cache, meta, seq_start, seq_end, page_size, num_select,
                                             sink_pages, recent_pages, gqa_reduction, scale, float(softcap or 0.0),
                                             _DECODE_PATH[fused])
+
+
+def record_decode(counts, prev_selected, has_prev, indices, seq_start, seq_end, page_size: int, dense: bool = False) -> None:
+    """Add one decode step of a layer to its counters, in place (see :func:`reference.record_decode` for the
+    fields): ``counts`` float64 ``[9]``, ``prev_selected`` bool ``[batch, kv_heads, pages]``, ``has_prev`` int32
+    ``[batch, kv_heads]``, ``indices`` int32 ``[batch, kv_heads, S]`` (ignored when ``dense``), ``seq_start`` /
+    ``seq_end`` int32 ``[batch]``. One kernel on CUDA (:mod:`triton_record`)."""
+    _check(counts.dtype == torch.float64 and counts.shape == (len(reference.DECODE_COUNTS),),
+           f"counts must be float64 [{len(reference.DECODE_COUNTS)}], got {counts.dtype} {tuple(counts.shape)}")
+    _check(prev_selected.dtype == torch.bool and prev_selected.dim() == 3, "prev_selected must be bool [batch, kv_heads, pages]")
+    b, h, pages = prev_selected.shape
+    _check(has_prev.dtype == torch.int32 and has_prev.shape == (b, h), f"has_prev must be int32 [{b}, {h}]")
+    _check(indices.dtype == torch.int32 and indices.dim() == 3 and indices.shape[:2] == (b, h),
+           f"indices must be int32 [{b}, {h}, S], got {indices.dtype} {tuple(indices.shape)}")
+    _check_rows(seq_start, seq_end, b, counts.device)
+    _check(page_size >= 1, f"page_size={page_size} must be >= 1")
+    for name, t in (("prev_selected", prev_selected), ("has_prev", has_prev), ("indices", indices)):
+        _check(t.device == counts.device, f"{name} is on {t.device}, counts on {counts.device}")
+    torch.ops.tinyserve.record_decode(counts, prev_selected, has_prev, indices, seq_start, seq_end, int(page_size), bool(dense))

@@ -2,7 +2,7 @@
 
 CPU tensors run the pure-PyTorch reference (``reference.py``); CUDA tensors run the Triton kernels (one
 file per kernel). The fake implementations give ``torch.compile(fullgraph=True)`` the output shapes, and
-``append_kv`` declares its in-place mutations, so the decode step traces with no graph break and replays
+``append_kv`` and ``record_decode`` declare their in-place mutations, so the decode step traces with no graph break and replays
 under CUDA graphs.
 """
 
@@ -29,6 +29,8 @@ def _triton(name: str):
         from .triton_fused_select import score_and_select_triton as fn
     elif name == "quest_decode":
         from .triton_chain import quest_decode_triton as fn
+    elif name == "record_decode":
+        from .triton_record import record_decode_triton as fn
     else:  # pragma: no cover - programming error
         raise KeyError(name)
     return fn
@@ -210,3 +212,30 @@ def _quest_decode_fake(q, k_cache, v_cache, meta, seq_start, seq_end, page_size,
                        gqa_reduction, scale, softcap, path):
     b, hkv = meta.shape[:2]
     return torch.empty_like(q), q.new_empty((b, hkv, num_select), dtype=torch.int32)
+
+
+# ---------------------------------------------------------------------------------------------- record_decode
+
+
+@torch.library.custom_op(f"{_NS}::record_decode", mutates_args=("counts", "prev_selected", "has_prev"))
+def record_decode(
+    counts: torch.Tensor,
+    prev_selected: torch.Tensor,
+    has_prev: torch.Tensor,
+    indices: torch.Tensor,
+    seq_start: torch.Tensor,
+    seq_end: torch.Tensor,
+    page_size: int,
+    dense: bool,
+) -> None:
+    ref.record_decode(counts, prev_selected, has_prev, indices, seq_start, seq_end, page_size, dense)
+
+
+@record_decode.register_kernel("cuda")
+def _record_decode_cuda(counts, prev_selected, has_prev, indices, seq_start, seq_end, page_size, dense) -> None:
+    _triton("record_decode")(counts, prev_selected, has_prev, indices, seq_start, seq_end, page_size, dense)
+
+
+@record_decode.register_fake
+def _record_decode_fake(counts, prev_selected, has_prev, indices, seq_start, seq_end, page_size, dense) -> None:
+    return None

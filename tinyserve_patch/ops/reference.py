@@ -397,5 +397,58 @@ def dense_decode_attention(
     return out.reshape(b, -1, d).to(q.dtype)
 
 
+#: Fields of the ``counts`` vector of :func:`record_decode` (float64, exact integers below 2**53).
+DECODE_COUNTS = ("sparse_steps", "dense_steps", "tokens_read", "tokens_valid", "page_hits", "pages_prev",
+                 "oracle_hits", "oracle_pages", "pages_selected")
+
+
+def record_decode(
+    counts: torch.Tensor,
+    prev_selected: torch.Tensor,
+    has_prev: torch.Tensor,
+    indices: torch.Tensor,
+    seq_start: torch.Tensor,
+    seq_end: torch.Tensor,
+    page_size: int,
+    dense: bool,
+) -> None:
+    """Add one decode step of a layer to its instrumentation counters, in place.
+
+    ``counts``: float64 ``[len(DECODE_COUNTS)]``; ``prev_selected``: bool ``[batch, kv_heads, pages]``, the
+    pages each (row, KV head) selected at its previous sparse step; ``has_prev``: int32 ``[batch, kv_heads]``,
+    1 once it had one; ``indices``: the step's int32 ``[batch, kv_heads, S]`` selection (``-1`` = none).
+
+    A dense step (every token attended; ``indices`` ignored) adds 1 to ``dense_steps`` and every valid
+    token (``seq_end - seq_start`` per row, times kv_heads) to ``tokens_read`` and ``tokens_valid``. A sparse
+    step adds 1 to ``sparse_steps``, the valid tokens inside the selected pages to ``tokens_read``, the valid
+    tokens to ``tokens_valid``, the selected pages (slots ``>= 0``) to ``pages_selected``, those also selected
+    at the previous step to ``page_hits`` and, where there was a previous step, the selected pages to
+    ``pages_prev``; then ``prev_selected`` becomes this step's selection and ``has_prev`` 1. The oracle
+    fields are left to the caller."""
+    b, h = prev_selected.shape[:2]
+    valid = (seq_end.long() - seq_start.long()).clamp(min=0).sum().to(torch.float64) * h
+    if dense:
+        counts[1:4].add_(torch.stack([valid.new_ones(()), valid, valid]))
+        return
+    chosen = indices >= 0
+    first = indices.long() * page_size
+    lo = torch.maximum(first, seq_start.long()[:, None, None])
+    hi = torch.minimum(first + page_size, seq_end.long()[:, None, None])
+    read = torch.where(chosen, (hi - lo).clamp(min=0), 0).sum().to(torch.float64)
+    safe = indices.long().clamp(min=0)
+    n_chosen = chosen.sum(-1)  # [batch, kv_heads]
+    hits = (prev_selected.gather(-1, safe) & chosen).sum().to(torch.float64)
+    prev_pages = (n_chosen * (has_prev != 0)).sum().to(torch.float64)
+    pages = prev_selected.shape[-1]
+    # one spare column takes the "-1" slots, so they never clear a selected page's bit
+    now = torch.zeros(b, h, pages + 1, dtype=torch.bool, device=prev_selected.device)
+    now.scatter_(-1, torch.where(chosen, indices.long(), pages), True)
+    prev_selected.copy_(now[..., :pages])
+    has_prev.fill_(1)
+    zero = valid.new_zeros(())
+    counts.add_(torch.stack([valid.new_ones(()), zero, read, valid, hits, prev_pages, zero, zero,
+                             n_chosen.sum().to(torch.float64)]))
+
+
 def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
