@@ -5,7 +5,7 @@
 Shapes: TinyLlama (32 q / 4 kv heads, d 64) and Llama-3-8B (32 / 8, d 128); batch 1 and 8; 4K, 16K, 64K
 and 128K cached tokens; token budgets 1024 / 2048 / 4096; page 16; bf16. Rows: dense SDPA decode
 (``enable_gqa``), ``patch_model``'s dense decode step on CUDA (``dense_paged``:
-``ops.dense_decode_attention``, the paged kernel with every page listed), each kernel alone (score, select, fused score+select, sparse attention), the default
+``ops.dense_decode_attention``, the paged kernel walking every page of the row, no page list), each kernel alone (score, select, fused score+select, sparse attention), the default
 pipeline (``total_default``: ``torch.ops.tinyserve.quest_decode`` as ``patch_model`` runs it, i.e. the split
 chain or, where ``triton_chain.prefer_fused_chain`` picks it, the fused row-chained decode), and the two
 sparse pipelines (split: score + select + attend; fused: score_select + attend), the split pipeline with
@@ -341,7 +341,7 @@ def run(args) -> dict:
         dense_ms = {m: drec[f"{m}_ms"] for m in ("eager", "graph") if f"{m}_ms" in drec}
         drec.update({f"{m}_speedup": 1.0 for m in dense_ms})
 
-        def dense_paged():  # patch_model's dense decode step on CUDA: the paged kernel, every page listed
+        def dense_paged():  # patch_model's dense decode step on CUDA: the paged kernel over every page
             c = copies.next()
             return dense_decode_attention(c["q"], c["k"], c["v"], start, end, PAGE, scale)
 

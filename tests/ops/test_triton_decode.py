@@ -110,6 +110,28 @@ def test_decode_all_pages_equals_dense_and_head_dim_256():
     torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("slots,num_splits", [(16, None), (16, 3), (6, 2)])
+def test_decode_dense_mode_equals_every_page_listed(dtype, slots, num_splits):
+    """``indices=None, slots=S`` (no page list) gives the same bits as listing each row's pages from its
+    first (``reference.dense_page_list``): the blocks it skips past a row's end add nothing; ragged rows,
+    one empty. With 6 slots the ranges are cut to fit (windows of at most 4 pages + 2)."""
+    gn = gen(21)
+    b, h, ps, cap = 3, 2, 8, 128
+    k, v, _ = cache(b, h, cap, 32, ps, dtype, gn)
+    q = randn((b, 2 * h, 32), dtype, gn)
+    start, end = rows(b, cap, gn, empty_row=True)
+    if slots < cap // ps:
+        start = torch.maximum(start, end - 4 * ps)
+    listed = ref.dense_page_list(start, end, ps, slots, h).contiguous()
+    want = sparse_decode_attention_triton(q, k, v, listed, start, end, ps, 0.2, num_splits=num_splits)
+    got = sparse_decode_attention_triton(q, k, v, None, start, end, ps, 0.2, num_splits=num_splits, slots=slots)
+    assert torch.equal(got, want)
+    torch.testing.assert_close(got.float(), ref.dense_decode_attention(q, k, v, start, end, 0.2).float(), rtol=2e-2, atol=2e-2)
+    with pytest.raises(ValueError, match="dense decode needs"):
+        sparse_decode_attention_triton(q, k, v, None, start, end, ps, 0.2, slots=cap // ps + 1)
+
+
 def test_plan_splits_fills_the_gpu():
     assert plan_splits(1, 64, 16, 64, 132) == (16, 64)  # capped at one BLOCK_N per split
     splits, per = plan_splits(8, 128, 16, 64, 132)

@@ -167,21 +167,20 @@ def sparse_decode_attention(q, k_cache, v_cache, indices, seq_start, seq_end, pa
 def dense_decode_attention(q, k_cache, v_cache, seq_start, seq_end, page_size: int, scale: float, softcap: float = 0.0,
                            window: int | None = None) -> torch.Tensor:
     """Attention of each row's query over every token of its ``[seq_start, seq_end)``: ``[batch, q_heads,
-    head_dim]`` in ``q``'s dtype. :func:`sparse_decode_attention` with the row's pages listed in order, the
-    same indices for every KV head: slot ``j`` = the range's first page + ``j`` while below its end page, else
-    ``-1``, over ``S`` slots: the capacity's pages, or, with ``window`` (the most tokens a range spans, e.g. a
-    sliding window), ``window // page_size + 2`` of them (a window rarely starts on a page boundary). On CUDA
-    the paged kernel splits each row's keys over programs and reads fp8 storage as stored."""
+    head_dim]`` in ``q``'s dtype. The paged flash-decoding kernel of :func:`sparse_decode_attention` walking the
+    row's pages in order from its first (``reference.dense_page_list``: no page list is built or read), over
+    ``S`` slots: the capacity's pages, or, with ``window`` (the most tokens a range spans, e.g. a sliding
+    window), ``window // page_size + 2`` of them (a window rarely starts on a page boundary). On CUDA it
+    splits each row's keys over programs, skips blocks past the row's end and reads fp8 storage as stored."""
     check_cache(k_cache, v_cache)
     _check(page_size >= 1 and k_cache.shape[2] % page_size == 0, f"capacity {k_cache.shape[2]} is not a multiple of page_size {page_size}")
     _check(window is None or int(window) >= 1, f"window={window} must be >= 1")
+    _check_query(q, k_cache.shape[1], k_cache.shape[-1], k_cache.dtype, k_cache.device)
+    _check_rows(seq_start, seq_end, q.shape[0], q.device)
     pages = k_cache.shape[2] // page_size
     slots = pages if window is None else min(pages, int(window) // page_size + 2)
-    first = (seq_start // page_size)[:, None]
-    idx = first + torch.arange(slots, device=seq_start.device, dtype=torch.int32)[None, :]
-    idx = torch.where(idx * page_size < seq_end[:, None], idx, -1).to(torch.int32)  # [batch, S]
-    indices = idx[:, None, :].expand(idx.shape[0], k_cache.shape[1], slots)
-    return sparse_decode_attention(q, k_cache, v_cache, indices, seq_start, seq_end, page_size, scale, softcap)
+    return torch.ops.tinyserve.dense_decode(q, k_cache, v_cache, seq_start, seq_end, int(page_size), slots, float(scale),
+                                            float(softcap or 0.0))
 
 
 #: ``fused`` values of :func:`quest_decode` -> ``path`` of ``torch.ops.tinyserve.quest_decode``

@@ -174,6 +174,35 @@ def _sparse_decode_fake(q, k_cache, v_cache, indices, seq_start, seq_end, page_s
     return torch.empty_like(q)
 
 
+# ---------------------------------------------------------------------------------------------- dense_decode
+
+
+@torch.library.custom_op(f"{_NS}::dense_decode", mutates_args=())
+def dense_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seq_start: torch.Tensor,
+    seq_end: torch.Tensor,
+    page_size: int,
+    slots: int,
+    scale: float,
+    softcap: float,
+) -> torch.Tensor:
+    indices = ref.dense_page_list(seq_start, seq_end, page_size, slots, k_cache.shape[1])
+    return ref.sparse_decode_attention(q, k_cache, v_cache, indices, seq_start, seq_end, page_size, scale, softcap)
+
+
+@dense_decode.register_kernel("cuda")
+def _dense_decode_cuda(q, k_cache, v_cache, seq_start, seq_end, page_size, slots, scale, softcap):
+    return _triton("sparse_decode")(q, k_cache, v_cache, None, seq_start, seq_end, page_size, scale, softcap, slots=slots)
+
+
+@dense_decode.register_fake
+def _dense_decode_fake(q, k_cache, v_cache, seq_start, seq_end, page_size, slots, scale, softcap):
+    return torch.empty_like(q)
+
+
 # ---------------------------------------------------------------------------------------------- quest_decode
 
 

@@ -380,6 +380,16 @@ def sparse_decode_attention(
     return out.reshape(b, -1, d).to(q.dtype)
 
 
+def dense_page_list(seq_start: torch.Tensor, seq_end: torch.Tensor, page_size: int, slots: int, kv_heads: int) -> torch.Tensor:
+    """Every page of each row's ``[seq_start, seq_end)`` as a selection: int32 ``[batch, kv_heads, slots]``, slot
+    ``j`` = the row's first page + ``j`` while it starts before ``seq_end``, else ``-1`` (the same for every KV
+    head). What the dense decode kernel walks without building it; a range longer than ``slots`` pages is cut."""
+    first = (seq_start.long() // page_size)[:, None]
+    idx = first + torch.arange(slots, device=seq_start.device)[None, :]
+    idx = torch.where(idx * page_size < seq_end.long()[:, None], idx, -1).to(torch.int32)
+    return idx[:, None, :].expand(idx.shape[0], kv_heads, slots)
+
+
 def dense_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,

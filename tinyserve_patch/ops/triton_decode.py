@@ -63,11 +63,13 @@ def attend_chunk(
     F32: tl.constexpr,
     SCALED_F16: tl.constexpr,
     CG: tl.constexpr,
+    DENSE: tl.constexpr,
 ):
     """Online-softmax attention of KV head ``h``'s query group over selected tokens ``[tok0, tok_end)`` of
     row ``b`` (token ``j``: page slot ``j // PAGE_SIZE`` of the row's indices): ``(acc [G_PAD, BLOCK_D],
     m [G_PAD], l [G_PAD])``, fp32, the unnormalised output, running max and sum in log2 units. ``CG``:
-    the page numbers were written by a grid still running (read past L1)."""
+    the page numbers were written by a grid still running (read past L1). ``DENSE``: no page list; slot
+    ``i`` is the row's first page ``start // PAGE_SIZE`` + ``i``, and blocks past the row's end are skipped."""
     rows = tl.arange(0, G_PAD)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < HEAD_DIM
@@ -88,11 +90,16 @@ def attend_chunk(
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
+    if DENSE:
+        first_page = start // PAGE_SIZE
+        tok_end = tl.minimum(tok_end, end - first_page * PAGE_SIZE)
     # (loading the next block's page numbers one iteration ahead measured no faster on the H100: the
     # pipeliner already hides them; benchmarks/results/tune_decode_h100_prefetch.json)
     for j0 in range(tok0, tok_end, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
-        if CG:  # written by a grid still running: past L1
+        if DENSE:
+            page = tl.where(j < tok_end, first_page + j // PAGE_SIZE, -1)
+        elif CG:  # written by a grid still running: past L1
             page = tl.load(idx_base + j // PAGE_SIZE, mask=j < tok_end, other=-1, cache_modifier=".cg")
         else:
             page = tl.load(idx_base + j // PAGE_SIZE, mask=j < tok_end, other=-1)
@@ -211,6 +218,7 @@ def _decode_split_kernel(
     SCALED_F16: tl.constexpr,
     PDL: tl.constexpr,
     TRACE: tl.constexpr,
+    DENSE: tl.constexpr,
 ):
     trace_mark(trace_ptr, 0, TRACE)
     if CHAIN:  # row-chained (triton_chain): grid (num_splits, B * Hkv); wait for this row's selection only
@@ -236,7 +244,7 @@ def _decode_split_kernel(
         q_ptr, k_ptr, v_ptr, idx_ptr, b, h, start, end, split * tokens_per_split,
         tl.minimum(split * tokens_per_split + tokens_per_split, num_select * PAGE_SIZE), qk_scale, softcap,
         stride_qb, stride_qh, stride_cb, stride_ch, stride_ct, stride_ib, stride_ih,
-        G, G_PAD, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, SOFTCAP, F32, SCALED_F16, CHAIN,
+        G, G_PAD, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, SOFTCAP, F32, SCALED_F16, CHAIN, DENSE,
     )
     has = l_i > 0.0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -408,6 +416,7 @@ def sparse_decode_attention_triton(
     merge_chunk: int | None = None,
     trace: KernelTrace | None = None,
     out: torch.Tensor | None = None,
+    slots: int | None = None,
 ) -> torch.Tensor:
     """``[B, Hq, D]`` attention over the selected pages (see module docstring). ``num_splits``,
     ``block_n``, ``num_warps``, ``num_stages`` and ``merge`` (``"kernel"`` / ``"inline"``, see
@@ -417,14 +426,23 @@ def sparse_decode_attention_triton(
     instead of waiting for the previous grid, and the row's last program zeroes its flag again. ``trace``:
     record each program's timestamps, of the split kernel and of the merge kernel (:mod:`trace`). ``out``: write
     the result there (``[B, Hq, D]`` in q's dtype on q's device, last dim contiguous; e.g. a slice of a
-    larger batch's output) instead of a new tensor."""
+    larger batch's output) instead of a new tensor. ``indices=None`` with ``slots``: dense decode, every
+    token of each row's ``[seq_start, seq_end)`` over ``slots`` page slots from the row's first page (the
+    range must fit them), with no page list to build or read."""
     merge = merge or DEFAULT_MERGE
     check(merge in ("kernel", "inline"), f"merge={merge!r}: allowed 'kernel' or 'inline'")
     q, k_cache, v_cache = check_attention(q, k_cache, v_cache, seq_start, seq_end, page_size, scale, softcap)
-    b, hkv, _, d = k_cache.shape
-    check(indices.dim() == 3 and indices.shape[:2] == (b, hkv) and indices.dtype == torch.int32, "indices must be int32 [B, Hkv, S]")
-    if indices.stride(-1) != 1:
-        indices = indices.contiguous()
+    b, hkv, cap, d = k_cache.shape
+    dense = indices is None
+    if dense:
+        check(slots is not None and 0 <= slots <= cap // page_size and chain is None,
+              f"dense decode needs 0 <= slots <= {cap // page_size} and no chain, got slots={slots}")
+        n_sel, idx_strides = slots, (0, 0)
+    else:
+        check(indices.dim() == 3 and indices.shape[:2] == (b, hkv) and indices.dtype == torch.int32, "indices must be int32 [B, Hkv, S]")
+        if indices.stride(-1) != 1:
+            indices = indices.contiguous()
+        n_sel, idx_strides = indices.shape[2], (indices.stride(0), indices.stride(1))
     hq = q.shape[1]
     g = hq // hkv
     if out is None:
@@ -433,7 +451,6 @@ def sparse_decode_attention_triton(
         check(out.shape == (b, hq, d) and out.dtype == q.dtype and out.device == q.device and out.stride(-1) == 1,
               f"out {tuple(out.shape)} {out.dtype} on {out.device} (stride {out.stride()}): need {(b, hq, d)} {q.dtype} "
               f"on {q.device}, last dim contiguous")
-    n_sel = indices.shape[2]
     if out.numel() == 0:
         return out
     if n_sel == 0:
@@ -458,15 +475,15 @@ def sparse_decode_attention_triton(
     flags, done = chain if chain is not None else (out, out)
     traced = trace is not None
     _decode_split_kernel[(splits, b * hkv) if chain is not None else (b * hkv, splits)](
-        q, k_cache, v_cache, indices, seq_start, seq_end, out, o_ws, lse_ws, counters if inline else out,
+        q, k_cache, v_cache, seq_start if dense else indices, seq_start, seq_end, out, o_ws, lse_ws, counters if inline else out,
         n_sel, hkv, splits, per,
         float(scale) / softcap if softcap else float(scale) * LOG2E, float(softcap) * LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        indices.stride(0), indices.stride(1), out.stride(0), out.stride(1), flags, done,
+        *idx_strides, out.stride(0), out.stride(1), flags, done,
         trace.region("attention", splits * b * hkv, q.device) if traced else out,
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=block_n,
         PAGE_SIZE=page_size, SOFTCAP=bool(softcap), SINGLE=single, F32=f32_dot(q.dtype), INLINE_MERGE=inline,
-        CHAIN=chain is not None, SCALED_F16=scaled_f16(q.dtype, k_cache.dtype), TRACE=traced,
+        CHAIN=chain is not None, SCALED_F16=scaled_f16(q.dtype, k_cache.dtype), TRACE=traced, DENSE=dense,
         num_warps=num_warps or (4 if block_d <= 128 else 8), num_stages=num_stages, PDL=pdl, launch_pdl=pdl,
     )
     if not single and not inline:

@@ -220,7 +220,7 @@ def _persistent_kernel(
                 q_ptr, k_ptr, v_ptr, idx_ptr, b, h, start, end, tok0,
                 tl.minimum(tok0 + tokens_per_split, num_select * PAGE_SIZE), qk_scale, softcap,
                 stride_qb, stride_qh, stride_cb, stride_ch, stride_ct, kv_heads * num_select, num_select,
-                G, G_PAD, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, SOFTCAP, F32, KV_SCALED_F16, True,
+                G, G_PAD, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, SOFTCAP, F32, KV_SCALED_F16, True, False,
             )
             o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
             store_partial(o_ws_ptr, lse_ws_ptr, (bh.to(tl.int64) * num_splits + sub) * G + rows_g, o, m_i, l_i, row_mask,
