@@ -72,3 +72,27 @@ def test_fill_synthetic_rewinds_and_appends_through_update(monkeypatch):
         assert layer.keys[:, :, :context].abs().sum() > 0
     for ts_layer, hf_layer in zip(ts_cache.layers, hf_cache.layers):  # same seed: the same random tokens
         assert torch.equal(ts_layer.keys[:, :, :context], hf_layer.keys[:, :, :context])
+
+
+def test_kernel_time_summary_groups_per_step(monkeypatch):
+    """--profile-steps' summary: per-step totals, groups by the first matching name pattern, heaviest first."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import bench_e2e
+
+    per_name = {
+        "_decode_split_kernel": (4.0, 8),
+        "nvjet_sm90_tst_64x8_TNT": (2.0, 16),
+        "triton_poi_fused_add_mul_0": (1.0, 8),
+        "void at::native::vectorized_elementwise_kernel": (0.5, 4),
+        "cudnn_generated_fort_native_sdpa_sm80_flash_fprop": (0.5, 4),
+    }
+    out = bench_e2e.kernel_time_summary(per_name, steps=4)
+    assert out["kernel_ms_per_step"] == 2.0 and out["kernels_per_step"] == 10.0
+    assert out["groups_ms_per_step"] == {"tinyserve": 1.0, "gemm": 0.5, "inductor fused": 0.25,
+                                         "other": 0.125, "flash / sdpa": 0.125}
+    # inductor's kernel names carry the ops they fuse: never taken for the package's kernels
+    assert bench_e2e.kernel_group("triton_poi_fused_select_scatter_0") == "inductor fused"
+    assert bench_e2e.kernel_group("triton_red_fused__scaled_dot_product_cudnn_attention_1") == "inductor fused"
+    assert bench_e2e.kernel_group("_select_kernel") == "tinyserve"
+    assert [k["name"] for k in out["top"][:2]] == ["_decode_split_kernel", "nvjet_sm90_tst_64x8_TNT"]
+    assert out["top"][0] == {"name": "_decode_split_kernel", "ms_per_step": 1.0, "calls_per_step": 2.0}
