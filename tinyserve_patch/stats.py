@@ -48,13 +48,9 @@ class LayerStats:
     def record_sparse(self, indices, seq_start, seq_end, page_size: int, oracle: torch.Tensor | None = None) -> None:
         ops.record_decode(self.counts, self.prev_selected, self.has_prev, indices, seq_start, seq_end, page_size)
         if oracle is not None:  # opt-in (track_recall): plain PyTorch, beside a full scoring pass anyway
-            pages = self.prev_selected.shape[-1]
-            oracle_ok = oracle >= 0
-            # one spare column takes the "-1" slots, so they never clear an oracle page's bit
-            oracle_map = torch.zeros(*self.prev_selected.shape[:2], pages + 1, dtype=torch.bool, device=oracle.device)
-            oracle_map.scatter_(-1, torch.where(oracle_ok, oracle.long(), pages), True)
+            oracle_map = ops.reference.selected_page_mask(oracle, self.prev_selected.shape[-1])
             hits = (oracle_map.gather(-1, indices.long().clamp(min=0)) & (indices >= 0)).sum().to(torch.float64)
-            self.counts[6:8].add_(torch.stack([hits, oracle_ok.sum().to(torch.float64)]))
+            self.counts[6:8].add_(torch.stack([hits, (oracle >= 0).sum().to(torch.float64)]))
 
     def summary(self) -> dict:
         c = self.counts.tolist()

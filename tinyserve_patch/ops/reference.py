@@ -407,6 +407,15 @@ def dense_decode_attention(
     return out.reshape(b, -1, d).to(q.dtype)
 
 
+def selected_page_mask(indices: torch.Tensor, pages: int) -> torch.Tensor:
+    """bool ``[batch, kv_heads, pages]``: the pages listed in ``indices`` ``[batch, kv_heads, S]`` (``-1`` =
+    none). A spare column takes the ``-1`` slots, so they never clear a listed page."""
+    b, h = indices.shape[:2]
+    mask = torch.zeros(b, h, pages + 1, dtype=torch.bool, device=indices.device)
+    mask.scatter_(-1, torch.where(indices >= 0, indices.long(), pages), True)
+    return mask[..., :pages]
+
+
 #: Fields of the ``counts`` vector of :func:`record_decode` (float64, exact integers below 2**53).
 DECODE_COUNTS = ("sparse_steps", "dense_steps", "tokens_read", "tokens_valid", "page_hits", "pages_prev",
                  "oracle_hits", "oracle_pages", "pages_selected")
@@ -449,11 +458,7 @@ def record_decode(
     n_chosen = chosen.sum(-1)  # [batch, kv_heads]
     hits = (prev_selected.gather(-1, safe) & chosen).sum().to(torch.float64)
     prev_pages = (n_chosen * (has_prev != 0)).sum().to(torch.float64)
-    pages = prev_selected.shape[-1]
-    # one spare column takes the "-1" slots, so they never clear a selected page's bit
-    now = torch.zeros(b, h, pages + 1, dtype=torch.bool, device=prev_selected.device)
-    now.scatter_(-1, torch.where(chosen, indices.long(), pages), True)
-    prev_selected.copy_(now[..., :pages])
+    prev_selected.copy_(selected_page_mask(indices, prev_selected.shape[-1]))
     has_prev.fill_(1)
     zero = valid.new_zeros(())
     counts.add_(torch.stack([valid.new_ones(()), zero, read, valid, hits, prev_pages, zero, zero,
