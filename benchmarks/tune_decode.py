@@ -5,7 +5,8 @@
 For each shape (model, batch, tokens, budget) it times ``sparse_decode_attention_triton`` under CUDA
 graphs (``do_bench_cudagraph``, median, caches rotated beyond the L2 as in ``bench_kernels.py``) over
 ``num_splits`` x ``block_n`` x ``num_warps`` x ``num_stages`` x ``merge`` (second kernel or inline;
-``attention_fp8kv`` over the cache stored as fp8),
+``attention_fp8kv`` over the cache stored as fp8; ``dense``: its dense mode, every page of the row and
+no page list, as ``patch_model``'s dense decode steps run it),
 ``page_scores_triton`` over ``blocks_per_program`` x ``block_p`` x ``num_warps`` x ``num_stages``
 (``score``; ``score_fp8meta`` over fp8 page metadata), ``select_pages_triton`` over ``num_warps`` x
 ``ways`` (thresholds per search pass), and ``score_and_select_triton`` (``fused``) over
@@ -106,6 +107,8 @@ def sweep(shape, bw: float, l2: int, rep: int, kernels, full_attention: bool = T
 
             ms = _bench(fn, graph=True, rep=rep)
             rows.append(dict(base, kernel=kernel, **kw, default=not kw, ok=ok, graph_ms=ms, floor_ms=nbytes / bw * 1e3))
+    if "dense" in kernels:  # the dense decode (patch_model's dense steps): no page list, every page of the row
+        rows += dense_sweep(copies, start, end, base, kv_bytes + 2 * batch * hq * d * 2, bw, rep)
     meta_bytes = batch * hkv * (length // PAGE) * 2 * d * 2
     score_grid = [{}] + [dict(blocks_per_program=p, block_p=n, num_warps=w, num_stages=st) for p, n, w, st in
                          itertools.product((None, 1, 2, 4, 8, 16), (64, 128, 256), (4, 8), (2, 3, 4))]
@@ -155,6 +158,39 @@ def sweep(shape, bw: float, l2: int, rep: int, kernels, full_attention: bool = T
     return rows
 
 
+def dense_sweep(copies, start, end, base: dict, nbytes: int, bw: float, rep: int) -> list[dict]:
+    """The dense mode of the attention kernel (``indices=None``, every page of each row) over ``num_splits``
+    (1 / 2 / 3 / 4 / 6 programs per SM's worth of rows) x ``block_n`` x ``num_warps`` x ``num_stages``
+    (merge kernel), and the inline merge at the default block; checked against the default launch."""
+    from tinyserve_patch.ops._triton_common import sm_count
+    from tinyserve_patch.ops.triton_decode import sparse_decode_attention_triton
+
+    c0 = copies.items[0]
+    b, hkv, cap, d = c0["k"].shape
+    slots = cap // PAGE
+    sms = sm_count(c0["q"].device)
+
+    def run(c, **kw):
+        return sparse_decode_attention_triton(c["q"], c["k"], c["v"], None, start, end, PAGE, d**-0.5, slots=slots, **kw)
+
+    want = run(c0).float()
+    splits = sorted({-(-m * sms // (b * hkv)) for m in (1, 2, 3, 4, 6)})
+    grid = [{}] + [dict(num_splits=s, block_n=n, num_warps=w, num_stages=st) for s, n, w, st in
+                   itertools.product(splits, (64, 128), (4, 8), (2, 3))]
+    grid += [dict(num_splits=s, merge="inline") for s in splits]
+    rows = []
+    for kw in grid:
+        try:
+            got = run(c0, **kw)
+        except Exception as e:  # out of shared memory / registers: not a candidate
+            rows.append(dict(base, kernel="dense", **kw, default=not kw, error=type(e).__name__))
+            continue
+        ms = _bench(lambda kw=kw: run(copies.next(), **kw), graph=True, rep=rep)
+        rows.append(dict(base, kernel="dense", **kw, default=not kw, ok=torch.allclose(got.float(), want, atol=2e-2, rtol=2e-2),
+                         graph_ms=ms, floor_ms=nbytes / bw * 1e3))
+    return rows
+
+
 def summary(rows: list[dict]) -> str:
     lines = []
     for key, group in itertools.groupby(rows, key=lambda r: (r["model"], r["batch"], r["tokens"], r["budget"], r["kernel"])):
@@ -175,7 +211,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     p.add_argument("--rep", type=int, default=20)
     p.add_argument("--kernels", nargs="+", default=["attention", "score", "select"],
-                   choices=["attention", "attention_fp8kv", "score", "score_fp8meta", "select", "fused"])
+                   choices=["attention", "attention_fp8kv", "dense", "score", "score_fp8meta", "select", "fused"])
     p.add_argument("--attention-defaults", action="store_true",
                    help="attention: the default block / warps / stages only, over num_splits x merge")
     p.add_argument("--shapes", nargs="+", type=parse_shape, default=None,
