@@ -24,7 +24,7 @@ import triton.language as tl
 
 from ._triton_common import SELECT_FINISH, SELECT_WAYS, check, check_finish, check_select_pages, check_ways, pdl_enter, select_from_scores, select_num_warps, signal_row, ticket_counters, trace_mark, use_pdl
 from .trace import KernelTrace
-from .triton_score import load_group_query, plan_walk, score_blocks, score_meta
+from .triton_score import plan_walk, score_blocks, score_meta
 
 
 @triton.jit
@@ -35,13 +35,12 @@ def score_part(q_ptr, meta_ptr, ws_ptr, b, h, bh, part, blocks_per_program, num_
     """Score blocks ``[part * blocks_per_program, ...)`` of (row ``b``, KV head ``h``) = ``bh`` into its fp32
     scratch row (:func:`triton_score.score_blocks`); returns that row's pointer once every thread's scores
     are stored (CTA barrier: the row may be re-read or its ticket taken next)."""
-    q_pos, q_neg, inv_scale = load_group_query(q_ptr, b, h, stride_qb, stride_qh, G, G_PAD, D, BLOCK_D, SCALED_F16)
     meta_bh = meta_ptr + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
     ws = ws_ptr + bh.to(tl.int64) * num_pages
     first = part * blocks_per_program
     last = tl.minimum(first + blocks_per_program, tl.cdiv(num_pages, BLOCK_P))
     score_blocks(
-        q_pos, q_neg, inv_scale, meta_bh, ws, first, last, num_pages, start, end, stride_mp, stride_mm, D, page_size,
+        q_ptr, b, h, stride_qb, stride_qh, meta_bh, ws, first, last, num_pages, start, end, stride_mp, stride_mm, D, page_size,
         G, G_PAD, BLOCK_D, BLOCK_P, GQA_SUM, F32, SCALED_F16, STAGES, WALK,
     )
     tl.debug_barrier()

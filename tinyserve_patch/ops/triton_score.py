@@ -6,8 +6,9 @@ computed as two tensor-core products ``[G_PAD, D] x [D, BLOCK_P]`` (G query head
 to 16 rows; fp32 accumulation; exact products for fp16/bf16, IEEE fp32 for fp32), reduced over the group
 by ``max`` or ``sum``; ``-inf`` for pages without a valid token. Grid ``(B * Hkv, cdiv(blocks, per))``:
 a program walks ``per`` consecutive blocks of ``BLOCK_P`` pages (``BLOCK_P * 2 * D`` contiguous metadata
-elements each), software-pipelined over ``STAGES`` when ``per > 1``; :func:`default_launch` picks ``per``
-the warps and the stages from the H100 and H200 sweeps.
+elements each), software-pipelined over ``STAGES`` (straight-line code with ``num_stages=1``), the query
+group loaded inside the walk so that the pipeline's first copies of metadata do not wait behind it;
+:func:`default_launch` picks ``per``, the warps and the stages from the H100 and H200 sweeps.
 
 The summation order differs from the reference's, so a score may differ from it in the last ulp.
 """
@@ -59,37 +60,38 @@ def load_group_query(q_ptr, b, h, stride_qb, stride_qh, G: tl.constexpr, G_PAD: 
 
 
 @triton.jit
-def score_block(
+def load_meta_block(meta_bh, pages, num_pages, stride_mp, stride_mm, D, BLOCK_D: tl.constexpr):
+    """The stored min / max metadata of ``pages`` ``[BLOCK_P]`` of one (row, KV head) as ``[BLOCK_D,
+    BLOCK_P]`` tiles (zeros past ``num_pages``); ``meta_bh`` points at that head's ``[P, 2, D]`` metadata
+    (innermost stride 1)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (pages < num_pages)[None, :] & (offs_d[:, None] < D)
+    ptrs = meta_bh + pages[None, :].to(tl.int64) * stride_mp + offs_d[:, None]  # [BLOCK_D, BLOCK_P]
+    return tl.load(ptrs, mask=mask, other=0.0), tl.load(ptrs + stride_mm, mask=mask, other=0.0)
+
+
+@triton.jit
+def block_scores(
     q_pos,
     q_neg,
     inv_scale,
-    meta_bh,
+    mn_t,
+    mx_t,
     pages,
     num_pages,
     start,
     end,
-    stride_mp,
-    stride_mm,
-    D,
     page_size,
     G: tl.constexpr,
     G_PAD: tl.constexpr,
-    BLOCK_D: tl.constexpr,
     GQA_SUM: tl.constexpr,
     F32: tl.constexpr,
     SCALED_F16: tl.constexpr,
 ):
-    """float32 scores ``[BLOCK_P]`` of ``pages`` (``-inf`` where invalid) for one (row, KV head);
-    ``meta_bh`` points at that head's ``[P, 2, D]`` metadata (innermost stride 1); ``q_pos`` / ``q_neg`` /
-    ``inv_scale`` from :func:`load_group_query`."""
-    offs_d = tl.arange(0, BLOCK_D)
-    in_range = pages < num_pages
-    mask = in_range[None, :] & (offs_d[:, None] < D)
-    ptrs = meta_bh + pages[None, :].to(tl.int64) * stride_mp + offs_d[:, None]  # [BLOCK_D, BLOCK_P]
-    mn_t = tl.load(ptrs, mask=mask, other=0.0).to(q_pos.dtype)  # fp8 metadata: exact upcast
-    mx_t = tl.load(ptrs + stride_mm, mask=mask, other=0.0).to(q_pos.dtype)
-    s = mm(q_pos, mx_t, None, F32)
-    s = mm(q_neg, mn_t, s, F32)
+    """float32 scores ``[BLOCK_P]`` of ``pages`` (``-inf`` where invalid) from their metadata tiles
+    (:func:`load_meta_block`) and the query group's halves (:func:`load_group_query`)."""
+    s = mm(q_pos, mx_t.to(q_pos.dtype), None, F32)  # fp8 metadata: exact upcast
+    s = mm(q_neg, mn_t.to(q_pos.dtype), s, F32)
     rows = tl.arange(0, G_PAD)[:, None]
     if GQA_SUM:
         red = tl.sum(tl.where(rows < G, s, 0.0), axis=0)
@@ -97,15 +99,17 @@ def score_block(
         red = tl.reduce(tl.where(rows < G, s, float("-inf")), 0, _max_keep_nan)  # a NaN head's score stays NaN
     if SCALED_F16:
         red = red * inv_scale
-    valid = page_valid(pages, start, end, page_size) & in_range
+    valid = page_valid(pages, start, end, page_size) & (pages < num_pages)
     return tl.where(valid, red, float("-inf"))
 
 
 @triton.jit
 def score_blocks(
-    q_pos,
-    q_neg,
-    inv_scale,
+    q_ptr,
+    b,
+    h,
+    stride_qb,
+    stride_qh,
     meta_bh,
     out_row,
     first,
@@ -127,23 +131,24 @@ def score_blocks(
     STAGES: tl.constexpr,
     WALK: tl.constexpr,
 ):
-    """Score page blocks ``[first, last)`` (``BLOCK_P`` pages each) of one (row, KV head) into ``out_row``
-    (float32 ``[P]``). ``WALK``: a loop software-pipelined over ``STAGES``; else the one block ``first``
-    in straight-line code (small launches)."""
+    """Score page blocks ``[first, last)`` (``BLOCK_P`` pages each) of (row ``b``, KV head ``h``) into
+    ``out_row`` (float32 ``[P]``). ``WALK``: a loop software-pipelined over ``STAGES``; else the one block
+    ``first`` in straight-line code (small launches). Either way the first metadata loads are issued
+    before the query group is needed, so their memory latency and the query's overlap."""
     if WALK:
         for blk in tl.range(first, last, num_stages=STAGES):
             pages = blk * BLOCK_P + tl.arange(0, BLOCK_P)
-            s = score_block(
-                q_pos, q_neg, inv_scale, meta_bh, pages, num_pages, start, end, stride_mp, stride_mm, D, page_size,
-                G, G_PAD, BLOCK_D, GQA_SUM, F32, SCALED_F16,
-            )
+            mn_t, mx_t = load_meta_block(meta_bh, pages, num_pages, stride_mp, stride_mm, D, BLOCK_D)
+            q_pos, q_neg, inv_scale = load_group_query(q_ptr, b, h, stride_qb, stride_qh, G, G_PAD, D, BLOCK_D, SCALED_F16)
+            s = block_scores(q_pos, q_neg, inv_scale, mn_t, mx_t, pages, num_pages, start, end, page_size, G, G_PAD,
+                             GQA_SUM, F32, SCALED_F16)
             tl.store(out_row + pages, s, mask=pages < num_pages)
     else:
         pages = first * BLOCK_P + tl.arange(0, BLOCK_P)
-        s = score_block(
-            q_pos, q_neg, inv_scale, meta_bh, pages, num_pages, start, end, stride_mp, stride_mm, D, page_size,
-            G, G_PAD, BLOCK_D, GQA_SUM, F32, SCALED_F16,
-        )
+        mn_t, mx_t = load_meta_block(meta_bh, pages, num_pages, stride_mp, stride_mm, D, BLOCK_D)
+        q_pos, q_neg, inv_scale = load_group_query(q_ptr, b, h, stride_qb, stride_qh, G, G_PAD, D, BLOCK_D, SCALED_F16)
+        s = block_scores(q_pos, q_neg, inv_scale, mn_t, mx_t, pages, num_pages, start, end, page_size, G, G_PAD,
+                         GQA_SUM, F32, SCALED_F16)
         tl.store(out_row + pages, s, mask=pages < num_pages)
 
 
@@ -193,12 +198,11 @@ def _score_kernel(
     h = bh % kv_heads
     start = tl.load(start_ptr + b).to(tl.int32)
     end = tl.load(end_ptr + b).to(tl.int32)
-    q_pos, q_neg, inv_scale = load_group_query(q_ptr, b, h, stride_qb, stride_qh, G, G_PAD, D, BLOCK_D, SCALED_F16)
     meta_bh = meta_ptr + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
     first = pb * blocks_per_program
     last = tl.minimum(first + blocks_per_program, tl.cdiv(num_pages, BLOCK_P))
     score_blocks(
-        q_pos, q_neg, inv_scale, meta_bh, out_ptr + bh.to(tl.int64) * num_pages, first, last, num_pages, start, end,
+        q_ptr, b, h, stride_qb, stride_qh, meta_bh, out_ptr + bh.to(tl.int64) * num_pages, first, last, num_pages, start, end,
         stride_mp, stride_mm, D, page_size, G, G_PAD, BLOCK_D, BLOCK_P, GQA_SUM, F32, SCALED_F16, STAGES, WALK,
     )
     if CHAIN:  # count the pages scored: the row's selection waits until all num_pages are
@@ -261,7 +265,7 @@ def resident_programs(sms: int, shared: int, num_warps: int) -> int:
 def default_launch(blocks: int, sms: int, meta_dtype: torch.dtype, block_p: int = 64, block_d: int = 128) -> tuple[int, int, int]:
     """``(blocks_per_program, num_warps, num_stages)`` of a launch walking ``blocks`` page blocks of
     ``block_p`` pages x ``block_d`` (all rows x KV heads) on ``sms`` SMs: about one program per SM, walking
-    at most 4 blocks each, software-pipelined over 3 stages (1 when a program has one block), 4 warps.
+    at most 4 blocks each, software-pipelined over 3 stages (2 when a program has one block: :func:`walk_stages`), 4 warps.
     Chosen on the decode chain (score -> select -> attention with PDL), where it counts, over three H100
     runs of ``bench_kernels.py`` (2026-11-23, ``kernels_h100.json`` and ``kernels_h100_score_plan_old*.json``):
     against the earlier ~2 programs per SM with up to 8 blocks each, Llama-3-8B B=8 / 16K 58.7 -> 48.4 us,
@@ -292,9 +296,11 @@ def default_launch(blocks: int, sms: int, meta_dtype: torch.dtype, block_p: int 
 
 
 def walk_stages(per: int, meta_dtype: torch.dtype) -> int:
-    """Pipeline stages of a walk of ``per`` blocks: 1 (straight-line) for one block, else 2 over fp8
-    metadata and 3 over the model's dtype (:func:`default_launch`)."""
-    return 1 if per == 1 else 2 if meta_dtype in FP8_DTYPES else 3
+    """Pipeline stages of a walk of ``per`` blocks: 2 for one block or over fp8 metadata, else 3
+    (:func:`default_launch`). One block is a one-iteration pipelined loop too: its prologue issues the
+    metadata and the query as asynchronous copies before waiting on any (the straight-line code of
+    ``num_stages=1`` waits on its first load before issuing the rest: ``resource_report.py``'s SASS)."""
+    return 2 if per == 1 or meta_dtype in FP8_DTYPES else 3
 
 
 def plan_walk(
@@ -316,9 +322,10 @@ def plan_walk(
     per, warps, _ = default_launch(batch_heads * blocks, sm_count(device), meta_dtype, block_p, consts["BLOCK_D"])
     per = blocks_per_program or per
     check(per >= 1, f"blocks_per_program={per} must be >= 1")
+    stages = num_stages or walk_stages(per, meta_dtype)
     return dict(
         BLOCK_P=block_p, blocks_per_program=per, programs_per_row=triton.cdiv(blocks, per),
-        num_warps=num_warps or warps, STAGES=num_stages or walk_stages(per, meta_dtype), WALK=per > 1,
+        num_warps=num_warps or warps, STAGES=stages, WALK=per > 1 or stages > 1,
     )
 
 
