@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tinyserve_patch.ops import reference as ref
-from tinyserve_patch.ops.triton_decode import MERGE_TILE_ELEMS, merge_tile, plan_splits, sparse_decode_attention_triton
+from tinyserve_patch.ops.triton_decode import MERGE_TILE_ELEMS, default_stages, merge_tile, plan_splits, sparse_decode_attention_triton
 from tests.ops.kernel_cases import DEVICE, cache, gen, randn, random_indices, rel_err, rows
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 5e-3}
@@ -130,6 +130,12 @@ def test_decode_dense_mode_equals_every_page_listed(dtype, slots, num_splits):
     torch.testing.assert_close(got.float(), ref.dense_decode_attention(q, k, v, start, end, 0.2).float(), rtol=2e-2, atol=2e-2)
     with pytest.raises(ValueError, match="dense decode needs"):
         sparse_decode_attention_triton(q, k, v, None, start, end, ps, 0.2, slots=cap // ps + 1)
+
+
+def test_default_stages():
+    """3 stages for the dense decode at head_dim <= 64 (contiguous pages), 2 otherwise (H200 sweep)."""
+    assert [default_stages(bd, True) for bd in (16, 64, 128, 256)] == [3, 3, 2, 2]
+    assert [default_stages(bd, False) for bd in (16, 64, 128, 256)] == [2, 2, 2, 2]
 
 
 def test_plan_splits_fills_the_gpu():

@@ -343,6 +343,15 @@ def default_block_n(head_dim: int) -> int:
     return 128 if max(16, triton.next_power_of_2(head_dim)) <= 128 else 32
 
 
+def default_stages(block_d: int, dense: bool) -> int:
+    """Pipeline stages of the attention loop: 2 (H100 sweep, 2026-11-23), but 3 for the dense decode at
+    head_dim <= 64, whose pages run contiguously (H200 sweep ``tune_decode_h200_dense_1a0ef7f.json``, same
+    splits and blocks: TinyLlama B=8/16K 43.0 -> 37.9 us, B=8/64K 144.1 -> 139.3, B=1/64K 24.0 -> 21.5,
+    B=8/2K 10.9 -> 10.0, B=1/16K level at 9.9; at head_dim 128 no stage count beat the default's
+    splits and blocks)."""
+    return 3 if dense and block_d <= 64 else 2
+
+
 def plan_splits(batch_heads: int, num_select: int, page_size: int, block_n: int, sm_count: int) -> tuple[int, int]:
     """``(num_splits, tokens_per_split)``: about two programs per SM, at least ``block_n`` tokens each;
     ``tokens_per_split`` is a multiple of ``block_n``. Shapes only (no data), so launches are static."""
@@ -410,7 +419,7 @@ def sparse_decode_attention_triton(
     num_splits: int | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
-    num_stages: int = 2,
+    num_stages: int | None = None,
     merge: str | None = None,
     chain: tuple[torch.Tensor, torch.Tensor] | None = None,
     merge_chunk: int | None = None,
@@ -458,6 +467,7 @@ def sparse_decode_attention_triton(
 
     block_d = max(16, triton.next_power_of_2(d))
     block_n = block_n or default_block_n(d)
+    num_stages = num_stages or default_stages(block_d, dense)
     check(block_n >= 16 and block_n & (block_n - 1) == 0, f"block_n={block_n}: a power of two >= 16 (tl.dot's smallest K)")
     if num_splits is None:
         splits, per = plan_splits(b * hkv, n_sel, page_size, block_n, sm_count(q.device))

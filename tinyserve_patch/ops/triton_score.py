@@ -6,9 +6,8 @@ computed as two tensor-core products ``[G_PAD, D] x [D, BLOCK_P]`` (G query head
 to 16 rows; fp32 accumulation; exact products for fp16/bf16, IEEE fp32 for fp32), reduced over the group
 by ``max`` or ``sum``; ``-inf`` for pages without a valid token. Grid ``(B * Hkv, cdiv(blocks, per))``:
 a program walks ``per`` consecutive blocks of ``BLOCK_P`` pages (``BLOCK_P * 2 * D`` contiguous metadata
-elements each), software-pipelined over ``STAGES`` (straight-line code with ``num_stages=1``), the query
-group loaded inside the walk so that the pipeline's first copies of metadata do not wait behind it;
-:func:`default_launch` picks ``per``, the warps and the stages from the H100 and H200 sweeps.
+elements each), software-pipelined over ``STAGES`` (:func:`score_blocks`); :func:`default_launch` picks
+``per``, the warps and the stages from the H100 and H200 sweeps.
 
 The summation order differs from the reference's, so a score may differ from it in the last ulp.
 """
@@ -132,10 +131,22 @@ def score_blocks(
     WALK: tl.constexpr,
 ):
     """Score page blocks ``[first, last)`` (``BLOCK_P`` pages each) of (row ``b``, KV head ``h``) into
-    ``out_row`` (float32 ``[P]``). ``WALK``: a loop software-pipelined over ``STAGES``; else the one block
-    ``first`` in straight-line code (small launches). Either way the first metadata loads are issued
-    before the query group is needed, so their memory latency and the query's overlap."""
+    ``out_row`` (float32 ``[P]``), software-pipelined over ``STAGES``. ``WALK`` (several blocks): the
+    query group's halves are made once, before the loop. Else (one block) a one-iteration loop that loads
+    the query group inside it, so that its prologue issues the metadata and the query as asynchronous
+    copies together: made before the loop, the query's load is waited on before the first metadata copy
+    is issued (two memory latencies in series; same-run A/B on the H200, ``benchmarks/NOTES.md``: the
+    score at one block a program 2.6 -> 2.2 us, while loading the query inside a walk of several blocks
+    slowed it by up to 1 us, 3-4 us over fp8 metadata)."""
     if WALK:
+        q_pos, q_neg, inv_scale = load_group_query(q_ptr, b, h, stride_qb, stride_qh, G, G_PAD, D, BLOCK_D, SCALED_F16)
+        for blk in tl.range(first, last, num_stages=STAGES):
+            pages = blk * BLOCK_P + tl.arange(0, BLOCK_P)
+            mn_t, mx_t = load_meta_block(meta_bh, pages, num_pages, stride_mp, stride_mm, D, BLOCK_D)
+            s = block_scores(q_pos, q_neg, inv_scale, mn_t, mx_t, pages, num_pages, start, end, page_size, G, G_PAD,
+                             GQA_SUM, F32, SCALED_F16)
+            tl.store(out_row + pages, s, mask=pages < num_pages)
+    else:
         for blk in tl.range(first, last, num_stages=STAGES):
             pages = blk * BLOCK_P + tl.arange(0, BLOCK_P)
             mn_t, mx_t = load_meta_block(meta_bh, pages, num_pages, stride_mp, stride_mm, D, BLOCK_D)
@@ -143,13 +154,6 @@ def score_blocks(
             s = block_scores(q_pos, q_neg, inv_scale, mn_t, mx_t, pages, num_pages, start, end, page_size, G, G_PAD,
                              GQA_SUM, F32, SCALED_F16)
             tl.store(out_row + pages, s, mask=pages < num_pages)
-    else:
-        pages = first * BLOCK_P + tl.arange(0, BLOCK_P)
-        mn_t, mx_t = load_meta_block(meta_bh, pages, num_pages, stride_mp, stride_mm, D, BLOCK_D)
-        q_pos, q_neg, inv_scale = load_group_query(q_ptr, b, h, stride_qb, stride_qh, G, G_PAD, D, BLOCK_D, SCALED_F16)
-        s = block_scores(q_pos, q_neg, inv_scale, mn_t, mx_t, pages, num_pages, start, end, page_size, G, G_PAD,
-                         GQA_SUM, F32, SCALED_F16)
-        tl.store(out_row + pages, s, mask=pages < num_pages)
 
 
 @triton.jit
@@ -297,9 +301,8 @@ def default_launch(blocks: int, sms: int, meta_dtype: torch.dtype, block_p: int 
 
 def walk_stages(per: int, meta_dtype: torch.dtype) -> int:
     """Pipeline stages of a walk of ``per`` blocks: 2 for one block or over fp8 metadata, else 3
-    (:func:`default_launch`). One block is a one-iteration pipelined loop too: its prologue issues the
-    metadata and the query as asynchronous copies before waiting on any (the straight-line code of
-    ``num_stages=1`` waits on its first load before issuing the rest: ``resource_report.py``'s SASS)."""
+    (:func:`default_launch`). One block runs as a one-iteration pipelined loop, whose prologue issues the
+    metadata and the query as asynchronous copies before waiting on any (:func:`score_blocks`)."""
     return 2 if per == 1 or meta_dtype in FP8_DTYPES else 3
 
 
@@ -322,10 +325,9 @@ def plan_walk(
     per, warps, _ = default_launch(batch_heads * blocks, sm_count(device), meta_dtype, block_p, consts["BLOCK_D"])
     per = blocks_per_program or per
     check(per >= 1, f"blocks_per_program={per} must be >= 1")
-    stages = num_stages or walk_stages(per, meta_dtype)
     return dict(
         BLOCK_P=block_p, blocks_per_program=per, programs_per_row=triton.cdiv(blocks, per),
-        num_warps=num_warps or warps, STAGES=stages, WALK=per > 1 or stages > 1,
+        num_warps=num_warps or warps, STAGES=num_stages or walk_stages(per, meta_dtype), WALK=per > 1,
     )
 
 
