@@ -46,6 +46,7 @@ SASS_OPS = {
     "ldg_128": r"\bLDG\.E\.128\b", "ldg_64": r"\bLDG\.E\.64\b", "ldg_narrow": r"\bLDG\.E(\.(U8|S8|U16|S16))?\s",
     "ldgsts": r"\bLDGSTS\b", "hmma": r"\bHMMA\b", "hgmma": r"\bHGMMA\b", "bar_sync": r"\bBAR\.SYNC\b",
     "shfl": r"\bSHFL\b", "redux": r"\bREDUX\b", "stg": r"\bSTG\b",
+    "ublkpf": r"\bUBLKPF\b",  # bulk L2 prefetches (the score's metadata, before its PDL wait)
     "f2f": r"\bF2F\.",  # scalar conversions (16 per clock per SM): none per value when fp8 data is upcast to fp16
 }
 
@@ -89,14 +90,16 @@ def capture_launch(kernel, launcher, skip=(), nth: int = 0) -> dict:
     return seen
 
 
-def specialize(kernel, args: dict, pdl: bool = True):
-    """``(signature, constexprs, attrs)`` of ``args`` as Triton's JIT would specialize them for a launch."""
+def specialize(kernel, args: dict, pdl: bool = True, num_warps: int = 4):
+    """``(signature, constexprs, attrs)`` of ``args`` as Triton's JIT would specialize them for a launch on
+    the device: with ``pdl``, ``PDL`` on and ``PREFETCH`` (the score's L2 prefetch) at one per warp,
+    as the launchers set them there (on the meta tensors here they see no PDL)."""
     signature, constexprs, attrs = {}, {}, {}
     for i, p in enumerate(kernel.params):
         v = args[p.name]
         if p.is_constexpr:
             signature[p.name] = "constexpr"
-            constexprs[p.name] = pdl if p.name == "PDL" else v
+            constexprs[p.name] = {"PDL": pdl, "PREFETCH": num_warps * pdl}.get(p.name, v)
         elif isinstance(v, torch.Tensor):
             signature[p.name] = "*" + TRITON_TYPES[v.dtype]
             attrs[(i,)] = [["tt.divisibility", 16]]
@@ -123,7 +126,7 @@ def _tool(name: str) -> str:
 
 def report(name: str, kernel, launch: dict) -> dict:
     """Compile one captured launch for sm_90 and summarise its resources and SASS."""
-    signature, constexprs, attrs = specialize(kernel, launch["args"])
+    signature, constexprs, attrs = specialize(kernel, launch["args"], num_warps=launch["options"].get("num_warps", 4))
     options = {k: v for k, v in launch["options"].items() if k in ("num_warps", "num_stages", "num_ctas", "maxnreg")}
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
                               target=GPUTarget("cuda", 90, 32), options=options)
@@ -222,7 +225,7 @@ def main(argv=None) -> int:
     rows = [report(name, kernel, launch) for name, kernel, launch in chain_launches(args.model, args.batch, args.tokens, args.budget)]
     print(f"{args.model} B={args.batch} {args.tokens} tokens, budget {args.budget}; sm_90, triton {triton.__version__}")
     cols = ["kernel", "ctas", "num_warps", "num_stages", "regs", "local_bytes", "smem_bytes", "ctas_per_sm", "sass_instructions",
-            "ldg_128", "ldg_64", "ldg_narrow", "ldgsts", "hmma", "bar_sync", "shfl", "redux", "f2f"]
+            "ldg_128", "ldg_64", "ldg_narrow", "ldgsts", "hmma", "bar_sync", "shfl", "redux", "ublkpf", "f2f"]
     print(" | ".join(cols))
     for r in rows:
         print(" | ".join(str(r.get(c, "")) for c in cols))

@@ -67,6 +67,11 @@ def test_resource_report_on_a_small_shape(tmp_path):
             assert rows[name]["ctas_per_sm"] == split["ctas_per_sm"], name
         else:
             assert split["ctas"] <= 132 and min(rows[name]["ctas_per_sm"], split["ctas_per_sm"]) >= 1
+    # the scoring kernels prefetch their metadata into L2 (one bulk prefetch a warp, with warp-uniform
+    # operands: one instruction, no loop over distinct values); nothing else does
+    scoring = ["score", "score (chained)", "score (fp8 metadata)", "score + select (fused chain)"]
+    for name, r in rows.items():
+        assert r["ublkpf"] == (1 if name in scoring else 0), (name, r["ublkpf"])
     # fp8 metadata / K/V against a bfloat16 query: products in fp16 on a scaled query, so no scalar F2F
     # conversion per loaded value (the fp8 -> bf16 upcast took two per pair and made both kernels
     # conversion-bound on the H200)

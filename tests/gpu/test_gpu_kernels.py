@@ -396,6 +396,50 @@ def test_gpu_pdl_launches_equal_plain_launches_eager_and_graphed(monkeypatch, me
             assert torch.equal(x, y), (pdl, graphed)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_gpu_score_right_after_append_sees_the_appended_metadata(monkeypatch, fused):
+    """The score kernels prefetch their metadata into L2 before their PDL wait, while the append launched
+    just before them may still be widening the last page's bounds. Step after step (no sync between the
+    launches), every score / selection equals the one made with PDL off, where each launch starts after the
+    previous one ended; the appended keys grow, so a stale bound would change both."""
+    g = torch.Generator(device=DEV).manual_seed(9)
+    b, hkv, hq, d, cap, ps, steps = 3, 8, 32, 128, 8192, 16, 24
+    prompt = torch.randn(b, hkv, 3000, d, generator=g, device=DEV).to(torch.bfloat16)
+    seq_start = torch.tensor([0, 40, 0], dtype=torch.int32, device=DEV)
+    pos = [torch.tensor([3000 + i, 2500 + i, 4100 + 2 * i], dtype=torch.int32, device=DEV) for i in range(steps)]
+    ends = [p + 1 for p in pos]
+    k_new = [(torch.randn(b, hkv, 1, d, generator=g, device=DEV) * (4 + i)).to(torch.bfloat16) for i in range(steps)]
+    q = torch.randn(b, hq, d, generator=g, device=DEV).to(torch.bfloat16)
+
+    def run(pdl: str):
+        monkeypatch.setenv("TINYSERVE_PDL", pdl)
+        k = torch.zeros(b, hkv, cap, d, dtype=torch.bfloat16, device=DEV)
+        meta = torch.zeros(b, hkv, cap // ps, 2, d, dtype=torch.bfloat16, device=DEV)
+        append_kv_triton(k, k, meta, prompt, prompt, torch.zeros(1, dtype=torch.int32, device=DEV))
+        torch.cuda.synchronize()
+        outs = []
+        for i in range(steps):
+            append_kv_triton(k, k, meta, k_new[i], k_new[i], pos[i])
+            if fused:
+                outs.append(score_and_select_triton(q, meta, seq_start, ends[i], ps, 16, 0, 0, "max", blocks_per_program=1))
+            else:
+                outs.append(page_scores_triton(q, meta, seq_start, ends[i], ps, "max"))
+        torch.cuda.synchronize()
+        return outs, meta
+
+    plain, meta = run("0")
+    got, _ = run("1")
+    for i, (x, y) in enumerate(zip(got, plain)):
+        assert torch.equal(x, y), i
+    last_page = (pos[-1] // ps).long()
+    if fused:  # the widened last page is selected in every row: a stale bound would not have been
+        assert all(bool((got[-1][r] == last_page[r]).any(dim=-1).all()) for r in range(b))
+    else:
+        expect = ref.page_scores(q, meta, seq_start, ends[-1], ps, "max")
+        fin = torch.isfinite(expect)
+        torch.testing.assert_close(got[-1][fin], expect[fin], rtol=1e-5, atol=1e-3)
+
+
 # ---------------------------------------------------------------------------------------------- trace
 
 

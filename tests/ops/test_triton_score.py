@@ -90,6 +90,19 @@ def test_default_launch():
     assert [walk_stages(per, bf16) for per in (1, 2, 8)] == [2, 3, 3]  # an override of the walk keeps the rule
 
 
+def test_prefetch_plan():
+    """One L2 prefetch a warp, only on a PDL launch (the only one that can start beside the previous grid),
+    unless turned off; the interpreter never gets one (it runs no inline PTX)."""
+    from tinyserve_patch.ops._triton_common import use_pdl
+    from tinyserve_patch.ops.triton_score import PREFETCH_BYTES, prefetch_plan
+
+    assert prefetch_plan(True, 4) == dict(PREFETCH=4, PREFETCH_BYTES=PREFETCH_BYTES)
+    assert prefetch_plan(True, 8, prefetch=True)["PREFETCH"] == 8
+    assert prefetch_plan(True, 4, prefetch=False)["PREFETCH"] == 0
+    assert prefetch_plan(False, 4)["PREFETCH"] == prefetch_plan(False, 4, prefetch=True)["PREFETCH"] == 0
+    assert not use_pdl(torch.device("cpu"))
+
+
 def test_scores_reject_bad_input():
     gn = gen(6)
     _, _, meta = cache(1, 1, 32, 16, 8, torch.float32, gn)

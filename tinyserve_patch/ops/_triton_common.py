@@ -521,3 +521,47 @@ def select_from_scores(
     key, k, lo, hi, above, n_lo = selection_keys(scores, offs, num_pages, start, end, num_select, page_size, sink, recent)
     t, need = kth_largest_key(key, tl.maximum(k, 1), lo, hi, above, n_lo, out_ptr, num_select, WAYS, FINISH)
     write_selection(key, t, need, k, offs, out_ptr, num_select, BLOCK)
+
+
+@triton.jit
+def prefetch_l2(ptr, nbytes, WARPS: tl.constexpr):
+    """Ask L2 to fetch ``nbytes`` (< 2^31) of global memory from ``ptr``, rounded out to 16-byte bounds: each
+    of the program's ``WARPS`` warps issues one ``cp.async.bulk.prefetch.L2`` (sm_90) for its share, with
+    warp-uniform operands (the instruction takes uniform registers: per-thread operands would be issued
+    one distinct value at a time). Nothing comes back to registers. Meant for before :func:`pdl_enter`:
+    L2 is the GPU's point of coherence, so a line fetched while the previous grid still writes is updated
+    by those writes and the loads after the wait see them; the prefetch only moves DRAM latency and bytes
+    earlier, beside the previous grid. ``WARPS = 0``: nothing."""
+    if WARPS > 0:
+        tl.inline_asm_elementwise(
+            f"""{{
+            .reg .pred p;
+            .reg .b32 w, c, lo, n;
+            .reg .b64 a, e;
+            mov.u32 w, %tid.x;
+            shr.u32 w, w, 5;
+            add.u32 c, $2, {16 * WARPS - 1};
+            div.u32 c, c, {16 * WARPS};
+            shl.b32 c, c, 4;
+            mul.lo.u32 lo, w, c;
+            sub.s32 n, $2, lo;
+            min.s32 n, n, c;
+            setp.gt.s32 p, n, 0;
+            cvt.u64.u32 e, lo;
+            add.u64 a, $1, e;
+            cvt.s64.s32 e, n;
+            add.u64 e, e, a;
+            add.u64 e, e, 15;
+            and.b64 e, e, -16;
+            and.b64 a, a, -16;
+            sub.u64 e, e, a;
+            cvt.u32.u64 n, e;
+            @p cp.async.bulk.prefetch.L2.global [a], n;
+            mov.u32 $0, 0;
+            }}""",
+            "=r,l,r",
+            [ptr.to(tl.pointer_type(tl.int8)), nbytes.to(tl.int32)],
+            dtype=tl.int32,
+            is_pure=False,
+            pack=1,
+        )

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from ._triton_common import SELECT_FINISH, SELECT_WAYS, check, check_finish, check_select_pages, check_ways, pdl_enter, select_from_scores, select_num_warps, signal_row, ticket_counters, trace_mark, use_pdl
 from .trace import KernelTrace
-from .triton_score import plan_walk, score_blocks, score_meta
+from .triton_score import plan_walk, prefetch_meta, prefetch_plan, score_blocks, score_meta
 
 
 @triton.jit
@@ -109,14 +109,18 @@ def _fused_kernel(
     CHAIN: tl.constexpr,
     PDL: tl.constexpr,
     TRACE: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    PREFETCH_BYTES: tl.constexpr,
 ):
     trace_mark(trace_ptr, 0, TRACE)
-    pdl_enter(PDL)
-    trace_mark(trace_ptr, 1, TRACE)
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // kv_heads
     h = bh % kv_heads
+    prefetch_meta(meta_ptr, b, h, pid, blocks_per_program, num_pages, stride_mb, stride_mh, stride_mp, BLOCK_P, PREFETCH,
+                  PREFETCH_BYTES)
+    pdl_enter(PDL)
+    trace_mark(trace_ptr, 1, TRACE)
     start = tl.load(start_ptr + b).to(tl.int32)
     end = tl.load(end_ptr + b).to(tl.int32)
     ws = score_part(q_ptr, meta_ptr, ws_ptr, b, h, bh, pid, blocks_per_program, num_pages, start, end, stride_qb, stride_qh,
@@ -155,12 +159,14 @@ def score_and_select_triton(
     flags: torch.Tensor | None = None,
     trace: KernelTrace | None = None,
     maxnreg: int | None = None,
+    prefetch: bool | None = None,
 ) -> torch.Tensor:
     """int32 ``[B, Hkv, num_select]`` (see module docstring). ``blocks_per_program``, ``ways``, ``finish``,
     ``num_warps``, ``block_p`` and ``num_stages`` override the tuned defaults (tests, tuning). ``flags``
     (int32 ``[>= B * Hkv]``, zeroed): the row-chained mode (:mod:`triton_chain`), the program that selects a
     row adds 1 to its flag once the row's pages are stored. ``trace``: record each program's timestamps
-    (:mod:`trace`). ``maxnreg``: cap the registers per thread (tuning the occupancy of the score part)."""
+    (:mod:`trace`). ``maxnreg``: cap the registers per thread (tuning the occupancy of the score part).
+    ``prefetch=False``: no L2 prefetch of the metadata before the wait (:func:`triton_score.prefetch_meta`)."""
     q, meta, consts = score_meta(q, meta, seq_start, seq_end, page_size, gqa_reduction)
     check(num_select >= 1, f"num_select={num_select} must be >= 1")
     check(sink_pages >= 0 and recent_pages >= 0, "sink_pages / recent_pages must be >= 0")
@@ -189,6 +195,7 @@ def score_and_select_triton(
         page_size, sink_pages, recent_pages, out if flags is None else flags,
         out if trace is None else trace.region("score_select", nprog * b * hkv, meta.device),
         BLOCK=block, WAYS=ways, FINISH=finish, SINGLE=nprog == 1, CHAIN=flags is not None, TRACE=trace is not None,
-        PDL=pdl, launch_pdl=pdl, **({} if maxnreg is None else {"maxnreg": maxnreg}), **walk, **consts,
+        PDL=pdl, launch_pdl=pdl, **({} if maxnreg is None else {"maxnreg": maxnreg}), **prefetch_plan(pdl, walk["num_warps"], prefetch),
+        **walk, **consts,
     )
     return out

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import check, check_float_dtype, check_head_dim, check_page_size, check_rows, f32_dot, mm, page_valid, pdl_enter, scaled_f16, scaled_f16_query, signal_row, sm_count, trace_mark, use_pdl
+from ._triton_common import check, check_float_dtype, check_head_dim, check_page_size, check_rows, f32_dot, mm, page_valid, pdl_enter, prefetch_l2, scaled_f16, scaled_f16_query, signal_row, sm_count, trace_mark, use_pdl
 from .reference import FP8_DTYPES
 from .trace import KernelTrace
 
@@ -151,6 +151,23 @@ def score_blocks(
 
 
 @triton.jit
+def prefetch_meta(meta_ptr, b, h, part, blocks_per_program, num_pages, stride_mb, stride_mh, stride_mp, BLOCK_P: tl.constexpr,
+                  PREFETCH: tl.constexpr, PREFETCH_BYTES: tl.constexpr):
+    """Before the grid's wait (:func:`pdl_enter`): an L2 prefetch of (the first ``PREFETCH_BYTES`` of) the
+    metadata that program ``part`` of (row ``b``, KV head ``h``) walks, its blocks ``[part * blocks_per_program,
+    ...)``, split over ``PREFETCH`` warps (0: none; :func:`prefetch_plan`). It needs no data from earlier
+    grids (the range follows from the grid and ``num_pages``), and L2 keeps the lines coherent with the
+    previous grid's metadata writes (the append's)."""
+    if PREFETCH > 0:
+        lo = part * blocks_per_program * BLOCK_P
+        hi = tl.minimum(lo + blocks_per_program * BLOCK_P, num_pages)
+        elt_bytes = meta_ptr.dtype.element_ty.primitive_bitwidth // 8
+        nbytes = tl.minimum((hi - lo).to(tl.int64) * stride_mp * elt_bytes, PREFETCH_BYTES)
+        meta_lo = meta_ptr + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh + lo.to(tl.int64) * stride_mp
+        prefetch_l2(meta_lo, nbytes, PREFETCH)
+
+
+@triton.jit
 def _score_kernel(
     q_ptr,
     meta_ptr,
@@ -182,10 +199,10 @@ def _score_kernel(
     CHAIN: tl.constexpr,
     PDL: tl.constexpr,
     TRACE: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    PREFETCH_BYTES: tl.constexpr,
 ):
     trace_mark(trace_ptr, 0, TRACE)
-    pdl_enter(PDL)
-    trace_mark(trace_ptr, 1, TRACE)
     if CHAIN:  # grid (programs_per_row, B * Hkv): a row's programs adjacent, rows finish in order
         pb = tl.program_id(0)
         bh = tl.program_id(1)
@@ -194,6 +211,10 @@ def _score_kernel(
         pb = tl.program_id(1)
     b = bh // kv_heads
     h = bh % kv_heads
+    prefetch_meta(meta_ptr, b, h, pb, blocks_per_program, num_pages, stride_mb, stride_mh, stride_mp, BLOCK_P, PREFETCH,
+                  PREFETCH_BYTES)
+    pdl_enter(PDL)
+    trace_mark(trace_ptr, 1, TRACE)
     start = tl.load(start_ptr + b).to(tl.int32)
     end = tl.load(end_ptr + b).to(tl.int32)
     meta_bh = meta_ptr + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
@@ -300,6 +321,19 @@ def walk_stages(per: int, meta_dtype: torch.dtype) -> int:
     return 2 if per == 1 or meta_dtype in FP8_DTYPES else 3
 
 
+#: Metadata bytes a score program prefetches into L2 before its wait (:func:`prefetch_meta`): its whole walk
+#: at the default plans of head_dim 64 (<= 4 blocks of 16 KB), the first two blocks at head_dim 128.
+PREFETCH_BYTES = 64 * 1024
+
+
+def prefetch_plan(pdl: bool, num_warps: int, prefetch: bool | None = None) -> dict:
+    """``PREFETCH`` / ``PREFETCH_BYTES`` constants of a score launch: every warp of a program issues one
+    L2 prefetch (:func:`prefetch_meta`) when launched with PDL (``prefetch`` None or True), else none: only a
+    PDL launch can start before the previous grid ends, which is what the prefetch overlaps."""
+    on = pdl and (prefetch is None or prefetch)
+    return dict(PREFETCH=num_warps if on else 0, PREFETCH_BYTES=PREFETCH_BYTES)
+
+
 def plan_walk(
     consts: dict,
     pages: int,
@@ -338,12 +372,13 @@ def page_scores_triton(
     num_stages: int | None = None,
     signal: torch.Tensor | None = None,
     trace: KernelTrace | None = None,
+    prefetch: bool | None = None,
 ) -> torch.Tensor:
     """float32 ``[B, Hkv, P]`` Quest upper bounds (see module docstring). ``block_p``, ``num_warps``,
     ``blocks_per_program`` and ``num_stages`` override the tuned defaults. ``signal`` (int32 ``[>= B * Hkv]``,
     zeroed): row-chained mode (:mod:`triton_chain`), each program adds the number of pages it scored to
     its row's counter once their scores are stored. ``trace``: record each program's timestamps
-    (:mod:`trace`)."""
+    (:mod:`trace`). ``prefetch=False``: no L2 prefetch of the metadata before the wait (A/B timing)."""
     q, meta, consts = score_meta(q, meta, seq_start, seq_end, page_size, gqa_reduction)
     b, hkv, pages, _, d = meta.shape
     out = torch.empty((b, hkv, pages), dtype=torch.float32, device=meta.device)
@@ -359,6 +394,7 @@ def page_scores_triton(
         q, meta, seq_start, seq_end, out, pages, hkv, d,
         q.stride(0), q.stride(1), meta.stride(0), meta.stride(1), meta.stride(2), meta.stride(3), page_size,
         per, signal if chain else out, out if trace is None else trace.region("score", grid[0] * grid[1], meta.device),
-        CHAIN=chain, PDL=pdl, TRACE=trace is not None, launch_pdl=pdl, **walk, **consts,
+        CHAIN=chain, PDL=pdl, TRACE=trace is not None, launch_pdl=pdl, **prefetch_plan(pdl, walk["num_warps"], prefetch),
+        **walk, **consts,
     )
     return out
