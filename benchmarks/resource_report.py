@@ -25,6 +25,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from unittest import mock
 from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU target: before Triton is imported
@@ -90,16 +91,15 @@ def capture_launch(kernel, launcher, skip=(), nth: int = 0) -> dict:
     return seen
 
 
-def specialize(kernel, args: dict, pdl: bool = True, num_warps: int = 4):
-    """``(signature, constexprs, attrs)`` of ``args`` as Triton's JIT would specialize them for a launch on
-    the device: with ``pdl``, ``PDL`` on and ``PREFETCH`` (the score's L2 prefetch) at one per warp,
-    as the launchers set them there (on the meta tensors here they see no PDL)."""
+def specialize(kernel, args: dict, pdl: bool = True):
+    """``(signature, constexprs, attrs)`` of ``args`` as Triton's JIT would specialize them for a launch
+    (with ``pdl``: ``PDL`` on, as on a Hopper device)."""
     signature, constexprs, attrs = {}, {}, {}
     for i, p in enumerate(kernel.params):
         v = args[p.name]
         if p.is_constexpr:
             signature[p.name] = "constexpr"
-            constexprs[p.name] = {"PDL": pdl, "PREFETCH": num_warps * pdl}.get(p.name, v)
+            constexprs[p.name] = pdl if p.name == "PDL" else v
         elif isinstance(v, torch.Tensor):
             signature[p.name] = "*" + TRITON_TYPES[v.dtype]
             attrs[(i,)] = [["tt.divisibility", 16]]
@@ -126,7 +126,7 @@ def _tool(name: str) -> str:
 
 def report(name: str, kernel, launch: dict) -> dict:
     """Compile one captured launch for sm_90 and summarise its resources and SASS."""
-    signature, constexprs, attrs = specialize(kernel, launch["args"], num_warps=launch["options"].get("num_warps", 4))
+    signature, constexprs, attrs = specialize(kernel, launch["args"])
     options = {k: v for k, v in launch["options"].items() if k in ("num_warps", "num_stages", "num_ctas", "maxnreg")}
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
                               target=GPUTarget("cuda", 90, 32), options=options)
@@ -157,7 +157,17 @@ def chain_launches(model: str, batch: int, tokens: int, budget: int) -> list[tup
     (``finish=64``), then the same three in
     the row-chained mode (``ops/triton_chain.py``), the fused score + select kernel of its fused mode (with
     its register cap), the persistent decode (``ops/triton_persistent.py``, one grid and two), then the score over fp8 page metadata and the attention
-    over an fp8 K/V cache (``page_meta_dtype`` / ``kv_cache_dtype="fp8_e4m3"``), captured on meta tensors."""
+    over an fp8 K/V cache (``page_meta_dtype`` / ``kv_cache_dtype="fp8_e4m3"``), captured on meta tensors, the
+    score launchers seeing a PDL device (so their L2 prefetch plan is the device's)."""
+    from tinyserve_patch.ops import triton_fused_select, triton_score
+
+    with mock.patch.object(triton_score, "use_pdl", lambda device: True), \
+            mock.patch.object(triton_fused_select, "use_pdl", lambda device: True):
+        return _chain_launches(model, batch, tokens, budget)
+
+
+def _chain_launches(model: str, batch: int, tokens: int, budget: int) -> list[tuple[str, object, dict]]:
+    """:func:`chain_launches`, with the score launchers seeing a PDL device (their L2 prefetch plan)."""
     from tinyserve_patch.ops import triton_chain, triton_decode, triton_fused_select, triton_persistent, triton_score, triton_select
 
     chained = (triton_score._score_kernel, triton_select._select_kernel, triton_decode._decode_split_kernel)

@@ -421,9 +421,10 @@ def test_gpu_score_right_after_append_sees_the_appended_metadata(monkeypatch, fu
         for i in range(steps):
             append_kv_triton(k, k, meta, k_new[i], k_new[i], pos[i])
             if fused:
-                outs.append(score_and_select_triton(q, meta, seq_start, ends[i], ps, 16, 0, 0, "max", blocks_per_program=1))
+                outs.append(score_and_select_triton(q, meta, seq_start, ends[i], ps, 16, 0, 0, "max", blocks_per_program=1,
+                                                    prefetch=True))
             else:
-                outs.append(page_scores_triton(q, meta, seq_start, ends[i], ps, "max"))
+                outs.append(page_scores_triton(q, meta, seq_start, ends[i], ps, "max", prefetch=True))
         torch.cuda.synchronize()
         return outs, meta
 

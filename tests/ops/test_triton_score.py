@@ -92,14 +92,17 @@ def test_default_launch():
 
 def test_prefetch_plan():
     """One L2 prefetch a warp, only on a PDL launch (the only one that can start beside the previous grid),
-    unless turned off; the interpreter never gets one (it runs no inline PTX)."""
+    by default only over at most 8 MiB of metadata; forced on or off; the interpreter never gets one (it
+    runs no inline PTX)."""
     from tinyserve_patch.ops._triton_common import use_pdl
     from tinyserve_patch.ops.triton_score import PREFETCH_BYTES, prefetch_plan
 
-    assert prefetch_plan(True, 4) == dict(PREFETCH=4, PREFETCH_BYTES=PREFETCH_BYTES)
-    assert prefetch_plan(True, 8, prefetch=True)["PREFETCH"] == 8
-    assert prefetch_plan(True, 4, prefetch=False)["PREFETCH"] == 0
-    assert prefetch_plan(False, 4)["PREFETCH"] == prefetch_plan(False, 4, prefetch=True)["PREFETCH"] == 0
+    tiny_b1_128k, llama_b1_64k = 4 * 8192 * 2 * 64 * 2, 8 * 4096 * 2 * 128 * 2  # 8 MiB, 16 MiB
+    assert prefetch_plan(True, 4, tiny_b1_128k) == dict(PREFETCH=4, PREFETCH_BYTES=PREFETCH_BYTES)
+    assert prefetch_plan(True, 4, llama_b1_64k)["PREFETCH"] == 0
+    assert prefetch_plan(True, 8, llama_b1_64k, prefetch=True)["PREFETCH"] == 8
+    assert prefetch_plan(True, 4, 1024, prefetch=False)["PREFETCH"] == 0
+    assert prefetch_plan(False, 4, 1024)["PREFETCH"] == prefetch_plan(False, 4, 1024, prefetch=True)["PREFETCH"] == 0
     assert not use_pdl(torch.device("cpu"))
 
 

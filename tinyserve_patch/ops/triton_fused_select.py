@@ -166,7 +166,7 @@ def score_and_select_triton(
     (int32 ``[>= B * Hkv]``, zeroed): the row-chained mode (:mod:`triton_chain`), the program that selects a
     row adds 1 to its flag once the row's pages are stored. ``trace``: record each program's timestamps
     (:mod:`trace`). ``maxnreg``: cap the registers per thread (tuning the occupancy of the score part).
-    ``prefetch=False``: no L2 prefetch of the metadata before the wait (:func:`triton_score.prefetch_meta`)."""
+    ``prefetch``: force the L2 prefetch of the metadata before the wait on / off (:func:`triton_score.prefetch_plan`)."""
     q, meta, consts = score_meta(q, meta, seq_start, seq_end, page_size, gqa_reduction)
     check(num_select >= 1, f"num_select={num_select} must be >= 1")
     check(sink_pages >= 0 and recent_pages >= 0, "sink_pages / recent_pages must be >= 0")
@@ -195,7 +195,7 @@ def score_and_select_triton(
         page_size, sink_pages, recent_pages, out if flags is None else flags,
         out if trace is None else trace.region("score_select", nprog * b * hkv, meta.device),
         BLOCK=block, WAYS=ways, FINISH=finish, SINGLE=nprog == 1, CHAIN=flags is not None, TRACE=trace is not None,
-        PDL=pdl, launch_pdl=pdl, **({} if maxnreg is None else {"maxnreg": maxnreg}), **prefetch_plan(pdl, walk["num_warps"], prefetch),
+        PDL=pdl, launch_pdl=pdl, **({} if maxnreg is None else {"maxnreg": maxnreg}), **prefetch_plan(pdl, walk["num_warps"], meta.nbytes, prefetch),
         **walk, **consts,
     )
     return out
