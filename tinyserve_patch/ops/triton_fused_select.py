@@ -117,8 +117,8 @@ def _fused_kernel(
     bh = tl.program_id(1)
     b = bh // kv_heads
     h = bh % kv_heads
-    prefetch_meta(meta_ptr, b, h, pid, blocks_per_program, num_pages, stride_mb, stride_mh, stride_mp, BLOCK_P, PREFETCH,
-                  PREFETCH_BYTES)
+    prefetch_meta(meta_ptr, b, h, pid, blocks_per_program, num_pages, stride_mb, stride_mh, stride_mp, stride_mm, D, BLOCK_P,
+                  PREFETCH, PREFETCH_BYTES)
     pdl_enter(PDL)
     trace_mark(trace_ptr, 1, TRACE)
     start = tl.load(start_ptr + b).to(tl.int32)

@@ -151,18 +151,20 @@ def score_blocks(
 
 
 @triton.jit
-def prefetch_meta(meta_ptr, b, h, part, blocks_per_program, num_pages, stride_mb, stride_mh, stride_mp, BLOCK_P: tl.constexpr,
-                  PREFETCH: tl.constexpr, PREFETCH_BYTES: tl.constexpr):
+def prefetch_meta(meta_ptr, b, h, part, blocks_per_program, num_pages, stride_mb, stride_mh, stride_mp, stride_mm, D,
+                  BLOCK_P: tl.constexpr, PREFETCH: tl.constexpr, PREFETCH_BYTES: tl.constexpr):
     """Before the grid's wait (:func:`pdl_enter`): an L2 prefetch of (the first ``PREFETCH_BYTES`` of) the
     metadata that program ``part`` of (row ``b``, KV head ``h``) walks, its blocks ``[part * blocks_per_program,
-    ...)``, split over ``PREFETCH`` warps (0: none; :func:`prefetch_plan`). It needs no data from earlier
-    grids (the range follows from the grid and ``num_pages``), and L2 keeps the lines coherent with the
-    previous grid's metadata writes (the append's)."""
+    ...)``, split over ``PREFETCH`` warps (0: none; :func:`prefetch_plan`), from its first page's min row to
+    its last page's max row (no byte past them, whatever the strides). It needs no data from earlier grids
+    (the range follows from the grid and ``num_pages``), and L2 keeps the lines coherent with the previous
+    grid's metadata writes (the append's)."""
     if PREFETCH > 0:
         lo = part * blocks_per_program * BLOCK_P
         hi = tl.minimum(lo + blocks_per_program * BLOCK_P, num_pages)
         elt_bytes = meta_ptr.dtype.element_ty.primitive_bitwidth // 8
-        nbytes = tl.minimum((hi - lo).to(tl.int64) * stride_mp * elt_bytes, PREFETCH_BYTES)
+        span = (hi - lo - 1).to(tl.int64) * stride_mp + stride_mm + D  # to the end of the last page's max row
+        nbytes = tl.minimum(span * elt_bytes, PREFETCH_BYTES)
         meta_lo = meta_ptr + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh + lo.to(tl.int64) * stride_mp
         prefetch_l2(meta_lo, nbytes, PREFETCH)
 
@@ -211,8 +213,8 @@ def _score_kernel(
         pb = tl.program_id(1)
     b = bh // kv_heads
     h = bh % kv_heads
-    prefetch_meta(meta_ptr, b, h, pb, blocks_per_program, num_pages, stride_mb, stride_mh, stride_mp, BLOCK_P, PREFETCH,
-                  PREFETCH_BYTES)
+    prefetch_meta(meta_ptr, b, h, pb, blocks_per_program, num_pages, stride_mb, stride_mh, stride_mp, stride_mm, D, BLOCK_P,
+                  PREFETCH, PREFETCH_BYTES)
     pdl_enter(PDL)
     trace_mark(trace_ptr, 1, TRACE)
     start = tl.load(start_ptr + b).to(tl.int32)
