@@ -8,13 +8,16 @@ from tinyserve_patch.ops._triton_common import use_pdl
 
 
 def test_pdl_only_on_cuda_and_switchable(monkeypatch):
-    """Programmatic dependent launch is a CUDA (Hopper+) launch option: never on CPU tensors or under the
-    interpreter, and TINYSERVE_PDL=0 turns it off everywhere."""
+    """Programmatic dependent launch is a CUDA (Hopper+) launch option: never on CPU tensors, under the
+    interpreter or on ROCm, and TINYSERVE_PDL=0 turns it off everywhere."""
     assert use_pdl(torch.device("cpu")) is False
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert use_pdl(torch.device("cuda", 0)) is False  # decided before any CUDA query
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setenv("TINYSERVE_PDL", "0")
+    assert use_pdl(torch.device("cuda", 0)) is False
+    monkeypatch.setenv("TINYSERVE_PDL", "1")
+    monkeypatch.setattr(torch.version, "hip", "6.2")  # ROCm: "cuda" devices whose major is the gfx arch's
     assert use_pdl(torch.device("cuda", 0)) is False
 
 

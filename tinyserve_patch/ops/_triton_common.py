@@ -65,12 +65,13 @@ def sm_count(device: torch.device) -> int:
 
 
 def use_pdl(device: torch.device) -> bool:
-    """Launch with programmatic dependent launch (PDL): on a CUDA device of compute capability >= 9
-    (Hopper and later), not under the interpreter, unless ``TINYSERVE_PDL=0``. A PDL launch may start
-    while the previous kernel on the stream drains; every kernel here then waits for it
-    (:func:`pdl_enter`) before its first global load or store, so results are the same either way and
-    only the launch latency between dependent kernels is hidden (CUDA graphs included)."""
-    if device.type != "cuda" or interpreting() or os.environ.get("TINYSERVE_PDL", "1") == "0":
+    """Launch with programmatic dependent launch (PDL): on an NVIDIA CUDA device of compute capability >= 9
+    (Hopper and later; never on ROCm, whose devices report their gfx major there), not under the
+    interpreter, unless ``TINYSERVE_PDL=0``. A PDL launch may start while the previous kernel on the stream
+    drains; every kernel here then waits for it (:func:`pdl_enter`) before its first global load or store
+    (the score's L2 prefetch, :func:`prefetch_l2`, returns no data and comes before), so results are the
+    same either way and only the launch latency between dependent kernels is hidden (CUDA graphs included)."""
+    if device.type != "cuda" or interpreting() or os.environ.get("TINYSERVE_PDL", "1") == "0" or torch.version.hip:
         return False
     return _cuda_props(device).major >= 9
 
