@@ -47,7 +47,7 @@ SASS_OPS = {
     "ldg_128": r"\bLDG\.E\.128\b", "ldg_64": r"\bLDG\.E\.64\b", "ldg_narrow": r"\bLDG\.E(\.(U8|S8|U16|S16))?\s",
     "ldgsts": r"\bLDGSTS\b", "hmma": r"\bHMMA\b", "hgmma": r"\bHGMMA\b", "bar_sync": r"\bBAR\.SYNC\b",
     "shfl": r"\bSHFL\b", "redux": r"\bREDUX\b", "stg": r"\bSTG\b",
-    "ublkpf": r"\bUBLKPF\b",  # bulk L2 prefetches (the score's metadata, before its PDL wait)
+    "ublkpf": r"\bUBLKPF\b",  # bulk L2 prefetches (the score's metadata and query, around its PDL wait)
     "f2f": r"\bF2F\.",  # scalar conversions (16 per clock per SM): none per value when fp8 data is upcast to fp16
 }
 
@@ -143,6 +143,11 @@ def report(name: str, kernel, launch: dict) -> dict:
                  H100["smem"] // smem if smem else H100["ctas"])
     lines = [line for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", line)]
     mix = {k: sum(1 for line in lines if re.search(rx, line)) for k, rx in SASS_OPS.items()}
+    # where the bulk prefetches sit: before the PDL wait (ACQBULK), and before the trigger (PREEXIT) that
+    # follows it, i.e. ahead of every load of the program's inputs
+    for key, marker in (("ublkpf_before_wait", r"\bACQBULK\b"), ("ublkpf_before_trigger", r"\bPREEXIT\b")):
+        cut = next((i for i, line in enumerate(lines) if re.search(marker, line)), len(lines))
+        mix[key] = sum(1 for line in lines[:cut] if re.search(SASS_OPS["ublkpf"], line))
     grid = launch["grid"]
     ctas = 1
     for g in (grid if isinstance(grid, tuple) else (grid,)):
@@ -177,6 +182,9 @@ def _chain_launches(model: str, batch: int, tokens: int, budget: int) -> list[tu
     meta = torch.empty(batch, hkv, tokens // PAGE, 2, d, dtype=bf, device=dev)
     k = torch.empty(batch, hkv, tokens, d, dtype=bf, device=dev)
     meta8 = torch.empty(meta.shape, dtype=torch.float8_e4m3fn, device=dev)
+    # a launch too large for the prefetch before the wait (triton_score.prefetch_plan), walking 4 blocks a program
+    big_pages = max(tokens // PAGE, 4 * triton_score.PREFETCH_MAX_LAUNCH_BYTES // (batch * hkv * 2 * d * 2))
+    meta_big = torch.empty(batch, hkv, big_pages, 2, d, dtype=bf, device=dev)
     k8 = torch.empty(k.shape, dtype=torch.float8_e4m3fn, device=dev)
     start = torch.empty(batch, dtype=torch.int32, device=dev)
     end = torch.empty(batch, dtype=torch.int32, device=dev)
@@ -218,6 +226,8 @@ def _chain_launches(model: str, batch: int, tokens: int, budget: int) -> list[tu
           for nth, grid in enumerate(("score", "attention"))],
         ("score (fp8 metadata)", triton_score._score_kernel,
          capture_launch(triton_score._score_kernel, lambda: triton_score.page_scores_triton(q, meta8, start, end, PAGE, "max"))),
+        ("score (over 8 MiB: prefetch after the wait)", triton_score._score_kernel,
+         capture_launch(triton_score._score_kernel, lambda: triton_score.page_scores_triton(q, meta_big, start, end, PAGE, "max"))),
         ("attention (fp8 K/V)", triton_decode._decode_split_kernel,
          capture_launch(triton_decode._decode_split_kernel,
                         lambda: triton_decode.sparse_decode_attention_triton(q, k8, k8, idx, start, end, PAGE, d**-0.5))),

@@ -29,9 +29,10 @@ def test_resource_report_on_a_small_shape(tmp_path):
     rows = {r["kernel"]: r for r in json.loads(out.read_text())["rows"]}
     chained = ["score (chained)", "select (chained)", "attention (chained)"]
     fp8 = ["score (fp8 metadata)", "attention (fp8 K/V)"]
+    big = "score (over 8 MiB: prefetch after the wait)"
     searches = ["select (narrowing search)", "select (ranking the last 64 keys)"]
     assert set(rows) == {"score", "select", "attention", "merge", *searches, *chained, *fp8, "score + select (fused chain)",
-                         "persistent decode", "persistent decode, two grids: score", "persistent decode, two grids: attention"}
+                         "persistent decode", "persistent decode, two grids: score", "persistent decode, two grids: attention", big}
     # the fused chain's register cap (fused_chain_plan) holds without spills
     fused = rows["score + select (fused chain)"]
     assert fused["regs"] <= 65536 // (3 * 32 * fused["num_warps"]) and fused["ctas"] == rows["score"]["ctas"]
@@ -67,11 +68,16 @@ def test_resource_report_on_a_small_shape(tmp_path):
             assert rows[name]["ctas_per_sm"] == split["ctas_per_sm"], name
         else:
             assert split["ctas"] <= 132 and min(rows[name]["ctas_per_sm"], split["ctas_per_sm"]) >= 1
-    # the scoring kernels prefetch their metadata into L2 (one bulk prefetch a warp, with warp-uniform
-    # operands: one instruction, no loop over distinct values); nothing else does
-    scoring = ["score", "score (chained)", "score (fp8 metadata)", "score + select (fused chain)"]
+    # the scoring kernels prefetch into L2 (bulk prefetches with warp-uniform operands: one instruction each,
+    # no loop over distinct values): before their PDL wait the query group and, at this size, every warp its
+    # share of the walk; over 8 MiB the walk's first blocks right after the wait instead. Nothing else does
+    scoring = ["score", "score (chained)", "score (fp8 metadata)", "score + select (fused chain)",
+               "score (over 8 MiB: prefetch after the wait)"]
     for name, r in rows.items():
-        assert r["ublkpf"] == (1 if name in scoring else 0), (name, r["ublkpf"])
+        assert r["ublkpf"] == (2 if name in scoring else 0), (name, r["ublkpf"])
+        if name in scoring:  # all of them ahead of the program's first load; after the wait only in the large launch
+            assert r["ublkpf_before_trigger"] == 2, (name, r)
+            assert r["ublkpf_before_wait"] == (1 if name == big else 2), (name, r)
     # fp8 metadata / K/V against a bfloat16 query: products in fp16 on a scaled query, so no scalar F2F
     # conversion per loaded value (the fp8 -> bf16 upcast took two per pair and made both kernels
     # conversion-bound on the H200)
