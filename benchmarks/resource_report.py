@@ -143,11 +143,9 @@ def report(name: str, kernel, launch: dict) -> dict:
                  H100["smem"] // smem if smem else H100["ctas"])
     lines = [line for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", line)]
     mix = {k: sum(1 for line in lines if re.search(rx, line)) for k, rx in SASS_OPS.items()}
-    # where the bulk prefetches sit: before the PDL wait (ACQBULK), and before the trigger (PREEXIT) that
-    # follows it, i.e. ahead of every load of the program's inputs
-    for key, marker in (("ublkpf_before_wait", r"\bACQBULK\b"), ("ublkpf_before_trigger", r"\bPREEXIT\b")):
-        cut = next((i for i, line in enumerate(lines) if re.search(marker, line)), len(lines))
-        mix[key] = sum(1 for line in lines[:cut] if re.search(SASS_OPS["ublkpf"], line))
+    # the bulk prefetches placed before the PDL wait (ACQBULK), where they overlap the previous grid
+    cut = next((i for i, line in enumerate(lines) if re.search(r"\bACQBULK\b", line)), len(lines))
+    mix["ublkpf_before_wait"] = sum(1 for line in lines[:cut] if re.search(SASS_OPS["ublkpf"], line))
     grid = launch["grid"]
     ctas = 1
     for g in (grid if isinstance(grid, tuple) else (grid,)):
@@ -182,7 +180,7 @@ def _chain_launches(model: str, batch: int, tokens: int, budget: int) -> list[tu
     meta = torch.empty(batch, hkv, tokens // PAGE, 2, d, dtype=bf, device=dev)
     k = torch.empty(batch, hkv, tokens, d, dtype=bf, device=dev)
     meta8 = torch.empty(meta.shape, dtype=torch.float8_e4m3fn, device=dev)
-    # a launch too large for the prefetch before the wait (triton_score.prefetch_plan), walking 4 blocks a program
+    # a launch too large for the prefetch before the wait (triton_score.prefetch_plan)
     big_pages = max(tokens // PAGE, 4 * triton_score.PREFETCH_MAX_LAUNCH_BYTES // (batch * hkv * 2 * d * 2))
     meta_big = torch.empty(batch, hkv, big_pages, 2, d, dtype=bf, device=dev)
     k8 = torch.empty(k.shape, dtype=torch.float8_e4m3fn, device=dev)
@@ -226,7 +224,7 @@ def _chain_launches(model: str, batch: int, tokens: int, budget: int) -> list[tu
           for nth, grid in enumerate(("score", "attention"))],
         ("score (fp8 metadata)", triton_score._score_kernel,
          capture_launch(triton_score._score_kernel, lambda: triton_score.page_scores_triton(q, meta8, start, end, PAGE, "max"))),
-        ("score (over 8 MiB: prefetch after the wait)", triton_score._score_kernel,
+        ("score (over 8 MiB of metadata)", triton_score._score_kernel,
          capture_launch(triton_score._score_kernel, lambda: triton_score.page_scores_triton(q, meta_big, start, end, PAGE, "max"))),
         ("attention (fp8 K/V)", triton_decode._decode_split_kernel,
          capture_launch(triton_decode._decode_split_kernel,

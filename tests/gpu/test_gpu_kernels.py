@@ -397,15 +397,14 @@ def test_gpu_pdl_launches_equal_plain_launches_eager_and_graphed(monkeypatch, me
 
 
 @pytest.mark.parametrize("fused", [False, True])
-@pytest.mark.parametrize("large", [False, True], ids=["prefetch-before-wait", "over-8MiB-prefetch-after-wait"])
-def test_gpu_score_right_after_append_sees_the_appended_metadata(monkeypatch, fused, large):
-    """The score kernels prefetch their query and metadata into L2 before their PDL wait (over 8 MiB of
-    metadata the walk's first blocks right after it), while the append launched just before them may still
-    be widening the last page's bounds. Step after step (no sync between the launches; a fresh query
-    each step), every score / selection equals the one made with PDL off, where each launch starts after
-    the previous one ended; the appended keys grow, so a stale bound would change both."""
+def test_gpu_score_right_after_append_sees_the_appended_metadata(monkeypatch, fused):
+    """The score kernels prefetch their query and metadata into L2 before their PDL wait, while the append
+    launched just before them may still be widening the last page's bounds. Step after step (no sync
+    between the launches; a fresh query each step), every score / selection equals the one made with PDL
+    off, where each launch starts after the previous one ended; the appended keys grow, so a stale bound
+    would change both."""
     g = torch.Generator(device=DEV).manual_seed(9)
-    b, hkv, hq, d, cap, ps, steps = 3, 8, 32, 128, 32768 if large else 8192, 16, 24
+    b, hkv, hq, d, cap, ps, steps = 3, 8, 32, 128, 8192, 16, 24
     prompt = torch.randn(b, hkv, 3000, d, generator=g, device=DEV).to(torch.bfloat16)
     seq_start = torch.tensor([0, 40, 0], dtype=torch.int32, device=DEV)
     pos = [torch.tensor([3000 + i, 2500 + i, 4100 + 2 * i], dtype=torch.int32, device=DEV) for i in range(steps)]
@@ -413,7 +412,6 @@ def test_gpu_score_right_after_append_sees_the_appended_metadata(monkeypatch, fu
     k_new = [(torch.randn(b, hkv, 1, d, generator=g, device=DEV) * (4 + i)).to(torch.bfloat16) for i in range(steps)]
     qs = [torch.randn(b, hq, d, generator=g, device=DEV).to(torch.bfloat16) for _ in range(steps)]
     q = torch.empty_like(qs[0])
-    prefetch = None if large else True  # the default plan (after the wait over 8 MiB), or forced before it
 
     def run(pdl: str):
         monkeypatch.setenv("TINYSERVE_PDL", pdl)
@@ -426,10 +424,10 @@ def test_gpu_score_right_after_append_sees_the_appended_metadata(monkeypatch, fu
             q.copy_(qs[i])
             append_kv_triton(k, k, meta, k_new[i], k_new[i], pos[i])
             if fused:
-                outs.append(score_and_select_triton(q, meta, seq_start, ends[i], ps, 16, 0, 0, "max",
-                                                    blocks_per_program=None if large else 1, prefetch=prefetch))
+                outs.append(score_and_select_triton(q, meta, seq_start, ends[i], ps, 16, 0, 0, "max", blocks_per_program=1,
+                                                    prefetch=True))
             else:
-                outs.append(page_scores_triton(q, meta, seq_start, ends[i], ps, "max", prefetch=prefetch))
+                outs.append(page_scores_triton(q, meta, seq_start, ends[i], ps, "max", prefetch=True))
         torch.cuda.synchronize()
         return outs, meta
 

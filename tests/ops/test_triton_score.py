@@ -91,37 +91,29 @@ def test_default_launch():
 
 
 def test_prefetch_plan():
-    """L2 prefetches only on a PDL launch (the interpreter never gets one: it runs no inline PTX): the query
-    group always (where its rows are compact); the walk before the wait, one prefetch a warp, by default up
-    to 8 MiB of metadata, else the walk's first blocks right after the wait (walks of several blocks only);
-    the first forced on or off, and False turning all off."""
+    """L2 prefetches only on a PDL launch (the interpreter never gets one: it runs no inline PTX), by default
+    only over at most 8 MiB of metadata: one prefetch a warp of its share of the walk, and the query group
+    (where its rows are compact); forced on or off."""
     from tinyserve_patch.ops._triton_common import use_pdl
     from tinyserve_patch.ops.triton_score import PREFETCH_BYTES, launch_prefetch, prefetch_plan
 
     tiny_b1_128k, llama_b1_64k = 4 * 8192 * 2 * 64 * 2, 8 * 4096 * 2 * 128 * 2  # 8 MiB, 16 MiB
-    assert prefetch_plan(True, 4, tiny_b1_128k, first_bytes=32768) == dict(
-        PREFETCH=4, PREFETCH_BYTES=PREFETCH_BYTES, PREFETCH_Q=True, PREFETCH_AFTER=0, PREFETCH_AFTER_BYTES=0)
-    big = prefetch_plan(True, 4, llama_b1_64k, first_bytes=65536)
-    assert big["PREFETCH"] == 0 and big["PREFETCH_Q"] and (big["PREFETCH_AFTER"], big["PREFETCH_AFTER_BYTES"]) == (4, 65536)
-    assert prefetch_plan(True, 4, llama_b1_64k, first_bytes=0)["PREFETCH_AFTER"] == 0  # one-block programs
-    forced = prefetch_plan(True, 8, llama_b1_64k, prefetch=True, first_bytes=65536)
-    assert forced["PREFETCH"] == 8 and forced["PREFETCH_AFTER"] == 0
-    off = prefetch_plan(True, 4, 1024, prefetch=False, first_bytes=65536)
-    assert off["PREFETCH"] == off["PREFETCH_AFTER"] == 0 and not off["PREFETCH_Q"]
-    assert not prefetch_plan(True, 4, 1024, query_compact=False)["PREFETCH_Q"]
+    assert prefetch_plan(True, 4, tiny_b1_128k) == dict(PREFETCH=4, PREFETCH_BYTES=PREFETCH_BYTES, PREFETCH_Q=True)
+    assert prefetch_plan(True, 4, llama_b1_64k) == dict(PREFETCH=0, PREFETCH_BYTES=PREFETCH_BYTES, PREFETCH_Q=False)
+    assert prefetch_plan(True, 8, llama_b1_64k, prefetch=True) == dict(PREFETCH=8, PREFETCH_BYTES=PREFETCH_BYTES, PREFETCH_Q=True)
+    assert prefetch_plan(True, 4, 1024, prefetch=False)["PREFETCH"] == 0
+    assert not prefetch_plan(True, 4, 1024, prefetch=False)["PREFETCH_Q"]
+    assert prefetch_plan(True, 4, 1024, query_compact=False) == dict(PREFETCH=4, PREFETCH_BYTES=PREFETCH_BYTES, PREFETCH_Q=False)
     for forced in (None, True, False):
-        plan = prefetch_plan(False, 4, llama_b1_64k, prefetch=forced, first_bytes=65536)
-        assert plan["PREFETCH"] == plan["PREFETCH_AFTER"] == 0 and not plan["PREFETCH_Q"]
+        plan = prefetch_plan(False, 4, 1024, prefetch=forced)
+        assert plan["PREFETCH"] == 0 and not plan["PREFETCH_Q"]
     assert not use_pdl(torch.device("cpu"))
-    # a launch's plan: the first bytes are the pipeline prologue's blocks; the query group compact or not
+    # a launch's query group: compact when its G rows lie within twice their bytes
+    meta = torch.empty(1, 8, 1024, 2, 128, dtype=torch.bfloat16, device="meta")
     q = torch.empty(1, 32, 128, dtype=torch.bfloat16, device="meta")
-    meta = torch.empty(1, 8, 4096, 2, 128, dtype=torch.bfloat16, device="meta")
-    walk = dict(num_warps=4, STAGES=3, BLOCK_P=64)
-    plan = launch_prefetch(True, walk, 4, q, meta, 4, None)
-    assert plan["PREFETCH_AFTER_BYTES"] == 2 * 64 * 2 * 128 * 2 and plan["PREFETCH_Q"]
-    assert launch_prefetch(True, walk, 1, q, meta, 4, None)["PREFETCH_AFTER"] == 0
+    assert launch_prefetch(True, 4, q, meta, 4, None)["PREFETCH_Q"]
     spread = torch.empty(1, 32, 1024, dtype=torch.bfloat16, device="meta")[..., :128]  # heads 1024 apart
-    assert not launch_prefetch(True, walk, 4, spread, meta, 4, None)["PREFETCH_Q"]
+    assert not launch_prefetch(True, 4, spread, meta, 4, None)["PREFETCH_Q"]
 
 
 def test_scores_reject_bad_input():

@@ -205,17 +205,9 @@ def pdl_enter(PDL: tl.constexpr):
     (it only gets SMs this grid no longer needs: all of this grid's programs are resident by then).
     Triggering only as the programs exit measured slower at batch 1 (H100, TinyLlama B=1 / 16K chain
     12.2 -> 14.0 us) and within noise at batch 8 (``benchmarks/results/pdl_trigger_{start,exit}_h100.json``)."""
-    pdl_wait(PDL)
-    pdl_trigger(PDL)
-
-
-@triton.jit
-def pdl_wait(PDL: tl.constexpr):
-    """The first half of :func:`pdl_enter`: wait for the previous grid (with ``PDL``), without triggering
-    the next launch. A kernel that issues work between the two halves (the score's L2 prefetch after its
-    wait) gets it ordered there in the compiled code: the compiler moves no instruction across them."""
     if PDL:
         tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import SELECT_FINISH, SELECT_WAYS, check, check_finish, check_select_pages, check_ways, pdl_trigger, pdl_wait, select_from_scores, select_num_warps, signal_row, ticket_counters, trace_mark, use_pdl
+from ._triton_common import SELECT_FINISH, SELECT_WAYS, check, check_finish, check_select_pages, check_ways, pdl_enter, select_from_scores, select_num_warps, signal_row, ticket_counters, trace_mark, use_pdl
 from .trace import KernelTrace
 from .triton_score import launch_prefetch, plan_walk, prefetch_meta, prefetch_query, score_blocks, score_meta
 
@@ -112,8 +112,6 @@ def _fused_kernel(
     PREFETCH: tl.constexpr,
     PREFETCH_BYTES: tl.constexpr,
     PREFETCH_Q: tl.constexpr,
-    PREFETCH_AFTER: tl.constexpr,
-    PREFETCH_AFTER_BYTES: tl.constexpr,
 ):
     trace_mark(trace_ptr, 0, TRACE)
     pid = tl.program_id(0)
@@ -123,10 +121,7 @@ def _fused_kernel(
     prefetch_meta(meta_ptr, b, h, pid, blocks_per_program, num_pages, stride_mb, stride_mh, stride_mp, stride_mm, D, BLOCK_P,
                   PREFETCH, PREFETCH_BYTES)
     prefetch_query(q_ptr, b, h, stride_qb, stride_qh, D, G, PREFETCH_Q)
-    pdl_wait(PDL)  # then the walk's first blocks (large launches), ordered before the query's load by the trigger
-    prefetch_meta(meta_ptr, b, h, pid, blocks_per_program, num_pages, stride_mb, stride_mh, stride_mp, stride_mm, D, BLOCK_P,
-                  PREFETCH_AFTER, PREFETCH_AFTER_BYTES)
-    pdl_trigger(PDL)
+    pdl_enter(PDL)
     trace_mark(trace_ptr, 1, TRACE)
     start = tl.load(start_ptr + b).to(tl.int32)
     end = tl.load(end_ptr + b).to(tl.int32)
@@ -202,7 +197,7 @@ def score_and_select_triton(
         page_size, sink_pages, recent_pages, out if flags is None else flags,
         out if trace is None else trace.region("score_select", nprog * b * hkv, meta.device),
         BLOCK=block, WAYS=ways, FINISH=finish, SINGLE=nprog == 1, CHAIN=flags is not None, TRACE=trace is not None,
-        PDL=pdl, launch_pdl=pdl, **({} if maxnreg is None else {"maxnreg": maxnreg}), **launch_prefetch(pdl, walk, per, q, meta, consts["G"], prefetch),
+        PDL=pdl, launch_pdl=pdl, **({} if maxnreg is None else {"maxnreg": maxnreg}), **launch_prefetch(pdl, walk["num_warps"], q, meta, consts["G"], prefetch),
         **walk, **consts,
     )
     return out

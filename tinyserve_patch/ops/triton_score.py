@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import check, check_float_dtype, check_head_dim, check_page_size, check_rows, f32_dot, mm, page_valid, pdl_trigger, pdl_wait, prefetch_l2, scaled_f16, scaled_f16_query, signal_row, sm_count, trace_mark, use_pdl
+from ._triton_common import check, check_float_dtype, check_head_dim, check_page_size, check_rows, f32_dot, mm, page_valid, pdl_enter, prefetch_l2, scaled_f16, scaled_f16_query, signal_row, sm_count, trace_mark, use_pdl
 from .reference import FP8_DTYPES
 from .trace import KernelTrace
 
@@ -153,8 +153,7 @@ def score_blocks(
 @triton.jit
 def prefetch_meta(meta_ptr, b, h, part, blocks_per_program, num_pages, stride_mb, stride_mh, stride_mp, stride_mm, D,
                   BLOCK_P: tl.constexpr, PREFETCH: tl.constexpr, PREFETCH_BYTES: tl.constexpr):
-    """Before the grid's wait (:func:`pdl_wait`), or right after it on launches too large for that: an L2
-    prefetch of (the first ``PREFETCH_BYTES`` of) the
+    """Before the grid's wait (:func:`pdl_enter`): an L2 prefetch of (the first ``PREFETCH_BYTES`` of) the
     metadata that program ``part`` of (row ``b``, KV head ``h``) walks, its blocks ``[part * blocks_per_program,
     ...)``, split over ``PREFETCH`` warps (0: none; :func:`prefetch_plan`), from its first page's min row to
     its last page's max row (no byte past them, whatever the strides). It needs no data from earlier grids
@@ -219,8 +218,6 @@ def _score_kernel(
     PREFETCH: tl.constexpr,
     PREFETCH_BYTES: tl.constexpr,
     PREFETCH_Q: tl.constexpr,
-    PREFETCH_AFTER: tl.constexpr,
-    PREFETCH_AFTER_BYTES: tl.constexpr,
 ):
     trace_mark(trace_ptr, 0, TRACE)
     if CHAIN:  # grid (programs_per_row, B * Hkv): a row's programs adjacent, rows finish in order
@@ -234,10 +231,7 @@ def _score_kernel(
     prefetch_meta(meta_ptr, b, h, pb, blocks_per_program, num_pages, stride_mb, stride_mh, stride_mp, stride_mm, D, BLOCK_P,
                   PREFETCH, PREFETCH_BYTES)
     prefetch_query(q_ptr, b, h, stride_qb, stride_qh, D, G, PREFETCH_Q)
-    pdl_wait(PDL)  # then the walk's first blocks (large launches), ordered before the query's load by the trigger
-    prefetch_meta(meta_ptr, b, h, pb, blocks_per_program, num_pages, stride_mb, stride_mh, stride_mp, stride_mm, D, BLOCK_P,
-                  PREFETCH_AFTER, PREFETCH_AFTER_BYTES)
-    pdl_trigger(PDL)
+    pdl_enter(PDL)
     trace_mark(trace_ptr, 1, TRACE)
     start = tl.load(start_ptr + b).to(tl.int32)
     end = tl.load(end_ptr + b).to(tl.int32)
@@ -352,42 +346,37 @@ PREFETCH_BYTES = 64 * 1024
 PREFETCH_MAX_LAUNCH_BYTES = 8 * 2**20
 
 
-def prefetch_plan(pdl: bool, num_warps: int, meta_bytes: int, prefetch: bool | None = None, first_bytes: int = 0,
-                  query_compact: bool = True) -> dict:
-    """The L2 prefetch constants of a score launch (:func:`prefetch_meta`, :func:`prefetch_query`; PDL
-    launches only, so never under the interpreter) over ``meta_bytes`` of metadata:
+def prefetch_plan(pdl: bool, num_warps: int, meta_bytes: int, prefetch: bool | None = None, query_compact: bool = True) -> dict:
+    """The L2 prefetch constants of a score launch over ``meta_bytes`` of metadata, before its PDL wait
+    (:func:`prefetch_meta`, :func:`prefetch_query`): ``PREFETCH`` warps each prefetch their share of the
+    program's walk (up to ``PREFETCH_BYTES``), and with ``PREFETCH_Q`` the first warp the program's query
+    group too, where the group's rows lie within twice their bytes (``query_compact``). Only a PDL launch
+    can start beside the previous grid, which is what the prefetch overlaps (so never the interpreter).
+    ``prefetch`` True / False forces it on / off; by default it is on up to
+    :data:`PREFETCH_MAX_LAUNCH_BYTES`. Same-run A/Bs on the H200 (the score launched back to back, and the
+    decode chain):
 
-    * ``PREFETCH`` / ``PREFETCH_BYTES``: before the wait, every warp of a program one prefetch of its share
-      of the program's walk (up to :data:`PREFETCH_BYTES`). Only a PDL launch can start beside the previous
-      grid, which is what it overlaps. On by default up to :data:`PREFETCH_MAX_LAUNCH_BYTES`. Same-run
-      A/B on the H200 (``benchmarks/results/kernels_h200_prefetch_*``, the score launched back to back, and
-      the decode chain): at 1-8 MB (batch 1 to 128K at head_dim 64, to 16K at 128) the score 2.1 -> 1.8 us
-      (TinyLlama B=1 / 16K), 3.2 -> 2.7 (B=1 / 64K), 2.6 -> 2.4 (Llama-3-8B B=1 / 16K), its chains 0.2-0.6
-      us faster; at 17-67 MB, where the score streams near its byte floor, the early requests only compete
-      with the running grid's: the score 4-20% slower, the chains up to 4.5 us (Llama-3-8B B=8 / 128K).
-    * ``PREFETCH_Q``: before the wait, the program's query group (one request by its first warp), where the
-      group's rows lie within twice their bytes (``query_compact``).
-    * ``PREFETCH_AFTER`` / ``PREFETCH_AFTER_BYTES``: where the launch is too large for the first, right
-      after the wait the walk's first ``first_bytes`` (what its pipeline's prologue copies; 0 for one-block
-      programs, which issue the query and the metadata together), so those bytes are on their way while
-      the query loads instead of after it.
-
-    ``prefetch`` True / False forces the first on / off; False turns all three off."""
-    before = pdl and (prefetch if prefetch is not None else meta_bytes <= PREFETCH_MAX_LAUNCH_BYTES)
-    after = pdl and prefetch is None and not before and first_bytes > 0
-    return dict(PREFETCH=num_warps if before else 0, PREFETCH_BYTES=PREFETCH_BYTES,
-                PREFETCH_Q=pdl and prefetch is not False and query_compact,
-                PREFETCH_AFTER=num_warps if after else 0, PREFETCH_AFTER_BYTES=first_bytes if after else 0)
+    * the metadata (``benchmarks/results/kernels_h200_prefetch_*``): at 1-8 MB (batch 1 to 128K at head_dim
+      64, to 16K at 128) the score 2.1 -> 1.8 us (TinyLlama B=1 / 16K), 3.2 -> 2.7 (B=1 / 64K), 2.6 -> 2.4
+      (Llama-3-8B B=1 / 16K), its chains 0.2-0.6 us faster; at 17-67 MB, where the score streams near its
+      byte floor, the early requests only compete with the running grid's: the score 4-20% slower, the
+      chains up to 4.5 us (Llama-3-8B B=8 / 128K).
+    * the query (``kernels_h200_prefetchq_*``): a walk makes the query's halves before its first metadata
+      copy, so the query's load is a memory latency of its own in every program; from L2 the score at
+      TinyLlama B=1 / 64K and 128K 2.7 -> 2.5 and 4.6 -> 4.4 us, the default chains over the ten launches
+      of <= 8 MiB 3.1 us faster in all (at most +0.01 us). The same run tried the larger launches with the
+      walk's first blocks prefetched right after the wait instead (what the pipeline's prologue copies,
+      moved ahead of the query's load): 1.6-2.1 us slower at 32-134 MB (Llama-3-8B B=8 / 64K 34.2 -> 36.0
+      us), so those launches prefetch nothing."""
+    on = pdl and (prefetch if prefetch is not None else meta_bytes <= PREFETCH_MAX_LAUNCH_BYTES)
+    return dict(PREFETCH=num_warps if on else 0, PREFETCH_BYTES=PREFETCH_BYTES, PREFETCH_Q=on and query_compact)
 
 
-def launch_prefetch(pdl: bool, walk: dict, blocks_per_program: int, q: torch.Tensor, meta: torch.Tensor, g: int,
-                    prefetch: bool | None) -> dict:
-    """:func:`prefetch_plan` of one launch: ``walk`` (:func:`plan_walk`) over ``meta`` ``[B, Hkv, P, 2, D]``
-    with ``blocks_per_program`` blocks a program, query ``q`` ``[B, Hq, D]`` in groups of ``g`` heads."""
+def launch_prefetch(pdl: bool, num_warps: int, q: torch.Tensor, meta: torch.Tensor, g: int, prefetch: bool | None) -> dict:
+    """:func:`prefetch_plan` of a launch over ``meta`` ``[B, Hkv, P, 2, D]`` with query ``q`` ``[B, Hq, D]``
+    in groups of ``g`` heads."""
     d = meta.shape[-1]
-    first = (walk["STAGES"] - 1) * walk["BLOCK_P"] * 2 * d * meta.element_size() if blocks_per_program > 1 else 0
-    compact = (g - 1) * q.stride(1) + d <= 2 * g * d
-    return prefetch_plan(pdl, walk["num_warps"], meta.nbytes, prefetch, first, compact)
+    return prefetch_plan(pdl, num_warps, meta.nbytes, prefetch, (g - 1) * q.stride(1) + d <= 2 * g * d)
 
 
 def plan_walk(
@@ -450,7 +439,7 @@ def page_scores_triton(
         q, meta, seq_start, seq_end, out, pages, hkv, d,
         q.stride(0), q.stride(1), meta.stride(0), meta.stride(1), meta.stride(2), meta.stride(3), page_size,
         per, signal if chain else out, out if trace is None else trace.region("score", grid[0] * grid[1], meta.device),
-        CHAIN=chain, PDL=pdl, TRACE=trace is not None, launch_pdl=pdl, **launch_prefetch(pdl, walk, per, q, meta, consts["G"], prefetch),
+        CHAIN=chain, PDL=pdl, TRACE=trace is not None, launch_pdl=pdl, **launch_prefetch(pdl, walk["num_warps"], q, meta, consts["G"], prefetch),
         **walk, **consts,
     )
     return out
