@@ -47,7 +47,7 @@ SASS_OPS = {
     "ldg_128": r"\bLDG\.E\.128\b", "ldg_64": r"\bLDG\.E\.64\b", "ldg_narrow": r"\bLDG\.E(\.(U8|S8|U16|S16))?\s",
     "ldgsts": r"\bLDGSTS\b", "hmma": r"\bHMMA\b", "hgmma": r"\bHGMMA\b", "bar_sync": r"\bBAR\.SYNC\b",
     "shfl": r"\bSHFL\b", "redux": r"\bREDUX\b", "stg": r"\bSTG\b",
-    "ublkpf": r"\bUBLKPF\b",  # bulk L2 prefetches (the score's metadata and query, around its PDL wait)
+    "ublkpf": r"\bUBLKPF\b",  # bulk L2 prefetches (the score's metadata and query, before its PDL wait)
     "f2f": r"\bF2F\.",  # scalar conversions (16 per clock per SM): none per value when fp8 data is upcast to fp16
 }
 

@@ -168,7 +168,7 @@ def score_and_select_triton(
     (int32 ``[>= B * Hkv]``, zeroed): the row-chained mode (:mod:`triton_chain`), the program that selects a
     row adds 1 to its flag once the row's pages are stored. ``trace``: record each program's timestamps
     (:mod:`trace`). ``maxnreg``: cap the registers per thread (tuning the occupancy of the score part).
-    ``prefetch``: force the L2 prefetch of the metadata before the wait on / off (:func:`triton_score.prefetch_plan`)."""
+    ``prefetch``: force the L2 prefetch of the metadata and the query before the wait on / off (:func:`triton_score.prefetch_plan`)."""
     q, meta, consts = score_meta(q, meta, seq_start, seq_end, page_size, gqa_reduction)
     check(num_select >= 1, f"num_select={num_select} must be >= 1")
     check(sink_pages >= 0 and recent_pages >= 0, "sink_pages / recent_pages must be >= 0")

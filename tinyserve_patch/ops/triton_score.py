@@ -423,7 +423,7 @@ def page_scores_triton(
     ``blocks_per_program`` and ``num_stages`` override the tuned defaults. ``signal`` (int32 ``[>= B * Hkv]``,
     zeroed): row-chained mode (:mod:`triton_chain`), each program adds the number of pages it scored to
     its row's counter once their scores are stored. ``trace``: record each program's timestamps
-    (:mod:`trace`). ``prefetch``: force the L2 prefetch of the metadata before the wait on / off (:func:`prefetch_plan`)."""
+    (:mod:`trace`). ``prefetch``: force the L2 prefetch of the metadata and the query before the wait on / off (:func:`prefetch_plan`)."""
     q, meta, consts = score_meta(q, meta, seq_start, seq_end, page_size, gqa_reduction)
     b, hkv, pages, _, d = meta.shape
     out = torch.empty((b, hkv, pages), dtype=torch.float32, device=meta.device)
