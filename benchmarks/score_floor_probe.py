@@ -16,11 +16,17 @@ back in a CUDA graph over rotating copies beyond the L2 exactly as ``bench_kerne
 * ``amax``: ``torch.amax`` over each page's metadata (PyTorch's reduction)
 * ``copy_meta``: a device copy of half the metadata (read + write), the reference of ``bench_kernels.py``
 * ``score`` (default plan), ``score_noprefetch`` (no L2 prefetch before the wait), ``score_nopdl``
+* ``score_resident``: the score over one copy, call after call (its metadata stays in L2, and its pages'
+  address translations in the TLBs): what the score costs once its bytes no longer come from DRAM
+* ``score_prefetch_<n>``: the L2 prefetch before the wait forced on with ``n`` bytes a program instead of the
+  default's (64 KB at <= 8 MiB launches, none above): ``n = 256`` moves almost no bytes but makes every
+  program's first address translation before its wait (a TLB miss on a fresh 2 MB page costs a page walk)
 
 and, per shape, a timestamp trace (``tinyserve_patch.ops.trace``) of ``--calls`` scores back to back in one
-graph: for the middle calls, in us from the call's first program passing its wait, the first and last
-start, the last wait passed and the last end, and the gap from the previous call's last end to this
-call's first wait passed (what a dependent launch costs on this part).
+graph, for the default score, the resident one and the one prefetching 256 bytes: for the middle calls,
+in us from the call's first program passing its wait, the first and last start, the last wait passed and
+the last end, and the gap from the previous call's last end to this call's first wait passed (what a
+dependent launch costs on this part).
 """
 
 from __future__ import annotations
@@ -100,6 +106,7 @@ def probe_shape(text: str, args, bw: float, l2: int, pdl: bool) -> tuple[list[di
 
     from tinyserve_patch.ops import reference as ref
     from tinyserve_patch.ops.trace import KernelTrace
+    from tinyserve_patch.ops import triton_score
     from tinyserve_patch.ops.triton_score import (
         page_scores_triton,
         plan_walk,
@@ -141,10 +148,22 @@ def probe_shape(text: str, args, bw: float, l2: int, pdl: bool) -> tuple[list[di
     def empty(with_pdl):
         return lambda: empty_kernel[(programs,)](sink, PDL=with_pdl, launch_pdl=with_pdl, num_warps=4)
 
-    def score(**kw):
+    def score(resident=False, prefetch_bytes=None, trace_calls=None, **kw):
+        """A score call over the next copy (``resident``: always the first); ``prefetch_bytes``: the
+        prefetch forced on with that many bytes a program (``triton_score.PREFETCH_BYTES`` is read at
+        launch, so also while a graph is captured); ``trace_calls``: a trace per call, in turn."""
+        traces = iter(trace_calls or ())
+
         def call():
-            c = copies.items[next(rot)]
-            page_scores_triton(c["q"], c["meta"], start, end, PAGE, "max", **kw)
+            c = copies.items[0 if resident else next(rot)]
+            old = triton_score.PREFETCH_BYTES
+            if prefetch_bytes is not None:
+                triton_score.PREFETCH_BYTES = prefetch_bytes
+                kw["prefetch"] = True
+            try:
+                page_scores_triton(c["q"], c["meta"], start, end, PAGE, "max", trace=next(traces, None), **kw)
+            finally:
+                triton_score.PREFETCH_BYTES = old
         return call
 
     variants = [
@@ -154,7 +173,8 @@ def probe_shape(text: str, args, bw: float, l2: int, pdl: bool) -> tuple[list[di
         ("amax", lambda: torch.amax(copies.items[next(rot)]["meta"].view(-1, 2 * d), dim=1), meta_bytes),
         ("copy_meta", lambda: dst.copy_(half[next(rot)]), meta_bytes),
         ("score", score(), meta_bytes), ("score_noprefetch", score(prefetch=False), meta_bytes),
-        ("score_nopdl", without_pdl(score()), meta_bytes),
+        ("score_nopdl", without_pdl(score()), meta_bytes), ("score_resident", score(resident=True), meta_bytes),
+        *((f"score_prefetch_{nb}", score(prefetch_bytes=nb), meta_bytes) for nb in args.prefetch_bytes),
     ]
     rows = []
     for kind, fn, nbytes in variants:
@@ -167,23 +187,28 @@ def probe_shape(text: str, args, bw: float, l2: int, pdl: bool) -> tuple[list[di
         print(f"{text:22s} {kind:18s} {rec['graph_us']:7.2f} us" + (f"  {rec['pct_floor']:5.1f}% of floor" if nbytes else ""),
               flush=True)
 
-    calls = [KernelTrace("cuda", capacity=programs) for _ in range(args.calls)]
-    items = [copies.items[i % n] for i in range(args.calls)]
-    for it in items[:2]:  # compile the traced variant outside the capture
-        page_scores_triton(it["q"], it["meta"], start, end, PAGE, "max", trace=KernelTrace("cuda", capacity=programs))
-    torch.cuda.synchronize()
-    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
-        for it, tr in zip(items, calls):
-            page_scores_triton(it["q"], it["meta"], start, end, PAGE, "max", trace=tr)
-    torch.cuda.current_stream().wait_stream(stream)
-    for _ in range(5):
-        graph.replay()
-    torch.cuda.synchronize()
-    summary = dict(base, **trace_summary([tr.records() for tr in calls]))
-    print(f"{text:22s} trace: " + ", ".join(f"{k} {v:.2f}" for k, v in summary.items() if isinstance(v, float)), flush=True)
-    return rows, summary
+    summaries = []
+    traced = [("score", {}), ("score_resident", {"resident": True}), ("score_prefetch_256", {"prefetch_bytes": 256})]
+    for kind, kw in traced:
+        calls = [KernelTrace("cuda", capacity=programs) for _ in range(args.calls)]
+        warm = score(**kw, trace_calls=[KernelTrace("cuda", capacity=programs) for _ in range(2)])
+        warm(), warm()  # compile the traced variant outside the capture
+        torch.cuda.synchronize()
+        fn = score(**kw, trace_calls=calls)
+        graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+            for _ in calls:
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        for _ in range(5):
+            graph.replay()
+        torch.cuda.synchronize()
+        summary = dict(base, kind=kind, **trace_summary([tr.records() for tr in calls]))
+        summaries.append(summary)
+        print(f"{text:22s} trace {kind}: " + ", ".join(f"{k} {v:.2f}" for k, v in summary.items() if isinstance(v, float)),
+              flush=True)
+    return rows, summaries
 
 
 def record(args) -> dict:
@@ -202,7 +227,7 @@ def record(args) -> dict:
     for text in args.shapes:
         r, t = probe_shape(text, args, bw, l2, pdl)
         rows += r
-        traces.append(t)
+        traces += t
         torch.cuda.empty_cache()
     return {"device": props.name, "versions": _versions(), "commit": _commit(),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "copy_bandwidth_Bps": bw,
@@ -219,10 +244,10 @@ def render(doc: dict) -> str:
         out.append(f"| {r['model']} B={r['batch']} {r['tokens'] // 1024}K | {r['meta_bytes'] / 1e6:.1f} | {r['programs']} | "
                    f"{r['kind']} | {r['graph_us']:.2f} | {r['floor_us']:.2f} | {pct} |")
     out += ["", "Trace of back-to-back scores (us from each call's first program past its wait; medians of the middle calls):", "",
-            "| shape | first start | last start | last ready | median program | last end | gap prev end -> ready | period |",
-            "|---|---|---|---|---|---|---|---|"]
+            "| shape | score | first start | last start | last ready | median program | last end | gap prev end -> ready | period |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for t in doc["traces"]:
-        out.append(f"| {t['model']} B={t['batch']} {t['tokens'] // 1024}K | {t['first_start']:.2f} | {t['last_start']:.2f} | "
+        out.append(f"| {t['model']} B={t['batch']} {t['tokens'] // 1024}K | {t.get('kind', 'score')} | {t['first_start']:.2f} | {t['last_start']:.2f} | "
                    f"{t['last_ready']:.2f} | {t['median_program']:.2f} | {t['last_end']:.2f} | {t['gap_prev_end_to_ready']:.2f} | "
                    f"{t['period']:.2f} |")
     return "\n".join(out) + "\n"
@@ -233,6 +258,8 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES), help="model:batch:tokens")
     p.add_argument("--rep", type=int, default=40)
     p.add_argument("--calls", type=int, default=8, help="back-to-back scores in the traced graph")
+    p.add_argument("--prefetch-bytes", type=int, nargs="*", default=[256, 4096, 65536],
+                   help="forced prefetch sizes (bytes a program) timed as score_prefetch_<n>")
     p.add_argument("--out", default=None)
     p.add_argument("--report", default=None, help="re-render a recorded JSON")
     args = p.parse_args(argv)
