@@ -184,7 +184,7 @@ def _chain_launches(model: str, batch: int, tokens: int, budget: int) -> list[tu
     meta = torch.empty(batch, hkv, tokens // PAGE, 2, d, dtype=bf, device=dev)
     k = torch.empty(batch, hkv, tokens, d, dtype=bf, device=dev)
     meta8 = torch.empty(meta.shape, dtype=torch.float8_e4m3fn, device=dev)
-    # a launch too large for the prefetch before the wait (triton_score.prefetch_plan)
+    # a launch too large to prefetch its walks before the wait: only their heads (triton_score.prefetch_plan)
     big_pages = max(tokens // PAGE, 4 * triton_score.PREFETCH_MAX_LAUNCH_BYTES // (batch * hkv * 2 * d * 2))
     meta_big = torch.empty(batch, hkv, big_pages, 2, d, dtype=bf, device=dev)
     k8 = torch.empty(k.shape, dtype=torch.float8_e4m3fn, device=dev)

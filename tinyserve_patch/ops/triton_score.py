@@ -363,8 +363,11 @@ def walk_stages(per: int, meta_dtype: torch.dtype) -> int:
 #: Metadata bytes a score program prefetches into L2 before its wait (:func:`prefetch_meta`): its whole walk
 #: at the default plans of head_dim 64 (<= 4 blocks of 16 KB), the first two blocks at head_dim 128.
 PREFETCH_BYTES = 64 * 1024
-#: Largest launch (metadata bytes of all its rows and heads) that prefetches by default (:func:`prefetch_plan`).
+#: Largest launch (metadata bytes of all its rows and heads) that prefetches its programs' walks by default (:func:`prefetch_plan`).
 PREFETCH_MAX_LAUNCH_BYTES = 8 * 2**20
+#: Metadata bytes a score program prefetches before its wait on a larger launch: the head of its walk, which
+#: takes its first address translation and DRAM latency ahead of the wait for almost no bytes.
+PREFETCH_HEAD_BYTES = 4096
 
 
 def prefetch_plan(pdl: bool, num_warps: int, meta_bytes: int, prefetch: bool | None = None, query_compact: bool = True) -> dict:
@@ -373,9 +376,10 @@ def prefetch_plan(pdl: bool, num_warps: int, meta_bytes: int, prefetch: bool | N
     program's walk (up to ``PREFETCH_BYTES``), and with ``PREFETCH_Q`` the first warp the program's query
     group too, where the group's rows lie within twice their bytes (``query_compact``). Only a PDL launch
     can start beside the previous grid, which is what the prefetch overlaps (so never the interpreter).
-    ``prefetch`` True / False forces it on / off; by default it is on up to
-    :data:`PREFETCH_MAX_LAUNCH_BYTES`. Same-run A/Bs on the H200 (the score launched back to back, and the
-    decode chain):
+    By default a launch of up to :data:`PREFETCH_MAX_LAUNCH_BYTES` prefetches its programs' walks (up to
+    :data:`PREFETCH_BYTES` each), a larger one the head of each walk (:data:`PREFETCH_HEAD_BYTES`);
+    ``prefetch`` True forces the walks, False nothing. Same-run A/Bs on the H200 (the score launched back
+    to back, and the decode chain):
 
     * the metadata (``benchmarks/results/kernels_h200_prefetch_*``): at 1-8 MB (batch 1 to 128K at head_dim
       64, to 16K at 128) the score 2.1 -> 1.8 us (TinyLlama B=1 / 16K), 3.2 -> 2.7 (B=1 / 64K), 2.6 -> 2.4
@@ -388,9 +392,16 @@ def prefetch_plan(pdl: bool, num_warps: int, meta_bytes: int, prefetch: bool | N
       of <= 8 MiB 3.1 us faster in all (at most +0.01 us). The same run tried the larger launches with the
       walk's first blocks prefetched right after the wait instead (what the pipeline's prologue copies,
       moved ahead of the query's load): 1.6-2.1 us slower at 32-134 MB (Llama-3-8B B=8 / 64K 34.2 -> 36.0
-      us), so those launches prefetch nothing."""
-    on = pdl and (prefetch if prefetch is not None else meta_bytes <= PREFETCH_MAX_LAUNCH_BYTES)
-    return dict(PREFETCH=num_warps if on else 0, PREFETCH_BYTES=PREFETCH_BYTES, PREFETCH_Q=on and query_compact)
+      us), so those launches prefetched nothing.
+    * the head of a walk at larger launches (``score_floor_probe_h200_7fa1482.*``, the score back to back):
+      forced prefetches of 256 B / 4 KB / 64 KB a program took Llama-3-8B B=1 / 64K from 6.57 us to 6.34 /
+      6.21 / 7.07, B=1 / 128K 10.57 -> 10.33 / 10.17 / 11.10, B=8 / 64K 34.34 -> 33.99 / 33.81 / 35.77: the
+      first lines (and their page's address translation) ahead of the wait pay, the bulk competes. So
+      those launches prefetch :data:`PREFETCH_HEAD_BYTES` a program, and the query."""
+    on = pdl and prefetch is not False
+    whole = prefetch is True or meta_bytes <= PREFETCH_MAX_LAUNCH_BYTES
+    return dict(PREFETCH=num_warps if on else 0, PREFETCH_BYTES=PREFETCH_BYTES if whole else PREFETCH_HEAD_BYTES,
+                PREFETCH_Q=on and query_compact)
 
 
 def launch_prefetch(pdl: bool, num_warps: int, q: torch.Tensor, meta: torch.Tensor, g: int, prefetch: bool | None) -> dict:
