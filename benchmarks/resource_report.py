@@ -146,10 +146,6 @@ def report(name: str, kernel, launch: dict) -> dict:
     # the bulk prefetches placed before the PDL wait (ACQBULK), where they overlap the previous grid
     cut = next((i for i, line in enumerate(lines) if re.search(r"\bACQBULK\b", line)), len(lines))
     mix["ublkpf_before_wait"] = sum(1 for line in lines[:cut] if re.search(SASS_OPS["ublkpf"], line))
-    # the asynchronous copies issued after the wait before the first plain global load (a score walk's
-    # metadata copies ahead of its query's load: triton_score.score_blocks, WALK 2)
-    first_ldg = next((i for i, line in enumerate(lines) if i > cut and re.search(r"\bLDG\.E\b", line)), len(lines))
-    mix["ldgsts_before_ldg"] = sum(1 for line in lines[cut:first_ldg] if re.search(SASS_OPS["ldgsts"], line))
     grid = launch["grid"]
     ctas = 1
     for g in (grid if isinstance(grid, tuple) else (grid,)):

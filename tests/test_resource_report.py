@@ -75,9 +75,6 @@ def test_resource_report_on_a_small_shape(tmp_path):
     for name, r in rows.items():
         assert r["ublkpf"] == (2 if name in scoring else 0), (name, r["ublkpf"])
         assert r["ublkpf_before_wait"] == r["ublkpf"], (name, r)
-    # a score walk of several blocks (here the launch over 8 MiB, 4 blocks a program) issues its pipeline's
-    # first metadata copies before its query's load, not after that load returns
-    assert rows[big]["ldgsts_before_ldg"] >= 8, rows[big]
     # fp8 metadata / K/V against a bfloat16 query: products in fp16 on a scaled query, so no scalar F2F
     # conversion per loaded value (the fp8 -> bf16 upcast took two per pair and made both kernels
     # conversion-bound on the H200)

@@ -525,14 +525,6 @@ def select_from_scores(
 
 
 @triton.jit
-def opaque(x):
-    """float32 ``x`` unchanged, through a PTX move the compiler treats as having side effects: it stays where
-    the caller makes it (never hoisted out of a loop or merged with another), and so do the computations
-    that use it. CUDA only (PTX)."""
-    return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=False, pack=1)
-
-
-@triton.jit
 def prefetch_l2(ptr, nbytes, WARPS: tl.constexpr):
     """Ask L2 to fetch ``nbytes`` (< 2^31) of global memory from ``ptr``, rounded out to 16-byte bounds: each
     of the program's ``WARPS`` warps issues one ``cp.async.bulk.prefetch.L2`` (sm_90) for its share, with

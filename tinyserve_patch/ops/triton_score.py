@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import check, check_float_dtype, check_head_dim, check_page_size, check_rows, f32_dot, interpreting, mm, opaque, page_valid, pdl_enter, prefetch_l2, scaled_f16, scaled_f16_query, signal_row, sm_count, trace_mark, use_pdl
+from ._triton_common import check, check_float_dtype, check_head_dim, check_page_size, check_rows, f32_dot, mm, page_valid, pdl_enter, prefetch_l2, scaled_f16, scaled_f16_query, signal_row, sm_count, trace_mark, use_pdl
 from .reference import FP8_DTYPES
 from .trace import KernelTrace
 
@@ -38,20 +38,17 @@ def _max_keep_nan(a, b):
 
 
 @triton.jit
-def load_group_rows(q_ptr, b, h, stride_qb, stride_qh, G: tl.constexpr, G_PAD: tl.constexpr, D, BLOCK_D: tl.constexpr):
-    """KV head ``h``'s query group of row ``b``, ``[G_PAD, BLOCK_D]`` in q's dtype (zeros past ``G`` and ``D``)."""
-    rows = tl.arange(0, G_PAD)
-    offs_d = tl.arange(0, BLOCK_D)
-    ptrs = q_ptr + b.to(tl.int64) * stride_qb + (h * G + rows)[:, None].to(tl.int64) * stride_qh + offs_d[None, :]
-    return tl.load(ptrs, mask=(rows[:, None] < G) & (offs_d[None, :] < D), other=0.0)
-
-
-@triton.jit
-def group_query_halves(q, qf, SCALED_F16: tl.constexpr):
-    """``(relu(q), min(q, 0), inv_scale)`` of a query group ``q`` (``qf``: the same as float32), the halves in
+def load_group_query(q_ptr, b, h, stride_qb, stride_qh, G: tl.constexpr, G_PAD: tl.constexpr, D, BLOCK_D: tl.constexpr,
+                     SCALED_F16: tl.constexpr):
+    """``(relu(q), min(q, 0), inv_scale)`` of KV head ``h``'s query group, the halves ``[G_PAD, BLOCK_D]`` in
     q's dtype and ``inv_scale`` 1.0; with ``SCALED_F16`` (a bfloat16 q against fp8 metadata) the halves
     in float16 scaled by ``2^k`` and ``inv_scale = 2^-k`` (:func:`_triton_common.scaled_f16_query`), so the
     metadata needs only the exact fp8 -> fp16 upcast and the scores times ``inv_scale`` are unchanged."""
+    rows = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    ptrs = q_ptr + b.to(tl.int64) * stride_qb + (h * G + rows)[:, None].to(tl.int64) * stride_qh + offs_d[None, :]
+    q = tl.load(ptrs, mask=(rows[:, None] < G) & (offs_d[None, :] < D), other=0.0)
+    qf = q.to(tl.float32)  # (exact; also keeps the CPU interpreter off bfloat16 arithmetic)
     if SCALED_F16:
         qs, inv_scale = scaled_f16_query(qf, tl.float32)
         pos, neg = _relu_halves(qs, tl.float16)
@@ -59,15 +56,6 @@ def group_query_halves(q, qf, SCALED_F16: tl.constexpr):
     else:
         pos, neg = _relu_halves(qf, q.dtype)
         return pos, neg, 1.0
-
-
-@triton.jit
-def load_group_query(q_ptr, b, h, stride_qb, stride_qh, G: tl.constexpr, G_PAD: tl.constexpr, D, BLOCK_D: tl.constexpr,
-                     SCALED_F16: tl.constexpr):
-    """:func:`group_query_halves` of KV head ``h``'s query group of row ``b`` (:func:`load_group_rows`), the
-    halves ``[G_PAD, BLOCK_D]``."""
-    q = load_group_rows(q_ptr, b, h, stride_qb, stride_qh, G, G_PAD, D, BLOCK_D)
-    return group_query_halves(q, q.to(tl.float32), SCALED_F16)  # (fp32: exact; keeps the interpreter off bf16 math)
 
 
 @triton.jit
@@ -143,29 +131,20 @@ def score_blocks(
     WALK: tl.constexpr,
 ):
     """Score page blocks ``[first, last)`` (``BLOCK_P`` pages each) of (row ``b``, KV head ``h``) into
-    ``out_row`` (float32 ``[P]``), software-pipelined over ``STAGES``.
-
-    ``WALK`` 0 (one block): a one-iteration loop that loads the query group inside it, so that its
-    prologue issues the metadata and the query as asynchronous copies together: made before the loop, the
-    query's load is waited on before the first metadata copy is issued (two memory latencies in series;
-    same-run A/B on the H200, ``benchmarks/NOTES.md``: the score at one block a program 2.6 -> 2.2 us).
-    ``WALK`` 1 (several blocks, and the interpreter): the query is loaded and its halves made once, before
-    the loop (loading it inside a walk slowed the score by up to 1 us, 3-4 us over fp8 metadata: a copy
-    and its wait every block). ``WALK`` 2 (several blocks, compiled): the query is loaded before the loop
-    but its halves are made inside it, from its registers passed through an opaque move
-    (:func:`_triton_common.opaque`) that the compiler cannot hoist: so the prologue's metadata copies are
-    issued while the query's load is in flight, instead of after it returns."""
-    if WALK == 1:
+    ``out_row`` (float32 ``[P]``), software-pipelined over ``STAGES``. ``WALK`` (several blocks): the
+    query group's halves are made once, before the loop. Else (one block) a one-iteration loop that loads
+    the query group inside it, so that its prologue issues the metadata and the query as asynchronous
+    copies together: made before the loop, the query's load is waited on before the first metadata copy
+    is issued (two memory latencies in series; same-run A/B on the H200, ``benchmarks/NOTES.md``: the
+    score at one block a program 2.6 -> 2.2 us, while loading the query inside a walk of several blocks
+    slowed it by up to 1 us, 3-4 us over fp8 metadata)."""
+    if WALK:
         q_pos, q_neg, inv_scale = load_group_query(q_ptr, b, h, stride_qb, stride_qh, G, G_PAD, D, BLOCK_D, SCALED_F16)
-    elif WALK == 2:
-        q_rows = load_group_rows(q_ptr, b, h, stride_qb, stride_qh, G, G_PAD, D, BLOCK_D)
     for blk in tl.range(first, last, num_stages=STAGES):
         pages = blk * BLOCK_P + tl.arange(0, BLOCK_P)
         mn_t, mx_t = load_meta_block(meta_bh, pages, num_pages, stride_mp, stride_mm, D, BLOCK_D)
-        if WALK == 0:
+        if not WALK:
             q_pos, q_neg, inv_scale = load_group_query(q_ptr, b, h, stride_qb, stride_qh, G, G_PAD, D, BLOCK_D, SCALED_F16)
-        elif WALK == 2:
-            q_pos, q_neg, inv_scale = group_query_halves(q_rows, opaque(q_rows.to(tl.float32)), SCALED_F16)
         s = block_scores(q_pos, q_neg, inv_scale, mn_t, mx_t, pages, num_pages, start, end, page_size, G, G_PAD,
                          GQA_SUM, F32, SCALED_F16)
         tl.store(out_row + pages, s, mask=pages < num_pages)
@@ -307,11 +286,11 @@ SM_THREADS = 2048
 
 
 def score_shared_bytes(block_p: int, block_d: int, meta_bytes: int, stages: int) -> int:
-    """Shared memory of one score program walking several blocks: ``stages - 1`` pipelined metadata blocks
-    ``[BLOCK_P, 2, BLOCK_D]`` plus a ``[BLOCK_P, BLOCK_D]`` byte tile. Equal to the sm_90 compile
-    (``benchmarks/resource_report.py``, Triton 3.9) at head_dim 64 and 128, bf16 and fp8, 2-4 stages
-    (e.g. 73728 bytes at d 128 / bf16 / 3 stages); at head_dim 256 it is low by 8 KB (an estimate)."""
-    return max(1, stages - 1) * block_p * 2 * block_d * meta_bytes + block_p * block_d
+    """Shared memory of one score program: ``stages - 1`` pipelined metadata blocks ``[BLOCK_P, 2, BLOCK_D]``
+    plus a ``[BLOCK_P, BLOCK_D]`` byte tile and 256 bytes of scratch. Equal to the sm_90 compile
+    (``benchmarks/resource_report.py``, Triton 3.9) at head_dim 64 and 128, bf16 and fp8, 1-4 stages
+    (e.g. 73984 bytes at d 128 / bf16 / 3 stages); at head_dim 256 it is low by 8 KB (an estimate)."""
+    return max(1, stages - 1) * block_p * 2 * block_d * meta_bytes + block_p * block_d + 256
 
 
 def resident_programs(sms: int, shared: int, num_warps: int) -> int:
@@ -432,8 +411,7 @@ def plan_walk(
     check(per >= 1, f"blocks_per_program={per} must be >= 1")
     return dict(
         BLOCK_P=block_p, blocks_per_program=per, programs_per_row=triton.cdiv(blocks, per),
-        num_warps=num_warps or warps, STAGES=num_stages or walk_stages(per, meta_dtype),
-        WALK=0 if per == 1 else 1 if interpreting() else 2,
+        num_warps=num_warps or warps, STAGES=num_stages or walk_stages(per, meta_dtype), WALK=per > 1,
     )
 
 
