@@ -93,7 +93,8 @@ def test_default_launch():
 def test_prefetch_plan():
     """L2 prefetches only on a PDL launch (the interpreter never gets one: it runs no inline PTX): one
     prefetch a warp of its share of the walk, over at most 8 MiB of metadata, or of its walk's first 4 KB
-    above; and the query group (where its rows are compact); forced to whole walks or off."""
+    above (the fused kernel: none above); and the query group (where its rows are compact); forced to whole
+    walks or off."""
     from tinyserve_patch.ops._triton_common import use_pdl
     from tinyserve_patch.ops.triton_score import PREFETCH_BYTES, PREFETCH_HEAD_BYTES, launch_prefetch, prefetch_plan
 
@@ -101,6 +102,9 @@ def test_prefetch_plan():
     assert PREFETCH_HEAD_BYTES == 4096 and PREFETCH_BYTES == 65536
     assert prefetch_plan(True, 4, tiny_b1_128k) == dict(PREFETCH=4, PREFETCH_BYTES=PREFETCH_BYTES, PREFETCH_Q=True)
     assert prefetch_plan(True, 4, llama_b1_64k) == dict(PREFETCH=4, PREFETCH_BYTES=PREFETCH_HEAD_BYTES, PREFETCH_Q=True)
+    assert prefetch_plan(True, 8, llama_b1_64k, head=False)["PREFETCH"] == 0  # the fused kernel's plan
+    assert not prefetch_plan(True, 8, llama_b1_64k, head=False)["PREFETCH_Q"]
+    assert prefetch_plan(True, 8, tiny_b1_128k, head=False)["PREFETCH"] == 8
     assert prefetch_plan(True, 8, llama_b1_64k, prefetch=True) == dict(PREFETCH=8, PREFETCH_BYTES=PREFETCH_BYTES, PREFETCH_Q=True)
     assert prefetch_plan(True, 4, 1024, prefetch=False)["PREFETCH"] == 0
     assert not prefetch_plan(True, 4, 1024, prefetch=False)["PREFETCH_Q"]

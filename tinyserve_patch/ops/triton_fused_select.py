@@ -197,7 +197,7 @@ def score_and_select_triton(
         page_size, sink_pages, recent_pages, out if flags is None else flags,
         out if trace is None else trace.region("score_select", nprog * b * hkv, meta.device),
         BLOCK=block, WAYS=ways, FINISH=finish, SINGLE=nprog == 1, CHAIN=flags is not None, TRACE=trace is not None,
-        PDL=pdl, launch_pdl=pdl, **({} if maxnreg is None else {"maxnreg": maxnreg}), **launch_prefetch(pdl, walk["num_warps"], q, meta, consts["G"], prefetch),
+        PDL=pdl, launch_pdl=pdl, **({} if maxnreg is None else {"maxnreg": maxnreg}), **launch_prefetch(pdl, walk["num_warps"], q, meta, consts["G"], prefetch, head=False),
         **walk, **consts,
     )
     return out

@@ -349,14 +349,16 @@ PREFETCH_MAX_LAUNCH_BYTES = 8 * 2**20
 PREFETCH_HEAD_BYTES = 4096
 
 
-def prefetch_plan(pdl: bool, num_warps: int, meta_bytes: int, prefetch: bool | None = None, query_compact: bool = True) -> dict:
+def prefetch_plan(pdl: bool, num_warps: int, meta_bytes: int, prefetch: bool | None = None, query_compact: bool = True,
+                  head: bool = True) -> dict:
     """The L2 prefetch constants of a score launch over ``meta_bytes`` of metadata, before its PDL wait
     (:func:`prefetch_meta`, :func:`prefetch_query`): ``PREFETCH`` warps each prefetch their share of the
     program's walk (up to ``PREFETCH_BYTES``), and with ``PREFETCH_Q`` the first warp the program's query
     group too, where the group's rows lie within twice their bytes (``query_compact``). Only a PDL launch
     can start beside the previous grid, which is what the prefetch overlaps (so never the interpreter).
     By default a launch of up to :data:`PREFETCH_MAX_LAUNCH_BYTES` prefetches its programs' walks (up to
-    :data:`PREFETCH_BYTES` each), a larger one the head of each walk (:data:`PREFETCH_HEAD_BYTES`);
+    :data:`PREFETCH_BYTES` each), a larger one the head of each walk (:data:`PREFETCH_HEAD_BYTES`) and the
+    query with ``head`` (the score kernel), nothing without (the fused score + select, where it lost);
     ``prefetch`` True forces the walks, False nothing. Same-run A/Bs on the H200 (the score launched back
     to back, and the decode chain):
 
@@ -375,19 +377,23 @@ def prefetch_plan(pdl: bool, num_warps: int, meta_bytes: int, prefetch: bool | N
     * the head of a walk at larger launches (``score_floor_probe_h200_7fa1482.*``, the score back to back):
       forced prefetches of 256 B / 4 KB / 64 KB a program took Llama-3-8B B=1 / 64K from 6.57 us to 6.34 /
       6.21 / 7.07, B=1 / 128K 10.57 -> 10.33 / 10.17 / 11.10, B=8 / 64K 34.34 -> 33.99 / 33.81 / 35.77: the
-      first lines (and their page's address translation) ahead of the wait pay, the bulk competes. So
-      those launches prefetch :data:`PREFETCH_HEAD_BYTES` a program, and the query."""
-    on = pdl and prefetch is not False
+      first lines (and their page's address translation) ahead of the wait pay, the bulk competes. In the
+      chains (``kernels_h200_walkq_*``, measured on top of a query placement that was then reverted) the
+      split chain gained 0.2-1.3 us at every launch over 8 MiB (Llama-3-8B B=8 / 64K 69.2 -> 67.9 us) and
+      the fused chain lost up to 2.7 us (Llama-3-8B B=8 / 128K): so the score kernel's launches over 8 MiB
+      prefetch :data:`PREFETCH_HEAD_BYTES` a program and the query, the fused kernel's nothing."""
     whole = prefetch is True or meta_bytes <= PREFETCH_MAX_LAUNCH_BYTES
+    on = pdl and prefetch is not False and (whole or head)
     return dict(PREFETCH=num_warps if on else 0, PREFETCH_BYTES=PREFETCH_BYTES if whole else PREFETCH_HEAD_BYTES,
                 PREFETCH_Q=on and query_compact)
 
 
-def launch_prefetch(pdl: bool, num_warps: int, q: torch.Tensor, meta: torch.Tensor, g: int, prefetch: bool | None) -> dict:
+def launch_prefetch(pdl: bool, num_warps: int, q: torch.Tensor, meta: torch.Tensor, g: int, prefetch: bool | None,
+                    head: bool = True) -> dict:
     """:func:`prefetch_plan` of a launch over ``meta`` ``[B, Hkv, P, 2, D]`` with query ``q`` ``[B, Hq, D]``
     in groups of ``g`` heads."""
     d = meta.shape[-1]
-    return prefetch_plan(pdl, num_warps, meta.nbytes, prefetch, (g - 1) * q.stride(1) + d <= 2 * g * d)
+    return prefetch_plan(pdl, num_warps, meta.nbytes, prefetch, (g - 1) * q.stride(1) + d <= 2 * g * d, head)
 
 
 def plan_walk(
