@@ -378,10 +378,13 @@ def prefetch_plan(pdl: bool, num_warps: int, meta_bytes: int, prefetch: bool | N
       forced prefetches of 256 B / 4 KB / 64 KB a program took Llama-3-8B B=1 / 64K from 6.57 us to 6.34 /
       6.21 / 7.07, B=1 / 128K 10.57 -> 10.33 / 10.17 / 11.10, B=8 / 64K 34.34 -> 33.99 / 33.81 / 35.77: the
       first lines (and their page's address translation) ahead of the wait pay, the bulk competes. In the
-      chains (``kernels_h200_walkq_*``, measured on top of a query placement that was then reverted) the
-      split chain gained 0.2-1.3 us at every launch over 8 MiB (Llama-3-8B B=8 / 64K 69.2 -> 67.9 us) and
-      the fused chain lost up to 2.7 us (Llama-3-8B B=8 / 128K): so the score kernel's launches over 8 MiB
-      prefetch :data:`PREFETCH_HEAD_BYTES` a program and the query, the fused kernel's nothing."""
+      chains (``kernels_h200_walkq_*``, on top of a query placement that was then reverted) the split chain
+      gained 0.2-1.3 us at every launch over 8 MiB and the fused chain lost up to 2.7 us (Llama-3-8B B=8 /
+      128K): so the score kernel's launches over 8 MiB prefetch :data:`PREFETCH_HEAD_BYTES` a program and
+      the query, the fused kernel's nothing. Same-run A/B of that against no prefetch there
+      (``kernels_h200_headpf_*``): the score faster at all 7 such launches (Llama-3-8B B=1 / 64K 6.54 ->
+      6.36 us, B=8 / 64K 34.86 -> 34.34, TinyLlama B=8 / 128K 20.06 -> 18.83), the split chain at all 7
+      (3.3 us in all)."""
     whole = prefetch is True or meta_bytes <= PREFETCH_MAX_LAUNCH_BYTES
     on = pdl and prefetch is not False and (whole or head)
     return dict(PREFETCH=num_warps if on else 0, PREFETCH_BYTES=PREFETCH_BYTES if whole else PREFETCH_HEAD_BYTES,
