@@ -387,7 +387,9 @@ def prefetch_plan(pdl: bool, num_warps: int, meta_bytes: int, prefetch: bool | N
       (3.3 us in all)."""
     whole = prefetch is True or meta_bytes <= PREFETCH_MAX_LAUNCH_BYTES
     on = pdl and prefetch is not False and (whole or head)
-    return dict(PREFETCH=num_warps if on else 0, PREFETCH_BYTES=PREFETCH_BYTES if whole else PREFETCH_HEAD_BYTES,
+    # PREFETCH_BYTES only matters with PREFETCH on: kept at one value otherwise, so that launches which
+    # prefetch nothing share one compiled kernel whatever their size
+    return dict(PREFETCH=num_warps if on else 0, PREFETCH_BYTES=PREFETCH_BYTES if whole or not on else PREFETCH_HEAD_BYTES,
                 PREFETCH_Q=on and query_compact)
 
 
