@@ -109,6 +109,20 @@ def test_select_search_ways_agree(ways):
             assert torch.equal(out, ref.select_pages(scores.to(DEVICE), start, end, 8, n, 1, 1))
 
 
+@pytest.mark.parametrize("ways", [0, 1, 2, 4])
+def test_select_search_over_a_bracket_wider_than_int32(ways):
+    """The search's bracket spans the whole finite float range (a key width over 2^31, which the uint32
+    offsets of its thresholds must carry without wrapping): the largest finite scores of both signs, their
+    neighbours and scores around zero, for every number of thresholds and k across the order."""
+    big = torch.finfo(torch.float32).max
+    base = torch.tensor([-big, big, -big / 2, big / 2, -1e-30, 1e-30, 0.0, -3.0, 3.0, big * 0.999, -big * 0.999, 7.0])
+    scores = torch.stack([base, base.flip(0), base.roll(5), -base]).reshape(2, 2, 12)
+    start = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    end = torch.full((2,), 12 * 8, dtype=torch.int32, device=DEVICE)
+    for n in (1, 2, 5, 9, 12):
+        _check(scores.to(DEVICE), start, end, 8, n, 0, 0, ways=ways)
+
+
 def _spread_scores(kind: str, shape, levels: int, g):
     """Scores of one of three spreads: ``randn``, ``wide`` (over many decades) or ``ties`` (``levels`` values)."""
     if kind == "randn":

@@ -335,17 +335,25 @@ def _sum_min_max(a_sum, a_min, a_max, b_sum, b_min, b_max):
 
 @triton.jit
 def _search_passes(key, k, lo, hi, above, n_lo, base, found, LIMIT, WAYS: tl.constexpr, BITS: tl.constexpr):
-    """Passes of :func:`kth_largest_key` with ``WAYS`` thresholds, while the bracket ``[lo, hi]`` (int64)
-    is open and holds more than ``LIMIT`` keys (``n_lo - above``: ``n_lo`` keys ``>= lo``, ``above`` keys
+    """Passes of :func:`kth_largest_key` with ``WAYS`` thresholds, while the bracket ``[lo, hi]`` (int32) is
+    open and holds more than ``LIMIT`` keys (``n_lo - above``: ``n_lo`` keys ``>= lo``, ``above`` keys
     ``> hi``). Each threshold's count of keys ``>= c``, less ``base``, is packed in a ``BITS``-bit field of
-    one int32 / int64 reduction: the caller guarantees those counts stay below ``2^BITS``."""
+    one int32 / int64 reduction: the caller guarantees those counts stay below ``2^BITS``.
+
+    The thresholds are ``lo`` plus offsets in uint32 (the bracket's width ``hi - lo`` can exceed int32 but
+    not uint32, and ``lo + offset <= hi`` is exact once wrapped back to int32), so a pass costs no 64-bit
+    arithmetic: with int64 bounds the step's division alone was ~25 dependent instructions a pass and the
+    update twice its width, on the path of every pass (sm_90 SASS). ``lo - 1`` never wraps: a bracket's
+    ``lo`` is a finite score's key, above ``KEY_NEG_INF``."""
     PACK: tl.constexpr = tl.int32 if WAYS * BITS <= 32 else tl.int64
     MASK: tl.constexpr = (1 << BITS) - 1
     while (lo < hi) & (n_lo - above > LIMIT):
-        step = (hi - lo + 1 + WAYS) // (WAYS + 1)  # ceil(width / (WAYS + 1)): 1 <= step < width
+        lo_u = lo.to(tl.uint32, bitcast=True)
+        width = hi.to(tl.uint32, bitcast=True) - lo_u  # hi - lo, exact in uint32
+        step = width // (WAYS + 1) + 1  # ceil((width + 1) / (WAYS + 1)): 1 <= step <= width
         packed = tl.zeros_like(key).to(PACK)
         for i in tl.static_range(WAYS):
-            c = tl.minimum(lo + (i + 1) * step, hi).to(tl.int32)
+            c = (lo_u + tl.minimum(step * (i + 1), width)).to(tl.int32, bitcast=True)  # min(lo + (i+1) step, hi)
             packed += (key >= c).to(PACK) << (BITS * i)
         cnt = tl.sum(packed, axis=0)
         new_lo = lo
@@ -353,7 +361,7 @@ def _search_passes(key, k, lo, hi, above, n_lo, base, found, LIMIT, WAYS: tl.con
         new_n_lo = n_lo
         hit = lo - 1  # no threshold counted exactly k
         for i in tl.static_range(WAYS):  # thresholds rise with i, so the counts fall
-            c = tl.minimum(lo + (i + 1) * step, hi)
+            c = (lo_u + tl.minimum(step * (i + 1), width)).to(tl.int32, bitcast=True)
             n = ((cnt >> (BITS * i)) & MASK).to(tl.int32) + base
             new_lo = tl.where(n >= k, c, new_lo)
             new_n_lo = tl.where(n >= k, n, new_n_lo)
@@ -421,8 +429,8 @@ def kth_largest_key(key, k, lo, hi, above, n_lo, scratch_ptr, scratch_len, WAYS:
     each narrower phase the keys above the bracket are set below every threshold (in a copy: the caller's
     keys are kept), so a count is the bracket's keys at or above the threshold plus ``above`` at that
     point, and fits the narrower field. Same result, fewer passes where the bracket empties slowly."""
-    lo = lo.to(tl.int64)
-    hi = hi.to(tl.int64)
+    lo = lo.to(tl.int32)
+    hi = hi.to(tl.int32)
     found = lo > hi  # (an empty bracket: the loop does not run)
     if WAYS == 0:
         lo, hi, above, n_lo, found = _search_passes(key, k, lo, hi, above, n_lo, 0, found, 1023, 2, 16)
@@ -435,7 +443,7 @@ def kth_largest_key(key, k, lo, hi, above, n_lo, scratch_ptr, scratch_len, WAYS:
         lo, hi, above, n_lo, found = _search_passes(key, k, lo, hi, above, n_lo, 0, found, limit, WAYS, 16)
         if lo < hi:  # stopped with <= limit keys in the bracket: rank them
             t, n_gt = _rank_bracket(key, k, lo, hi, above, n_lo, scratch_ptr, FINISH)
-            lo = t.to(tl.int64)
+            lo = t
             above = n_gt
     else:
         lo, hi, above, n_lo, found = _search_passes(key, k, lo, hi, above, n_lo, 0, found, 0, WAYS, 16)
