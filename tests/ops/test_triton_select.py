@@ -47,6 +47,25 @@ def test_select_special_values():
             _check(scores, st_, en, 8, n, 1, 2)
 
 
+def test_select_keys_of_nan_signs_subnormals_and_extremes():
+    """The integer keys order every float class as the reference's finite-first sort: NaN of either sign and
+    -inf tie the lowest finite float, +inf ties the largest, the smallest subnormals of both signs sit
+    just around the tied zeros; ties to the lower page throughout."""
+    big = torch.finfo(torch.float32).max
+    tiny = torch.finfo(torch.float32).smallest_normal / 2**22  # 2^-148, a subnormal
+    neg_nan = -torch.tensor(float("nan"))  # sign bit set
+    s = torch.tensor([float("nan"), -big, tiny, 0.0, -tiny, -0.0, big, float("inf"), -float("inf"), 1.0, -1.0, 0.0])
+    s[0] = neg_nan
+    s = torch.cat([s, s.flip(0), torch.tensor([float("nan"), -tiny, tiny, -0.0])])  # 28 pages
+    scores = torch.stack([s, s.roll(7), -s, s.flip(0)]).reshape(2, 2, 28).to(DEVICE)
+    start = torch.tensor([0, 8], dtype=torch.int32, device=DEVICE)
+    end = torch.tensor([28 * 8, 27 * 8 - 3], dtype=torch.int32, device=DEVICE)
+    assert torch.isnan(scores).any() and (scores.view(torch.int32) == -(2**31)).any()  # NaN and -0.0 present
+    for n in range(1, 29, 3):
+        _check(scores, start, end, 8, n, 0, 0)
+        _check(scores, start, end, 8, n, 1, 2)
+
+
 def test_select_large_p_and_strided_scores():
     g = gen(8)
     base = torch.randint(0, 50, (1, 3000, 2), generator=g).float().to(DEVICE)
