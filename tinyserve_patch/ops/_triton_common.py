@@ -347,8 +347,11 @@ def _search_passes(key, k, lo, hi, above, n_lo, base, found, LIMIT, WAYS: tl.con
     The thresholds are ``lo`` plus offsets in uint32 (the bracket's width ``hi - lo`` can exceed int32 but
     not uint32, and ``lo + offset <= hi`` is exact once wrapped back to int32), so a pass costs no 64-bit
     arithmetic: with int64 bounds the step's division alone was ~25 dependent instructions a pass and the
-    update twice its width, on the path of every pass (sm_90 SASS). ``lo - 1`` never wraps: a bracket's
-    ``lo`` is a finite score's key, above ``KEY_NEG_INF``."""
+    update twice its width, on the path of every pass (sm_90 SASS, Triton 3.6: ~175 -> 134 instructions a
+    pass). Same-run A/B on the H200 (``benchmarks/results/kernels_h200_int32search_*``): the selection
+    0.39-0.87 us faster at all 12 shapes (TinyLlama B=1 / 64K 6.80 -> 6.29 us), the default chains 7.2 us
+    faster over them. ``lo - 1`` never wraps: a bracket's ``lo`` is a finite score's key, above
+    ``KEY_NEG_INF``."""
     PACK: tl.constexpr = tl.int32 if WAYS * BITS <= 32 else tl.int64
     MASK: tl.constexpr = (1 << BITS) - 1
     while (lo < hi) & (n_lo - above > LIMIT):
@@ -463,7 +466,9 @@ def selection_keys(scores, offs, num_pages, start, end, num_select, page_size, s
     in_range = offs < num_pages
     # the row's pages as intervals (reference.page_valid_mask / forced_page_mask): valid [first, top],
     # scored (valid, not forced) [first + sink, min(last - recent, top)], so a lane costs four compares
-    # and the counts need no reduction
+    # and the counts need no reduction (with finite_key: ~30 -> ~14 instructions a lane; same-run A/B on
+    # the H200, benchmarks/results/kernels_h200_intkeys_*: the selection up to 0.8 us faster at 8192
+    # pages, 0.4 at 4096)
     first = start // page_size  # start >= 0
     last = (end - 1) // page_size  # only used when end > start, i.e. end >= 1
     top = tl.where(end > start, tl.minimum(last, num_pages - 1), -1)
