@@ -132,6 +132,21 @@ def test_decode_dense_mode_equals_every_page_listed(dtype, slots, num_splits):
         sparse_decode_attention_triton(q, k, v, None, start, end, ps, 0.2, slots=cap // ps + 1)
 
 
+def test_decode_dense_mode_negative_start_counts_as_zero():
+    """Dense mode from a negative ``seq_start`` walks the row from page 0 (no position lies below 0): the
+    same bits as ``seq_start = 0``, and ``reference.dense_page_list`` lists the same pages."""
+    gn = gen(23)
+    b, h, ps, cap = 2, 2, 8, 64
+    k, v, _ = cache(b, h, cap, 32, ps, torch.float32, gn)
+    q = randn((b, 2 * h, 32), torch.float32, gn)
+    end = torch.tensor([64, 21], dtype=torch.int32, device=DEVICE)
+    start = torch.tensor([-20, -5], dtype=torch.int32, device=DEVICE)
+    zero = torch.zeros_like(start)
+    assert torch.equal(ref.dense_page_list(start, end, ps, cap // ps, h), ref.dense_page_list(zero, end, ps, cap // ps, h))
+    got = sparse_decode_attention_triton(q, k, v, None, start, end, ps, 0.2, slots=cap // ps)
+    assert torch.equal(got, sparse_decode_attention_triton(q, k, v, None, zero, end, ps, 0.2, slots=cap // ps))
+
+
 def test_default_stages():
     """3 stages for the dense decode at head_dim <= 64 (contiguous pages), 2 otherwise (H200 sweep)."""
     assert [default_stages(bd, True) for bd in (16, 64, 128, 256)] == [3, 3, 2, 2]

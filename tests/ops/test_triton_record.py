@@ -58,6 +58,22 @@ def test_record_random_shapes(b, h, pages, s, ps, seed):
     _steps(b, h, pages, s, ps, steps=2, seed=seed)
 
 
+def test_record_negative_start_counts_as_zero():
+    """A negative ``seq_start`` counts the row's tokens from position 0, dense and sparse steps alike, in the
+    kernel and the reference."""
+    idx = torch.tensor([[[0, 2, -1]], [[1, -1, -1]]], dtype=torch.int32, device=DEVICE)
+    end = torch.tensor([30, 12], dtype=torch.int32, device=DEVICE)
+    start = torch.tensor([-20, -3], dtype=torch.int32, device=DEVICE)
+    states = [_state(2, 1, 4) for _ in range(3)]
+    for dense in (True, False):
+        record_decode_triton(*states[0], idx, start, end, 8, dense)
+        ref.record_decode(*states[1], idx, start, end, 8, dense)
+        ref.record_decode(*states[2], idx, torch.zeros_like(start), end, 8, dense)
+    for a, r, z in zip(*states):
+        assert torch.equal(a, r) and torch.equal(r, z)
+    assert states[1][0][2] == 42 + 20  # tokens read: 30 + 12 on the dense step; 8 + 8 (pages 0, 2) + 4 (page 1) sparse
+
+
 def test_reference_counts_by_hand():
     """Row 0 holds tokens [3, 20) of pages of 8: pages 0 (5 valid tokens), 1 (8) and 2 (4)."""
     counts, prev, has_prev = _state(1, 1, 4, "cpu")

@@ -66,6 +66,19 @@ def test_select_keys_of_nan_signs_subnormals_and_extremes():
         _check(scores, start, end, 8, n, 1, 2)
 
 
+def test_select_negative_start_counts_as_zero():
+    """No position lies below 0: a negative ``seq_start`` (a whole page and more below, or part of one)
+    selects exactly what ``seq_start = 0`` selects, sink pages included, in the kernel and the reference."""
+    g = gen(31)
+    scores = torch.randn(3, 2, 20, generator=g).to(DEVICE)
+    end = torch.tensor([160, 77, 9], dtype=torch.int32, device=DEVICE)
+    start = torch.tensor([-40, -3, -8], dtype=torch.int32, device=DEVICE)
+    for n in (1, 3, 12):
+        zero = ref.select_pages(scores, torch.zeros_like(start), end, 8, n, 2, 1)
+        assert torch.equal(ref.select_pages(scores, start, end, 8, n, 2, 1), zero)
+        _check(scores, start, end, 8, n, 2, 1)
+
+
 def test_select_large_p_and_strided_scores():
     g = gen(8)
     base = torch.randint(0, 50, (1, 3000, 2), generator=g).float().to(DEVICE)

@@ -469,7 +469,7 @@ def selection_keys(scores, offs, num_pages, start, end, num_select, page_size, s
     # and the counts need no reduction (with finite_key: ~30 -> ~14 instructions a lane; same-run A/B on
     # the H200, benchmarks/results/kernels_h200_intkeys_*: the selection up to 0.8 us faster at 8192
     # pages, 0.4 at 4096)
-    first = start // page_size  # start >= 0
+    first = tl.maximum(start, 0) // page_size  # (no position lies below 0: a negative start counts as 0)
     last = (end - 1) // page_size  # only used when end > start, i.e. end >= 1
     top = tl.where(end > start, tl.minimum(last, num_pages - 1), -1)
     mid_lo = first + sink

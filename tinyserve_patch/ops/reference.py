@@ -13,8 +13,8 @@ Layouts (shared by the Triton kernels):
 * ``q``: the decode query, ``[batch, q_heads, head_dim]``; query head ``h`` reads KV head
   ``h // (q_heads // kv_heads)`` (HF ``repeat_kv`` order).
 * ``seq_start``, ``seq_end``: ``[batch]`` int32; row ``b`` holds valid tokens at positions
-  ``seq_start[b] <= t < seq_end[b]`` (left padding sits before ``seq_start``). A page is valid for a row
-  when it holds at least one valid token.
+  ``seq_start[b] <= t < seq_end[b]`` (left padding sits before ``seq_start``; positions start at 0, so a
+  negative ``seq_start`` counts as 0). A page is valid for a row when it holds at least one valid token.
 * ``indices``: ``[batch, kv_heads, num_select]`` int32 page numbers, ascending, ``-1`` padded.
 
 GQA rule: each KV head makes one selection shared by its group of query heads. The group's per-head
@@ -293,7 +293,7 @@ def forced_page_mask(
 ) -> torch.Tensor:
     """``[batch, pages]`` bool: the first ``sink_pages`` and last ``recent_pages`` valid pages of each row."""
     idx = torch.arange(pages, device=seq_start.device)[None]
-    first = (seq_start.long() // page_size)[:, None]
+    first = (seq_start.long().clamp(min=0) // page_size)[:, None]  # no position lies below 0
     last = ((seq_end.long() - 1) // page_size)[:, None]
     valid = page_valid_mask(seq_start, seq_end, pages, page_size)
     return valid & ((idx < first + sink_pages) | (idx > last - recent_pages))
@@ -384,7 +384,7 @@ def dense_page_list(seq_start: torch.Tensor, seq_end: torch.Tensor, page_size: i
     """Every page of each row's ``[seq_start, seq_end)`` as a selection: int32 ``[batch, kv_heads, slots]``, slot
     ``j`` = the row's first page + ``j`` while it starts before ``seq_end``, else ``-1`` (the same for every KV
     head). What the dense decode kernel walks without building it; a range longer than ``slots`` pages is cut."""
-    first = (seq_start.long() // page_size)[:, None]
+    first = (seq_start.long().clamp(min=0) // page_size)[:, None]  # no position lies below 0
     idx = first + torch.arange(slots, device=seq_start.device)[None, :]
     idx = torch.where(idx * page_size < seq_end.long()[:, None], idx, -1).to(torch.int32)
     return idx[:, None, :].expand(idx.shape[0], kv_heads, slots)
@@ -445,13 +445,14 @@ def record_decode(
     ``pages_prev``; then ``prev_selected`` becomes this step's selection and ``has_prev`` 1. The oracle
     fields are left to the caller."""
     b, h = prev_selected.shape[:2]
-    valid = (seq_end.long() - seq_start.long()).clamp(min=0).sum().to(torch.float64) * h
+    start = seq_start.long().clamp(min=0)  # no position lies below 0
+    valid = (seq_end.long() - start).clamp(min=0).sum().to(torch.float64) * h
     if dense:
         counts[1:4].add_(torch.stack([valid.new_ones(()), valid, valid]))
         return
     chosen = indices >= 0
     first = indices.long() * page_size
-    lo = torch.maximum(first, seq_start.long()[:, None, None])
+    lo = torch.maximum(first, start[:, None, None])
     hi = torch.minimum(first + page_size, seq_end.long()[:, None, None])
     read = torch.where(chosen, (hi - lo).clamp(min=0), 0).sum().to(torch.float64)
     safe = indices.long().clamp(min=0)

@@ -91,7 +91,7 @@ def attend_chunk(
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
     if DENSE:
-        first_page = start // PAGE_SIZE
+        first_page = tl.maximum(start, 0) // PAGE_SIZE  # no position lies below 0
         tok_end = tl.minimum(tok_end, end - first_page * PAGE_SIZE)
     # (loading the next block's page numbers one iteration ahead measured no faster on the H100: the
     # pipeliner already hides them; benchmarks/results/tune_decode_h100_prefetch.json)

@@ -46,7 +46,7 @@ def _record_kernel(
     bh = tl.program_id(0)
     b = bh // kv_heads
     h = bh % kv_heads
-    start = tl.load(start_ptr + b).to(tl.int64)
+    start = tl.maximum(tl.load(start_ptr + b).to(tl.int64), 0)  # no position lies below 0
     end = tl.load(end_ptr + b).to(tl.int64)
     valid = tl.maximum(end - start, 0).to(tl.float64)
     first_program = bh == 0
