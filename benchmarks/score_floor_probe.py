@@ -153,13 +153,14 @@ def probe_shape(text: str, args, bw: float, l2: int, pdl: bool) -> tuple[list[di
         prefetch forced on with that many bytes a program (``triton_score.PREFETCH_BYTES`` is read at
         launch, so also while a graph is captured); ``trace_calls``: a trace per call, in turn."""
         traces = iter(trace_calls or ())
+        if prefetch_bytes is not None:
+            kw["prefetch"] = True
 
         def call():
             c = copies.items[0 if resident else next(rot)]
             old = triton_score.PREFETCH_BYTES
             if prefetch_bytes is not None:
                 triton_score.PREFETCH_BYTES = prefetch_bytes
-                kw["prefetch"] = True
             try:
                 page_scores_triton(c["q"], c["meta"], start, end, PAGE, "max", trace=next(traces, None), **kw)
             finally:

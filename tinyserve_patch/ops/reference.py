@@ -167,6 +167,11 @@ def build_meta(k_cache: torch.Tensor, length: int, page_size: int, dtype: torch.
 # page validity
 
 
+def row_starts(seq_start: torch.Tensor) -> torch.Tensor:
+    """``seq_start`` as int64 with a negative start counted as 0 (no position lies below 0)."""
+    return seq_start.long().clamp(min=0)
+
+
 def page_valid_mask(
     seq_start: torch.Tensor, seq_end: torch.Tensor, pages: int, page_size: int
 ) -> torch.Tensor:
@@ -293,7 +298,7 @@ def forced_page_mask(
 ) -> torch.Tensor:
     """``[batch, pages]`` bool: the first ``sink_pages`` and last ``recent_pages`` valid pages of each row."""
     idx = torch.arange(pages, device=seq_start.device)[None]
-    first = (seq_start.long().clamp(min=0) // page_size)[:, None]  # no position lies below 0
+    first = (row_starts(seq_start) // page_size)[:, None]
     last = ((seq_end.long() - 1) // page_size)[:, None]
     valid = page_valid_mask(seq_start, seq_end, pages, page_size)
     return valid & ((idx < first + sink_pages) | (idx > last - recent_pages))
@@ -384,7 +389,7 @@ def dense_page_list(seq_start: torch.Tensor, seq_end: torch.Tensor, page_size: i
     """Every page of each row's ``[seq_start, seq_end)`` as a selection: int32 ``[batch, kv_heads, slots]``, slot
     ``j`` = the row's first page + ``j`` while it starts before ``seq_end``, else ``-1`` (the same for every KV
     head). What the dense decode kernel walks without building it; a range longer than ``slots`` pages is cut."""
-    first = (seq_start.long().clamp(min=0) // page_size)[:, None]  # no position lies below 0
+    first = (row_starts(seq_start) // page_size)[:, None]
     idx = first + torch.arange(slots, device=seq_start.device)[None, :]
     idx = torch.where(idx * page_size < seq_end.long()[:, None], idx, -1).to(torch.int32)
     return idx[:, None, :].expand(idx.shape[0], kv_heads, slots)
@@ -445,7 +450,7 @@ def record_decode(
     ``pages_prev``; then ``prev_selected`` becomes this step's selection and ``has_prev`` 1. The oracle
     fields are left to the caller."""
     b, h = prev_selected.shape[:2]
-    start = seq_start.long().clamp(min=0)  # no position lies below 0
+    start = row_starts(seq_start)
     valid = (seq_end.long() - start).clamp(min=0).sum().to(torch.float64) * h
     if dense:
         counts[1:4].add_(torch.stack([valid.new_ones(()), valid, valid]))
