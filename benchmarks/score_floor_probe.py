@@ -23,7 +23,8 @@ back in a CUDA graph over rotating copies beyond the L2 exactly as ``bench_kerne
   program's first address translation before its wait (a TLB miss on a fresh 2 MB page costs a page walk)
 * ``score_tma``: the score's walk with each block fetched by the tensor-memory accelerator (one bulk copy
   per min / max tile, :func:`score_tma_kernel`) instead of per-thread ``cp.async`` copies, at the default
-  plan and prefetch; ``_noprefetch``, ``_per1`` / ``_per2`` (blocks a program), ``_4stages`` vary one setting
+  plan and prefetch; ``_noprefetch``, ``_per1`` / ``_per2`` (blocks a program), ``_4stages``, ``_per1_b128`` (one
+  128-page block) vary one setting; ``score_per1`` / ``score_per2`` / ``score_per1_b128``: the score kernel with that plan
 
 and, per shape, a timestamp trace (``tinyserve_patch.ops.trace``) of ``--calls`` scores back to back in one
 graph, for the default score, the resident one and the one prefetching 256 bytes: for the middle calls,
@@ -233,15 +234,15 @@ def probe_shape(text: str, args, bw: float, l2: int, pdl: bool) -> tuple[list[di
                     walk["BLOCK_P"], pdl, plan_pf)
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-3), f"{text}: the TMA score differs from the reference"
 
-    def tma(per=None, stages=None, prefetch=True):
-        """The TMA walk over the next copy, the default plan unless ``per`` / ``stages`` say otherwise."""
+    def tma(per=None, stages=None, prefetch=True, block_p=None):
+        """The TMA walk over the next copy, the default plan unless ``per`` / ``stages`` / ``block_p`` say otherwise."""
         per = per or walk["blocks_per_program"]
         stages = stages or (2 if per == 1 else walk["STAGES"])
         pf = plan_pf if prefetch else None
 
         def call():
             c = copies.items[next(rot)]
-            score_tma(c["q"], c["meta"], start, end, PAGE, per, walk["num_warps"], stages, walk["BLOCK_P"], pdl, pf)
+            score_tma(c["q"], c["meta"], start, end, PAGE, per, walk["num_warps"], stages, block_p or walk["BLOCK_P"], pdl, pf)
         return call
 
     variants = [
@@ -255,7 +256,9 @@ def probe_shape(text: str, args, bw: float, l2: int, pdl: bool) -> tuple[list[di
         *((f"score_prefetch_{nb}", score(prefetch_bytes=nb), meta_bytes) for nb in args.prefetch_bytes),
         ("score_tma", tma(), meta_bytes), ("score_tma_noprefetch", tma(prefetch=False), meta_bytes),
         ("score_tma_per1", tma(per=1), meta_bytes), ("score_tma_per2", tma(per=2), meta_bytes),
-        ("score_tma_4stages", tma(stages=4), meta_bytes),
+        ("score_tma_4stages", tma(stages=4), meta_bytes), ("score_tma_per1_b128", tma(per=1, block_p=128), meta_bytes),
+        ("score_per1", score(blocks_per_program=1), meta_bytes), ("score_per2", score(blocks_per_program=2), meta_bytes),
+        ("score_per1_b128", score(blocks_per_program=1, block_p=128), meta_bytes),
     ]
     if args.only:
         variants = [v for v in variants if v[0] in args.only]
