@@ -15,15 +15,15 @@ back in a CUDA graph over rotating copies beyond the L2 exactly as ``bench_kerne
 * ``read_block``: one 16-32 KB block a program (4x-8x the programs)
 * ``amax``: ``torch.amax`` over each page's metadata (PyTorch's reduction)
 * ``copy_meta``: a device copy of half the metadata (read + write), the reference of ``bench_kernels.py``
-* ``score`` (default plan), ``score_noprefetch`` (no L2 prefetch before the wait), ``score_nopdl``
+* ``score`` (default plan), ``score_cpasync`` (never through the TMA, :func:`triton_score.use_tma`), ``score_noprefetch`` (no L2 prefetch before the wait), ``score_nopdl``
 * ``score_resident``: the score over one copy, call after call (its metadata stays in L2, and its pages'
   address translations in the TLBs): what the score costs once its bytes no longer come from DRAM
 * ``score_prefetch_<n>``: the L2 prefetch before the wait forced on with ``n`` bytes a program instead of the
   default's (64 KB at <= 8 MiB launches, none above): ``n = 256`` moves almost no bytes but makes every
   program's first address translation before its wait (a TLB miss on a fresh 2 MB page costs a page walk)
-* ``score_tma``: the score's walk with each block fetched by the tensor-memory accelerator (one bulk copy
-  per min / max tile, :func:`score_tma_kernel`) instead of per-thread ``cp.async`` copies, at the default
-  plan and prefetch; ``_noprefetch``, ``_per1`` / ``_per2`` (blocks a program), ``_4stages``, ``_per1_b128`` (one
+* ``score_tma``: the score with each block fetched by the tensor-memory accelerator (one bulk copy per min /
+  max tile, ``page_scores_triton(tma=True)``) instead of per-thread ``cp.async`` copies, at the walk's
+  default plan and prefetch; ``_noprefetch``, ``_per1`` / ``_per2`` (blocks a program), ``_4stages``, ``_per1_b128`` (one
   128-page block) vary one setting; ``score_per1`` / ``score_per2`` / ``score_per1_b128``: the score kernel with that plan
 
 and, per shape, a timestamp trace (``tinyserve_patch.ops.trace``) of ``--calls`` scores back to back in one
@@ -56,7 +56,6 @@ import triton
 import triton.language as tl
 
 from tinyserve_patch.ops._triton_common import pdl_enter
-from tinyserve_patch.ops.triton_score import block_scores, load_group_query, prefetch_meta, prefetch_query
 
 
 @triton.jit
@@ -79,63 +78,6 @@ def empty_kernel(out, PDL: tl.constexpr):
     """One store a program: the launch and drain of a grid."""
     pdl_enter(PDL)
     tl.store(out + tl.program_id(0), 1.0)
-
-
-@triton.jit
-def score_tma_kernel(q_ptr, meta_ptr, desc, start_ptr, end_ptr, out_ptr, num_pages, kv_heads, D, stride_qb, stride_qh,
-                     stride_mb, stride_mh, stride_mp, stride_mm, page_size, blocks_per_program,
-                     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
-                     STAGES: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, PREFETCH_BYTES: tl.constexpr,
-                     PREFETCH_Q: tl.constexpr, F32: tl.constexpr):
-    """The score kernel's walk (grid ``(B * Hkv, programs_per_row)``, max over the group, bf16/fp16 metadata)
-    with each block's min and max rows fetched by the tensor-memory accelerator (``desc``: the metadata as
-    ``[B * Hkv * P, 2, D]``, box ``[BLOCK_P, 1, D]``) instead of per-thread ``cp.async`` copies: one
-    instruction a tile, the copy engine streaming it into shared memory. Pages past the row's last one
-    read the next head's rows (or zeros past the tensor) and are masked as the score kernel masks them."""
-    bh = tl.program_id(0)
-    pb = tl.program_id(1)
-    b = bh // kv_heads
-    h = bh % kv_heads
-    prefetch_meta(meta_ptr, b, h, pb, blocks_per_program, num_pages, stride_mb, stride_mh, stride_mp, stride_mm, D, BLOCK_P,
-                  PREFETCH, PREFETCH_BYTES)
-    prefetch_query(q_ptr, b, h, stride_qb, stride_qh, D, G, PREFETCH_Q)
-    pdl_enter(PDL)
-    start = tl.load(start_ptr + b).to(tl.int32)
-    end = tl.load(end_ptr + b).to(tl.int32)
-    q_pos, q_neg, inv_scale = load_group_query(q_ptr, b, h, stride_qb, stride_qh, G, G_PAD, D, BLOCK_D, False)
-    first = pb * blocks_per_program
-    last = tl.minimum(first + blocks_per_program, tl.cdiv(num_pages, BLOCK_P))
-    row0 = bh * num_pages
-    out_row = out_ptr + bh.to(tl.int64) * num_pages
-    for blk in tl.range(first, last, num_stages=STAGES):
-        pages = blk * BLOCK_P + tl.arange(0, BLOCK_P)
-        mn = desc.load([row0 + blk * BLOCK_P, 0, 0]).reshape(BLOCK_P, BLOCK_D)
-        mx = desc.load([row0 + blk * BLOCK_P, 1, 0]).reshape(BLOCK_P, BLOCK_D)
-        s = block_scores(q_pos, q_neg, inv_scale, tl.trans(mn), tl.trans(mx), pages, num_pages, start, end, page_size,
-                         G, G_PAD, False, F32, False)
-        tl.store(out_row + pages, s, mask=pages < num_pages)
-
-
-def score_tma(q, meta, start, end, page_size: int, blocks_per_program: int, num_warps: int = 4, num_stages: int = 3,
-              block_p: int = 64, pdl: bool = True, prefetch: dict | None = None):
-    """float32 ``[B, Hkv, P]`` scores (max over the group) by :func:`score_tma_kernel`; ``prefetch``: the
-    score kernel's L2 prefetch constants (``triton_score.launch_prefetch``), none by default."""
-    import torch
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    from tinyserve_patch.ops._triton_common import f32_dot
-
-    b, hkv, pages, _, d = meta.shape
-    g = q.shape[1] // hkv
-    out = torch.empty((b, hkv, pages), dtype=torch.float32, device=meta.device)
-    desc = TensorDescriptor.from_tensor(meta.view(b * hkv * pages, 2, d), [block_p, 1, d])
-    nprog = triton.cdiv(triton.cdiv(pages, block_p), blocks_per_program)
-    pf = prefetch or dict(PREFETCH=0, PREFETCH_BYTES=65536, PREFETCH_Q=False)
-    score_tma_kernel[(b * hkv, nprog)](
-        q, meta, desc, start, end, out, pages, hkv, d, q.stride(0), q.stride(1), meta.stride(0), meta.stride(1),
-        meta.stride(2), meta.stride(3), page_size, blocks_per_program, G=g, G_PAD=max(16, triton.next_power_of_2(g)),
-        BLOCK_D=d, BLOCK_P=block_p, STAGES=num_stages, PDL=pdl, launch_pdl=pdl, num_warps=num_warps, F32=f32_dot(q.dtype), **pf)
-    return out
 
 
 def parse_shape(text: str) -> tuple[str, int, int]:
@@ -229,21 +171,14 @@ def probe_shape(text: str, args, bw: float, l2: int, pdl: bool) -> tuple[list[di
                 triton_score.PREFETCH_BYTES = old
         return call
 
-    plan_pf = triton_score.launch_prefetch(pdl, walk["num_warps"], c0["q"], c0["meta"], consts["G"], None)
-    got = score_tma(c0["q"], c0["meta"], start, end, PAGE, walk["blocks_per_program"], walk["num_warps"], walk["STAGES"],
-                    walk["BLOCK_P"], pdl, plan_pf)
+    got = page_scores_triton(c0["q"], c0["meta"], start, end, PAGE, "max", tma=True)
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-3), f"{text}: the TMA score differs from the reference"
 
-    def tma(per=None, stages=None, prefetch=True, block_p=None):
-        """The TMA walk over the next copy, the default plan unless ``per`` / ``stages`` / ``block_p`` say otherwise."""
-        per = per or walk["blocks_per_program"]
-        stages = stages or (2 if per == 1 else walk["STAGES"])
-        pf = plan_pf if prefetch else None
-
-        def call():
-            c = copies.items[next(rot)]
-            score_tma(c["q"], c["meta"], start, end, PAGE, per, walk["num_warps"], stages, block_p or walk["BLOCK_P"], pdl, pf)
-        return call
+    def tma(per=1, stages=None, prefetch=None, block_p=None):
+        """The score reading its blocks through the tensor-memory accelerator (``tma=True``), ``per`` blocks a
+        program (the default plan's with ``per=None``)."""
+        return score(tma=True, blocks_per_program=per or walk["blocks_per_program"], num_stages=stages, block_p=block_p,
+                     prefetch=prefetch)
 
     variants = [
         ("empty", empty(False), 0), ("empty_pdl", empty(pdl), 0),
@@ -251,12 +186,13 @@ def probe_shape(text: str, args, bw: float, l2: int, pdl: bool) -> tuple[list[di
         ("read_block", reader(block, False), meta_bytes),
         ("amax", lambda: torch.amax(copies.items[next(rot)]["meta"].view(-1, 2 * d), dim=1), meta_bytes),
         ("copy_meta", lambda: dst.copy_(half[next(rot)]), meta_bytes),
-        ("score", score(), meta_bytes), ("score_noprefetch", score(prefetch=False), meta_bytes),
+        ("score", score(), meta_bytes), ("score_cpasync", score(tma=False), meta_bytes),
+        ("score_noprefetch", score(prefetch=False), meta_bytes),
         ("score_nopdl", without_pdl(score()), meta_bytes), ("score_resident", score(resident=True), meta_bytes),
         *((f"score_prefetch_{nb}", score(prefetch_bytes=nb), meta_bytes) for nb in args.prefetch_bytes),
-        ("score_tma", tma(), meta_bytes), ("score_tma_noprefetch", tma(prefetch=False), meta_bytes),
+        ("score_tma", tma(per=None), meta_bytes), ("score_tma_noprefetch", tma(per=None, prefetch=False), meta_bytes),
         ("score_tma_per1", tma(per=1), meta_bytes), ("score_tma_per2", tma(per=2), meta_bytes),
-        ("score_tma_4stages", tma(stages=4), meta_bytes), ("score_tma_per1_b128", tma(per=1, block_p=128), meta_bytes),
+        ("score_tma_4stages", tma(per=None, stages=4), meta_bytes), ("score_tma_per1_b128", tma(per=1, block_p=128), meta_bytes),
         ("score_per1", score(blocks_per_program=1), meta_bytes), ("score_per2", score(blocks_per_program=2), meta_bytes),
         ("score_per1_b128", score(blocks_per_program=1, block_p=128), meta_bytes),
     ]

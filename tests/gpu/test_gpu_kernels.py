@@ -135,6 +135,10 @@ def test_gpu_scores_and_select(name, length, batch, ps):
         assert torch.equal(torch.isneginf(scores), torch.isneginf(expect))
         fin = torch.isfinite(expect)
         torch.testing.assert_close(scores[fin], expect[fin], rtol=1e-5, atol=1e-3)
+        for tma in (False, True):  # both reads of the metadata, whichever the default took (TMA from 32 MiB)
+            forced = page_scores_triton(q, meta, start, end, ps, red, tma=tma)
+            assert torch.equal(torch.isneginf(forced), torch.isneginf(expect))
+            torch.testing.assert_close(forced[fin], expect[fin], rtol=1e-5, atol=1e-3)
     # fp8 metadata (outward-rounded): the same scores as the reference on it, never below the exact ones
     meta8 = ref.meta_to_fp8(meta)
     s8 = page_scores_triton(q, meta8, start, end, ps, "max")
@@ -396,8 +400,8 @@ def test_gpu_pdl_launches_equal_plain_launches_eager_and_graphed(monkeypatch, me
             assert torch.equal(x, y), (pdl, graphed)
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_gpu_score_right_after_append_sees_the_appended_metadata(monkeypatch, fused):
+@pytest.mark.parametrize("fused,tma", [(False, False), (False, True), (True, False)])
+def test_gpu_score_right_after_append_sees_the_appended_metadata(monkeypatch, fused, tma):
     """The score kernels prefetch their query and metadata into L2 before their PDL wait, while the append
     launched just before them may still be widening the last page's bounds. Step after step (no sync
     between the launches; a fresh query each step), every score / selection equals the one made with PDL
@@ -427,7 +431,7 @@ def test_gpu_score_right_after_append_sees_the_appended_metadata(monkeypatch, fu
                 outs.append(score_and_select_triton(q, meta, seq_start, ends[i], ps, 16, 0, 0, "max", blocks_per_program=1,
                                                     prefetch=True))
             else:
-                outs.append(page_scores_triton(q, meta, seq_start, ends[i], ps, "max", prefetch=True))
+                outs.append(page_scores_triton(q, meta, seq_start, ends[i], ps, "max", prefetch=True, tma=tma))
         torch.cuda.synchronize()
         return outs, meta
 

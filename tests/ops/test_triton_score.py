@@ -214,3 +214,38 @@ def test_scores_query_inf_nan(meta_dtype):
         assert torch.equal(torch.isnan(out), torch.isnan(expect))
         assert torch.equal(torch.isposinf(out), torch.isposinf(expect))
         assert torch.equal(torch.isneginf(out), torch.isneginf(expect))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("per", [None, 1, 3])
+@pytest.mark.parametrize("red", ["max", "sum"])
+def test_scores_tma_match_reference(dtype, per, red):
+    """The metadata read through a TMA descriptor (``tma=True``; emulated by the interpreter on CPU):
+    the same scores, with a walk of one or several blocks, over a view whose pages are strided past the
+    slice (the descriptor takes the tensor's own strides; pages past its end come back as zeros and are
+    masked), ragged rows and a noncontiguous query."""
+    gn = gen(11)
+    _, _, full = cache(2, 2, 1024, 16, 8, dtype, gn)  # 128 pages a (row, head)
+    meta = full[:, :, :117]  # a view: 117 of the 128 pages
+    q = randn((2, 16, 4), dtype, gn).transpose(1, 2)
+    start = torch.tensor([3, 100], dtype=torch.int32, device=DEVICE)
+    end = torch.tensor([117 * 8 - 5, 600], dtype=torch.int32, device=DEVICE)
+    _check(q, meta, start, end, 8, red, tma=True, block_p=16, blocks_per_program=per)
+
+
+def test_use_tma():
+    """Never by default off a CUDA device; forced where the descriptor cannot describe the metadata, a
+    clear error; off when told."""
+    from tinyserve_patch.ops.triton_score import TMA_MIN_LAUNCH_BYTES, tma_supported, use_tma
+
+    gn = gen(12)
+    _, _, meta = cache(1, 2, 256, 64, 16, torch.bfloat16, gn)
+    assert meta.nbytes < TMA_MIN_LAUNCH_BYTES
+    assert use_tma(meta, 64, None) is (DEVICE == "cuda" and meta.nbytes >= TMA_MIN_LAUNCH_BYTES)
+    assert use_tma(meta, 64, False) is False
+    if tma_supported(meta, 64):
+        assert use_tma(meta, 64, True) is True
+    _, _, meta80 = cache(1, 2, 64, 80, 8, torch.bfloat16, gn)  # head_dim 80: a 128-wide tile
+    assert not tma_supported(meta80, 128)
+    with pytest.raises(ValueError, match="tma=True"):
+        page_scores_triton(randn((1, 4, 80), torch.bfloat16, gn), meta80, *rows(1, 60, gn), 8, "max", tma=True)

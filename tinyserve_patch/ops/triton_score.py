@@ -7,7 +7,9 @@ to 16 rows; fp32 accumulation; exact products for fp16/bf16, IEEE fp32 for fp32)
 by ``max`` or ``sum``; ``-inf`` for pages without a valid token. Grid ``(B * Hkv, cdiv(blocks, per))``:
 a program walks ``per`` consecutive blocks of ``BLOCK_P`` pages (``BLOCK_P * 2 * D`` contiguous metadata
 elements each), software-pipelined over ``STAGES`` (:func:`score_blocks`); :func:`default_launch` picks
-``per``, the warps and the stages from the H100 and H200 sweeps.
+``per``, the warps and the stages from the H100 and H200 sweeps. Launches of 32 MiB of fp16 / bf16
+metadata and more read each block through the tensor-memory accelerator, one block a program
+(:func:`use_tma`: two bulk copies a block instead of per-thread ``cp.async``).
 
 The summation order differs from the reference's, so a score may differ from it in the last ulp.
 """
@@ -18,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import check, check_float_dtype, check_head_dim, check_page_size, check_rows, f32_dot, mm, page_valid, pdl_enter, prefetch_l2, scaled_f16, scaled_f16_query, signal_row, sm_count, trace_mark, use_pdl
+from ._triton_common import _cuda_props, check, check_float_dtype, check_head_dim, check_page_size, check_rows, f32_dot, interpreting, mm, page_valid, pdl_enter, prefetch_l2, scaled_f16, scaled_f16_query, signal_row, sm_count, trace_mark, use_pdl
 from .reference import FP8_DTYPES
 from .trace import KernelTrace
 
@@ -67,6 +69,16 @@ def load_meta_block(meta_bh, pages, num_pages, stride_mp, stride_mm, D, BLOCK_D:
     mask = (pages < num_pages)[None, :] & (offs_d[:, None] < D)
     ptrs = meta_bh + pages[None, :].to(tl.int64) * stride_mp + offs_d[:, None]  # [BLOCK_D, BLOCK_P]
     return tl.load(ptrs, mask=mask, other=0.0), tl.load(ptrs + stride_mm, mask=mask, other=0.0)
+
+
+@triton.jit
+def load_meta_block_tma(desc, b, h, first_page, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    """:func:`load_meta_block` through the tensor-memory accelerator: ``desc`` describes the whole metadata
+    ``[B, Hkv, P, 2, D]`` with box ``[1, 1, BLOCK_P, 1, D]`` (:func:`meta_descriptor`), so each of the two
+    tiles is one bulk copy into shared memory, and pages past ``P`` come back as zeros."""
+    mn = desc.load([b, h, first_page, 0, 0]).reshape(BLOCK_P, BLOCK_D)
+    mx = desc.load([b, h, first_page, 1, 0]).reshape(BLOCK_P, BLOCK_D)
+    return tl.trans(mn), tl.trans(mx)
 
 
 @triton.jit
@@ -129,21 +141,27 @@ def score_blocks(
     SCALED_F16: tl.constexpr,
     STAGES: tl.constexpr,
     WALK: tl.constexpr,
+    desc=None,
+    TMA: tl.constexpr = False,
 ):
     """Score page blocks ``[first, last)`` (``BLOCK_P`` pages each) of (row ``b``, KV head ``h``) into
-    ``out_row`` (float32 ``[P]``), software-pipelined over ``STAGES``. ``WALK`` (several blocks): the
+    ``out_row`` (float32 ``[P]``), software-pipelined over ``STAGES``; with ``TMA`` each block's tiles come
+    through the tensor descriptor ``desc`` (:func:`load_meta_block_tma`). ``WALK`` (several blocks): the
     query group's halves are made once, before the loop. Else (one block) a one-iteration loop that loads
     the query group inside it, so that its prologue issues the metadata and the query as asynchronous
     copies together: made before the loop, the query's load is waited on before the first metadata copy
     is issued (two memory latencies in series; same-run A/B on the H200, ``benchmarks/NOTES.md``: the
     score at one block a program 2.6 -> 2.2 us, while loading the query inside a walk of several blocks
     slowed it by up to 1 us, 3-4 us over fp8 metadata)."""
-    if WALK:
+    if WALK or TMA:  # (with TMA as measured: the query before the loop whatever the walk's length)
         q_pos, q_neg, inv_scale = load_group_query(q_ptr, b, h, stride_qb, stride_qh, G, G_PAD, D, BLOCK_D, SCALED_F16)
     for blk in tl.range(first, last, num_stages=STAGES):
         pages = blk * BLOCK_P + tl.arange(0, BLOCK_P)
-        mn_t, mx_t = load_meta_block(meta_bh, pages, num_pages, stride_mp, stride_mm, D, BLOCK_D)
-        if not WALK:
+        if TMA:
+            mn_t, mx_t = load_meta_block_tma(desc, b, h, blk * BLOCK_P, BLOCK_P, BLOCK_D)
+        else:
+            mn_t, mx_t = load_meta_block(meta_bh, pages, num_pages, stride_mp, stride_mm, D, BLOCK_D)
+        if not (WALK or TMA):
             q_pos, q_neg, inv_scale = load_group_query(q_ptr, b, h, stride_qb, stride_qh, G, G_PAD, D, BLOCK_D, SCALED_F16)
         s = block_scores(q_pos, q_neg, inv_scale, mn_t, mx_t, pages, num_pages, start, end, page_size, G, G_PAD,
                          GQA_SUM, F32, SCALED_F16)
@@ -187,6 +205,7 @@ def prefetch_query(q_ptr, b, h, stride_qb, stride_qh, D, G: tl.constexpr, PREFET
 def _score_kernel(
     q_ptr,
     meta_ptr,
+    desc,
     start_ptr,
     end_ptr,
     out_ptr,
@@ -218,6 +237,7 @@ def _score_kernel(
     PREFETCH: tl.constexpr,
     PREFETCH_BYTES: tl.constexpr,
     PREFETCH_Q: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     trace_mark(trace_ptr, 0, TRACE)
     if CHAIN:  # grid (programs_per_row, B * Hkv): a row's programs adjacent, rows finish in order
@@ -240,7 +260,7 @@ def _score_kernel(
     last = tl.minimum(first + blocks_per_program, tl.cdiv(num_pages, BLOCK_P))
     score_blocks(
         q_ptr, b, h, stride_qb, stride_qh, meta_bh, out_ptr + bh.to(tl.int64) * num_pages, first, last, num_pages, start, end,
-        stride_mp, stride_mm, D, page_size, G, G_PAD, BLOCK_D, BLOCK_P, GQA_SUM, F32, SCALED_F16, STAGES, WALK,
+        stride_mp, stride_mm, D, page_size, G, G_PAD, BLOCK_D, BLOCK_P, GQA_SUM, F32, SCALED_F16, STAGES, WALK, desc, TMA,
     )
     if CHAIN:  # count the pages scored: the row's selection waits until all num_pages are
         signal_row(signal_ptr + bh, tl.minimum(last * BLOCK_P, num_pages) - first * BLOCK_P)
@@ -401,6 +421,56 @@ def launch_prefetch(pdl: bool, num_warps: int, q: torch.Tensor, meta: torch.Tens
     return prefetch_plan(pdl, num_warps, meta.nbytes, prefetch, (g - 1) * q.stride(1) + d <= 2 * g * d, head)
 
 
+#: Smallest launch (metadata bytes of all its rows and heads) whose score reads its blocks through the
+#: tensor-memory accelerator by default (:func:`use_tma`).
+TMA_MIN_LAUNCH_BYTES = 32 * 2**20
+
+
+def tma_supported(meta: torch.Tensor, block_d: int) -> bool:
+    """Whether ``meta`` ``[B, Hkv, P, 2, D]`` can be read through a TMA descriptor (:func:`meta_descriptor`):
+    on a CUDA device of compute capability >= 9 (or under the interpreter, which emulates it), ``D`` equal
+    to its power-of-two tile and at most 128, a 16-byte aligned base and 16-byte multiples for every
+    stride but the innermost (1)."""
+    if meta.device.type == "cuda":
+        if torch.version.hip or _cuda_props(meta.device).major < 9:
+            return False
+    elif not interpreting():
+        return False
+    es = meta.element_size()
+    return (meta.shape[-1] == block_d <= 128 and meta.stride(-1) == 1 and meta.data_ptr() % 16 == 0
+            and all(st * es % 16 == 0 for st in meta.stride()[:-1]))
+
+
+def use_tma(meta: torch.Tensor, block_d: int, tma: bool | None) -> bool:
+    """Whether a score launch reads its metadata through the tensor-memory accelerator, one block a
+    program (``tma`` True forces it, with an error where :func:`tma_supported` says no; False never).
+
+    By default on a CUDA device for launches of at least :data:`TMA_MIN_LAUNCH_BYTES` of fp16 / bf16
+    metadata. Same run on the H200 (``benchmarks/results/score_tma_probe_h200_96071733.*``, the score back
+    to back over rotating copies): at the five launches of 32-134 MB the TMA walk of one block a program was
+    the fastest plan, 3-7% under the default walk (Llama-3-8B B=8 / 64K 34.28 -> 32.95 us, 92% -> 96% of
+    floor; B=1 / 128K 10.37 -> 9.59; B=8 / 16K 10.42 -> 9.71; TinyLlama B=8 / 64K 10.14 -> 9.46, B=8 /
+    128K 18.87 -> 17.58) and 1-4% under the best ``cp.async`` plan of each; at the 4-17 MB launches (batch
+    1, 64K) it was slower (TinyLlama B=1 / 64K 2.45 -> 2.69, Llama-3-8B B=1 / 64K 6.35 -> 6.79)."""
+    if tma is False:
+        return False
+    ok = tma_supported(meta, block_d)
+    if tma:
+        check(ok, f"tma=True needs a CUDA device of compute capability >= 9, head_dim a power of two <= 128 and "
+                  f"16-byte aligned metadata (got {meta.device}, head_dim {meta.shape[-1]}, strides {tuple(meta.stride())})")
+        return True
+    return (ok and meta.device.type == "cuda" and meta.dtype in (torch.float16, torch.bfloat16)
+            and meta.nbytes >= TMA_MIN_LAUNCH_BYTES)
+
+
+def meta_descriptor(meta: torch.Tensor, block_p: int):
+    """The host-side TMA descriptor of ``meta`` ``[B, Hkv, P, 2, D]`` (its own shape and strides), box
+    ``[1, 1, block_p, 1, D]``: one (row, KV head)'s min or max rows of ``block_p`` pages."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor(meta, list(meta.shape), list(meta.stride()), [1, 1, block_p, 1, meta.shape[-1]])
+
+
 def plan_walk(
     consts: dict,
     pages: int,
@@ -440,17 +510,23 @@ def page_scores_triton(
     signal: torch.Tensor | None = None,
     trace: KernelTrace | None = None,
     prefetch: bool | None = None,
+    tma: bool | None = None,
 ) -> torch.Tensor:
     """float32 ``[B, Hkv, P]`` Quest upper bounds (see module docstring). ``block_p``, ``num_warps``,
     ``blocks_per_program`` and ``num_stages`` override the tuned defaults. ``signal`` (int32 ``[>= B * Hkv]``,
     zeroed): row-chained mode (:mod:`triton_chain`), each program adds the number of pages it scored to
     its row's counter once their scores are stored. ``trace``: record each program's timestamps
-    (:mod:`trace`). ``prefetch``: force the L2 prefetch of the metadata and the query before the wait on / off (:func:`prefetch_plan`)."""
+    (:mod:`trace`). ``prefetch``: force the L2 prefetch of the metadata and the query before the wait on / off (:func:`prefetch_plan`).
+    ``tma``: force the metadata's reads through the tensor-memory accelerator on / off (:func:`use_tma`;
+    with it a program scores one block unless ``blocks_per_program`` says otherwise)."""
     q, meta, consts = score_meta(q, meta, seq_start, seq_end, page_size, gqa_reduction)
     b, hkv, pages, _, d = meta.shape
     out = torch.empty((b, hkv, pages), dtype=torch.float32, device=meta.device)
     if b * hkv * pages == 0:
         return out
+    tma = use_tma(meta, consts["BLOCK_D"], tma)
+    if tma:
+        blocks_per_program = blocks_per_program or 1
     walk = plan_walk(consts, pages, b * hkv, meta.device, meta.dtype, block_p, blocks_per_program, num_warps, num_stages)
     per = walk.pop("blocks_per_program")
     nprog = walk.pop("programs_per_row")
@@ -458,10 +534,10 @@ def page_scores_triton(
     grid = (nprog, b * hkv) if chain else (b * hkv, nprog)
     pdl = use_pdl(meta.device)
     _score_kernel[grid](
-        q, meta, seq_start, seq_end, out, pages, hkv, d,
+        q, meta, meta_descriptor(meta, walk["BLOCK_P"]) if tma else meta, seq_start, seq_end, out, pages, hkv, d,
         q.stride(0), q.stride(1), meta.stride(0), meta.stride(1), meta.stride(2), meta.stride(3), page_size,
         per, signal if chain else out, out if trace is None else trace.region("score", grid[0] * grid[1], meta.device),
-        CHAIN=chain, PDL=pdl, TRACE=trace is not None, launch_pdl=pdl, **launch_prefetch(pdl, walk["num_warps"], q, meta, consts["G"], prefetch),
+        CHAIN=chain, PDL=pdl, TRACE=trace is not None, TMA=tma, launch_pdl=pdl, **launch_prefetch(pdl, walk["num_warps"], q, meta, consts["G"], prefetch),
         **walk, **consts,
     )
     return out
