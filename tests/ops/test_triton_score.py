@@ -249,3 +249,34 @@ def test_use_tma():
     assert not tma_supported(meta80, 128)
     with pytest.raises(ValueError, match="tma=True"):
         page_scores_triton(randn((1, 4, 80), torch.bfloat16, gn), meta80, *rows(1, 60, gn), 8, "max", tma=True)
+
+
+def test_scores_tma_equal_cp_async_bitwise():
+    """The two reads of the metadata feed the same products in the same order: equal bits."""
+    gn = gen(13)
+    _, _, meta = cache(2, 2, 512, 32, 8, torch.bfloat16, gn)
+    q = randn((2, 8, 32), torch.bfloat16, gn)
+    start, end = rows(2, 500, gn)
+    for per in (1, 2):
+        a = page_scores_triton(q, meta, start, end, 8, "max", tma=True, block_p=16, blocks_per_program=per)
+        b = page_scores_triton(q, meta, start, end, 8, "max", tma=False, block_p=16, blocks_per_program=per)
+        assert torch.equal(a, b)
+
+
+def test_row_chained_scores_keep_cp_async_by_default(monkeypatch):
+    """The row-chained mode (``signal``) measured slower through the TMA: by default it asks for none,
+    while a plain launch leaves the choice to the size rule."""
+    from tinyserve_patch.ops import triton_score
+
+    asked = []
+    real = triton_score.use_tma
+    monkeypatch.setattr(triton_score, "use_tma", lambda meta, block_d, tma: asked.append(tma) or real(meta, block_d, tma))
+    gn = gen(14)
+    _, _, meta = cache(1, 2, 256, 16, 8, torch.bfloat16, gn)
+    q = randn((1, 4, 16), torch.bfloat16, gn)
+    start, end = rows(1, 250, gn)
+    signal = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    chained = page_scores_triton(q, meta, start, end, 8, "max", signal=signal)
+    plain = page_scores_triton(q, meta, start, end, 8, "max")
+    assert asked == [False, None]
+    assert torch.equal(chained, plain) and signal.tolist() == [32, 32]

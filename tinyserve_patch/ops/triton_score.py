@@ -451,7 +451,14 @@ def use_tma(meta: torch.Tensor, block_d: int, tma: bool | None) -> bool:
     the fastest plan, 3-7% under the default walk (Llama-3-8B B=8 / 64K 34.28 -> 32.95 us, 92% -> 96% of
     floor; B=1 / 128K 10.37 -> 9.59; B=8 / 16K 10.42 -> 9.71; TinyLlama B=8 / 64K 10.14 -> 9.46, B=8 /
     128K 18.87 -> 17.58) and 1-4% under the best ``cp.async`` plan of each; at the 4-17 MB launches (batch
-    1, 64K) it was slower (TinyLlama B=1 / 64K 2.45 -> 2.69, Llama-3-8B B=1 / 64K 6.35 -> 6.79)."""
+    1, 64K) it was slower (TinyLlama B=1 / 64K 2.45 -> 2.69, Llama-3-8B B=1 / 64K 6.35 -> 6.79).
+    Same-run A/B of the decode chains against the package without it (``kernels_h200_tma_{old_9607173,3b48f95}.*``,
+    12 shapes, budget 2048): at the six launches of >= 32 MiB the score alone 0.3-1.7 us faster; the default
+    chain -1.8 us at Llama-3-8B B=1 / 128K, -1.7 / -0.5 at TinyLlama B=8 / 128K / 64K, +0.4 at Llama-3-8B B=8 /
+    16K (the other two take the fused chain); but the row-chained split decode (the score's ``signal`` mode)
+    +1.6 to +4.0 us at four of the six, so that mode keeps the ``cp.async`` walk unless told. Both walks give
+    the same bits: the same tiles and tensor-core layout (the sm_90 TTGIR: MMA v2, ``[16, 8]``, 4 warps in
+    both)."""
     if tma is False:
         return False
     ok = tma_supported(meta, block_d)
@@ -524,13 +531,13 @@ def page_scores_triton(
     out = torch.empty((b, hkv, pages), dtype=torch.float32, device=meta.device)
     if b * hkv * pages == 0:
         return out
-    tma = use_tma(meta, consts["BLOCK_D"], tma)
+    chain = signal is not None
+    tma = use_tma(meta, consts["BLOCK_D"], False if tma is None and chain else tma)  # (row-chained: see use_tma)
     if tma:
         blocks_per_program = blocks_per_program or 1
     walk = plan_walk(consts, pages, b * hkv, meta.device, meta.dtype, block_p, blocks_per_program, num_warps, num_stages)
     per = walk.pop("blocks_per_program")
     nprog = walk.pop("programs_per_row")
-    chain = signal is not None
     grid = (nprog, b * hkv) if chain else (b * hkv, nprog)
     pdl = use_pdl(meta.device)
     _score_kernel[grid](
