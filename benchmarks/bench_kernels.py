@@ -171,7 +171,7 @@ def parse_options(text: str) -> dict:
 
 
 #: Options of a score launch plan (``--score-plan``) and their initials in row names.
-SCORE_PLAN_KEYS = {"blocks_per_program": "p", "num_stages": "s", "num_warps": "w", "block_p": "b"}
+SCORE_PLAN_KEYS = {"blocks_per_program": "p", "num_stages": "s", "num_warps": "w", "block_p": "b", "tma": "t"}
 #: Options of an attention launch plan (``--attention-plan``) and their initials in row names (after an ``a``).
 ATTENTION_PLAN_KEYS = {"block_n": "n", "num_stages": "s", "num_warps": "w", "num_splits": "k"}
 #: Integer options of the persistent decode (``--persistent``).
@@ -583,9 +583,9 @@ def parse_args(argv=None):
                         "of integer options (lag, programs, num_splits, blocks_per_program, num_warps, maxnreg, block_n) as "
                         "total_persistent_<options>, e.g. lag=16 lag=32,programs=264")
     p.add_argument("--score-plan", nargs="+", default=[], metavar="KEY=VALUE,...",
-                   help="also time the score with this launch plan (blocks_per_program, num_stages, num_warps, block_p), "
-                        "alone and in the split chain, one pair of rows each (score_<plan>, total_split_<plan>), e.g. "
-                        "blocks_per_program=4,num_stages=4")
+                   help="also time the score with this launch plan (blocks_per_program, num_stages, num_warps, block_p; "
+                        "tma=0/1 forces the TMA read off/on), alone and in the split chain, one pair of rows each "
+                        "(score_<plan>, total_split_<plan>), e.g. blocks_per_program=4,num_stages=4 or tma=0")
     p.add_argument("--attention-plan", nargs="+", default=[], metavar="KEY=VALUE,...",
                    help="also time the attention with this launch plan (block_n, num_stages, num_warps, num_splits), "
                         "alone and in the split chain, one pair of rows each (sparse_attention_a<plan>, "

@@ -82,6 +82,7 @@ def test_score_plan_parse_and_tag():
 
     assert bench_kernels.parse_plan("blocks_per_program=4,num_stages=4") == {"blocks_per_program": 4, "num_stages": 4}
     assert bench_kernels.plan_tag("blocks_per_program=8,num_warps=8") == "p8w8"
+    assert bench_kernels.parse_plan("tma=0") == {"tma": 0} and bench_kernels.plan_tag("tma=1,blocks_per_program=2") == "t1p2"
     for bad in ("stages=4", "num_stages=x", "num_stages"):
         with pytest.raises(ValueError, match="score plan item"):
             bench_kernels.parse_plan(bad)

@@ -242,7 +242,7 @@ def test_use_tma():
     _, _, meta = cache(1, 2, 256, 64, 16, torch.bfloat16, gn)
     assert meta.nbytes < TMA_MIN_LAUNCH_BYTES
     assert use_tma(meta, 64, None) is (DEVICE == "cuda" and meta.nbytes >= TMA_MIN_LAUNCH_BYTES)
-    assert use_tma(meta, 64, False) is False
+    assert use_tma(meta, 64, False) is False and use_tma(meta, 64, 0) is False  # (0 / 1 from a bench plan)
     if tma_supported(meta, 64):
         assert use_tma(meta, 64, True) is True
     _, _, meta80 = cache(1, 2, 64, 80, 8, torch.bfloat16, gn)  # head_dim 80: a 128-wide tile

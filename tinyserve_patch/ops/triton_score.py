@@ -459,7 +459,7 @@ def use_tma(meta: torch.Tensor, block_d: int, tma: bool | None) -> bool:
     +1.6 to +4.0 us at four of the six, so that mode keeps the ``cp.async`` walk unless told. Both walks give
     the same bits: the same tiles and tensor-core layout (the sm_90 TTGIR: MMA v2, ``[16, 8]``, 4 warps in
     both)."""
-    if tma is False:
+    if tma is not None and not tma:
         return False
     ok = tma_supported(meta, block_d)
     if tma:
