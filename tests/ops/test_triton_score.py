@@ -251,16 +251,22 @@ def test_use_tma():
         page_scores_triton(randn((1, 4, 80), torch.bfloat16, gn), meta80, *rows(1, 60, gn), 8, "max", tma=True)
 
 
-def test_scores_tma_equal_cp_async_bitwise():
-    """The two reads of the metadata feed the same products in the same order: equal bits."""
+@pytest.mark.parametrize("q_dtype,fp8", [(torch.bfloat16, False), (torch.bfloat16, True), (torch.float16, True)])
+def test_scores_tma_equal_cp_async_bitwise(q_dtype, fp8):
+    """The two reads of the metadata feed the same products in the same order: equal bits (fp8 metadata
+    too, upcast after the copy either way)."""
     gn = gen(13)
-    _, _, meta = cache(2, 2, 512, 32, 8, torch.bfloat16, gn)
-    q = randn((2, 8, 32), torch.bfloat16, gn)
+    _, _, meta = cache(2, 2, 512, 32, 8, q_dtype, gn)
+    if fp8:
+        meta = ref.meta_to_fp8(meta)
+    q = randn((2, 8, 32), q_dtype, gn)
     start, end = rows(2, 500, gn)
     for per in (1, 2):
         a = page_scores_triton(q, meta, start, end, 8, "max", tma=True, block_p=16, blocks_per_program=per)
         b = page_scores_triton(q, meta, start, end, 8, "max", tma=False, block_p=16, blocks_per_program=per)
         assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="at most 256 pages"):
+        page_scores_triton(q, meta, start, end, 8, "max", tma=True, block_p=512)
 
 
 def test_row_chained_scores_keep_cp_async_by_default(monkeypatch):

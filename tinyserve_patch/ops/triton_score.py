@@ -536,6 +536,7 @@ def page_scores_triton(
     if tma:
         blocks_per_program = blocks_per_program or 1
     walk = plan_walk(consts, pages, b * hkv, meta.device, meta.dtype, block_p, blocks_per_program, num_warps, num_stages)
+    check(not tma or walk["BLOCK_P"] <= 256, f"block_p={walk['BLOCK_P']}: a TMA box holds at most 256 pages")
     per = walk.pop("blocks_per_program")
     nprog = walk.pop("programs_per_row")
     grid = (nprog, b * hkv) if chain else (b * hkv, nprog)
