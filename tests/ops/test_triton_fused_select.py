@@ -84,6 +84,21 @@ def test_fused_multi_program_last_block_selects(per, ways):
     assert not ticket_counters(meta.device, 4)[:4].any()
 
 
+@pytest.mark.parametrize("per", [1, 3])
+def test_fused_tma_read_equals_cp_async(per):
+    """The opt-in TMA read of the metadata (``tma=True``) selects the same pages as the default read, one or
+    several scoring programs a (row, head), over a view whose pages are strided past the slice."""
+    gn = gen(16)
+    _, _, full = cache(2, 2, 1280, 16, 8, torch.bfloat16, gn)  # 160 pages
+    meta = full[:, :, :150]
+    q = randn((2, 4, 16), torch.bfloat16, gn)
+    start, end = rows(2, 1200, gn)
+    got = score_and_select_triton(q, meta, start, end, 8, 20, 1, 2, "max", blocks_per_program=per, block_p=16, tma=True)
+    want = score_and_select_triton(q, meta, start, end, 8, 20, 1, 2, "max", blocks_per_program=per, block_p=16)
+    assert torch.equal(got, want)
+    assert torch.equal(got, _expect(q, meta, start, end, 8, 20, 1, 2, "max"))
+
+
 def test_fused_random_inputs_topk_up_to_ties():
     gn = gen(15)
     _, _, meta = cache(2, 2, 256, 32, 16, torch.bfloat16, gn)

@@ -24,24 +24,25 @@ import triton.language as tl
 
 from ._triton_common import SELECT_FINISH, SELECT_WAYS, check, check_finish, check_select_pages, check_ways, pdl_enter, select_from_scores, select_num_warps, signal_row, ticket_counters, trace_mark, use_pdl
 from .trace import KernelTrace
-from .triton_score import launch_prefetch, plan_walk, prefetch_meta, prefetch_query, score_blocks, score_meta
+from .triton_score import launch_prefetch, meta_descriptor, plan_walk, prefetch_meta, prefetch_query, score_blocks, score_meta, use_tma
 
 
 @triton.jit
 def score_part(q_ptr, meta_ptr, ws_ptr, b, h, bh, part, blocks_per_program, num_pages, start, end, stride_qb, stride_qh,
                stride_mb, stride_mh, stride_mp, stride_mm, D, page_size, G: tl.constexpr, G_PAD: tl.constexpr,
                BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, GQA_SUM: tl.constexpr, F32: tl.constexpr,
-               SCALED_F16: tl.constexpr, STAGES: tl.constexpr, WALK: tl.constexpr):
+               SCALED_F16: tl.constexpr, STAGES: tl.constexpr, WALK: tl.constexpr, desc=None, TMA: tl.constexpr = False):
     """Score blocks ``[part * blocks_per_program, ...)`` of (row ``b``, KV head ``h``) = ``bh`` into its fp32
-    scratch row (:func:`triton_score.score_blocks`); returns that row's pointer once every thread's scores
-    are stored (CTA barrier: the row may be re-read or its ticket taken next)."""
+    scratch row (:func:`triton_score.score_blocks`, through the TMA descriptor ``desc`` with ``TMA``); returns
+    that row's pointer once every thread's scores are stored (CTA barrier: the row may be re-read or its
+    ticket taken next)."""
     meta_bh = meta_ptr + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
     ws = ws_ptr + bh.to(tl.int64) * num_pages
     first = part * blocks_per_program
     last = tl.minimum(first + blocks_per_program, tl.cdiv(num_pages, BLOCK_P))
     score_blocks(
         q_ptr, b, h, stride_qb, stride_qh, meta_bh, ws, first, last, num_pages, start, end, stride_mp, stride_mm, D, page_size,
-        G, G_PAD, BLOCK_D, BLOCK_P, GQA_SUM, F32, SCALED_F16, STAGES, WALK,
+        G, G_PAD, BLOCK_D, BLOCK_P, GQA_SUM, F32, SCALED_F16, STAGES, WALK, desc, TMA,
     )
     tl.debug_barrier()
     return ws
@@ -71,6 +72,7 @@ def select_if_last(ticket_ptr, parts, ws, offs, num_pages, start, end, out_ptr, 
 def _fused_kernel(
     q_ptr,
     meta_ptr,
+    desc,
     start_ptr,
     end_ptr,
     ws_ptr,
@@ -112,6 +114,7 @@ def _fused_kernel(
     PREFETCH: tl.constexpr,
     PREFETCH_BYTES: tl.constexpr,
     PREFETCH_Q: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     trace_mark(trace_ptr, 0, TRACE)
     pid = tl.program_id(0)
@@ -127,7 +130,7 @@ def _fused_kernel(
     end = tl.load(end_ptr + b).to(tl.int32)
     ws = score_part(q_ptr, meta_ptr, ws_ptr, b, h, bh, pid, blocks_per_program, num_pages, start, end, stride_qb, stride_qh,
                     stride_mb, stride_mh, stride_mp, stride_mm, D, page_size, G, G_PAD, BLOCK_D, BLOCK_P, GQA_SUM, F32,
-                    SCALED_F16, STAGES, WALK)
+                    SCALED_F16, STAGES, WALK, desc, TMA)
     offs = tl.arange(0, BLOCK)
     out_bh = out_ptr + bh.to(tl.int64) * num_select
     NOTIFY: tl.constexpr = 1 if CHAIN else 0  # select_if_last: flag the row for its attention programs
@@ -162,13 +165,17 @@ def score_and_select_triton(
     trace: KernelTrace | None = None,
     maxnreg: int | None = None,
     prefetch: bool | None = None,
+    tma: bool = False,
 ) -> torch.Tensor:
     """int32 ``[B, Hkv, num_select]`` (see module docstring). ``blocks_per_program``, ``ways``, ``finish``,
     ``num_warps``, ``block_p`` and ``num_stages`` override the tuned defaults (tests, tuning). ``flags``
     (int32 ``[>= B * Hkv]``, zeroed): the row-chained mode (:mod:`triton_chain`), the program that selects a
     row adds 1 to its flag once the row's pages are stored. ``trace``: record each program's timestamps
     (:mod:`trace`). ``maxnreg``: cap the registers per thread (tuning the occupancy of the score part).
-    ``prefetch``: force the L2 prefetch of the metadata and the query before the wait on / off (:func:`triton_score.prefetch_plan`)."""
+    ``prefetch``: force the L2 prefetch of the metadata and the query before the wait on / off (:func:`triton_score.prefetch_plan`).
+    ``tma``: read the metadata through the tensor-memory accelerator (:func:`triton_score.use_tma`, forced;
+    the walk's plan unchanged). Off by default: not yet timed in this kernel (the score kernel's own rule
+    comes from its measurements); the same scores either way."""
     q, meta, consts = score_meta(q, meta, seq_start, seq_end, page_size, gqa_reduction)
     check(num_select >= 1, f"num_select={num_select} must be >= 1")
     check(sink_pages >= 0 and recent_pages >= 0, "sink_pages / recent_pages must be >= 0")
@@ -179,8 +186,10 @@ def score_and_select_triton(
     out = torch.empty((b, hkv, num_select), dtype=torch.int32, device=meta.device)
     if b * hkv == 0:
         return out
+    tma = use_tma(meta, consts["BLOCK_D"], bool(tma)) if tma else False
     walk = plan_walk(consts, pages, b * hkv, meta.device, meta.dtype, block_p, blocks_per_program,
                      num_warps or select_num_warps(block), num_stages)
+    check(not tma or walk["BLOCK_P"] <= 256, f"block_p={walk['BLOCK_P']}: a TMA box holds at most 256 pages")
     per = walk.pop("blocks_per_program")
     nprog = walk.pop("programs_per_row")
     ws = torch.empty((b * hkv, pages), dtype=torch.float32, device=meta.device)
@@ -191,13 +200,13 @@ def score_and_select_triton(
             counters = torch.zeros(b * hkv, dtype=torch.int32, device=meta.device)
     pdl = use_pdl(meta.device)
     _fused_kernel[(nprog, b * hkv)](
-        q, meta, seq_start, seq_end, ws, counters, out,
+        q, meta, meta_descriptor(meta, walk["BLOCK_P"]) if tma else meta, seq_start, seq_end, ws, counters, out,
         pages, num_select, hkv, d, per, nprog,
         q.stride(0), q.stride(1), meta.stride(0), meta.stride(1), meta.stride(2), meta.stride(3),
         page_size, sink_pages, recent_pages, out if flags is None else flags,
         out if trace is None else trace.region("score_select", nprog * b * hkv, meta.device),
         BLOCK=block, WAYS=ways, FINISH=finish, SINGLE=nprog == 1, CHAIN=flags is not None, TRACE=trace is not None,
-        PDL=pdl, launch_pdl=pdl, **({} if maxnreg is None else {"maxnreg": maxnreg}), **launch_prefetch(pdl, walk["num_warps"], q, meta, consts["G"], prefetch, head=False),
+        PDL=pdl, TMA=tma, launch_pdl=pdl, **({} if maxnreg is None else {"maxnreg": maxnreg}), **launch_prefetch(pdl, walk["num_warps"], q, meta, consts["G"], prefetch, head=False),
         **walk, **consts,
     )
     return out
