@@ -48,6 +48,7 @@ SASS_OPS = {
     "ldgsts": r"\bLDGSTS\b", "hmma": r"\bHMMA\b", "hgmma": r"\bHGMMA\b", "bar_sync": r"\bBAR\.SYNC\b",
     "shfl": r"\bSHFL\b", "redux": r"\bREDUX\b", "stg": r"\bSTG\b",
     "ublkpf": r"\bUBLKPF\b",  # bulk L2 prefetches (the score's metadata and query, before its PDL wait)
+    "utmaldg": r"\bUTMALDG\b",  # tensor-memory-accelerator copies (the score's metadata read through a descriptor)
     "f2f": r"\bF2F\.",  # scalar conversions (16 per clock per SM): none per value when fp8 data is upcast to fp16
 }
 
@@ -115,6 +116,8 @@ def specialize(kernel, args: dict, pdl: bool = True):
                     attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(v, float):
             signature[p.name] = "fp32"
+        elif type(v).__name__ == "TensorDescriptor":  # a host-side TMA descriptor (triton_score.meta_descriptor)
+            signature[p.name] = f"tensordesc<{TRITON_TYPES[v.base.dtype]}{list(v.block_shape)}>"
         else:
             raise TypeError(f"{p.name}: {type(v)}")
     return signature, constexprs, attrs
@@ -160,12 +163,15 @@ def chain_launches(model: str, batch: int, tokens: int, budget: int) -> list[tup
     (``finish=64``), then the same three in
     the row-chained mode (``ops/triton_chain.py``), the fused score + select kernel of its fused mode (with
     its register cap), the persistent decode (``ops/triton_persistent.py``, one grid and two), then the score over fp8 page metadata and the attention
-    over an fp8 K/V cache (``page_meta_dtype`` / ``kv_cache_dtype="fp8_e4m3"``), captured on meta tensors, the
-    score launchers seeing a PDL device (so their L2 prefetch plan is the device's)."""
+    over an fp8 K/V cache (``page_meta_dtype`` / ``kv_cache_dtype="fp8_e4m3"``), and the score and the fused score +
+    select reading their metadata through the TMA (``tma=True``), captured on meta tensors, the score launchers
+    seeing a PDL device (so their L2 prefetch plan is the device's). The other score rows show the ``cp.async``
+    read: on a CUDA device a score launch of ``triton_score.TMA_MIN_LAUNCH_BYTES`` or more takes the TMA row's."""
     from tinyserve_patch.ops import triton_fused_select, triton_score
 
     with mock.patch.object(triton_score, "use_pdl", lambda device: True), \
-            mock.patch.object(triton_fused_select, "use_pdl", lambda device: True):
+            mock.patch.object(triton_fused_select, "use_pdl", lambda device: True), \
+            mock.patch.object(triton_score, "tma_supported", lambda meta, block_d: meta.shape[-1] == block_d <= 128):
         return _chain_launches(model, batch, tokens, budget)
 
 
@@ -226,6 +232,11 @@ def _chain_launches(model: str, batch: int, tokens: int, budget: int) -> list[tu
          capture_launch(triton_score._score_kernel, lambda: triton_score.page_scores_triton(q, meta8, start, end, PAGE, "max"))),
         ("score (over 8 MiB of metadata)", triton_score._score_kernel,
          capture_launch(triton_score._score_kernel, lambda: triton_score.page_scores_triton(q, meta_big, start, end, PAGE, "max"))),
+        ("score (TMA read, one block a program)", triton_score._score_kernel,
+         capture_launch(triton_score._score_kernel, lambda: triton_score.page_scores_triton(q, meta, start, end, PAGE, "max", tma=True))),
+        ("score + select (fused chain, TMA read)", triton_fused_select._fused_kernel,
+         capture_launch(triton_fused_select._fused_kernel, lambda: triton_chain.quest_decode_chained_triton(
+             q, k, k, meta, start, end, PAGE, budget // PAGE, 1, 1, "max", d**-0.5, fused=True, fused_options={"tma": True}))),
         ("attention (fp8 K/V)", triton_decode._decode_split_kernel,
          capture_launch(triton_decode._decode_split_kernel,
                         lambda: triton_decode.sparse_decode_attention_triton(q, k8, k8, idx, start, end, PAGE, d**-0.5))),
@@ -243,7 +254,7 @@ def main(argv=None) -> int:
     rows = [report(name, kernel, launch) for name, kernel, launch in chain_launches(args.model, args.batch, args.tokens, args.budget)]
     print(f"{args.model} B={args.batch} {args.tokens} tokens, budget {args.budget}; sm_90, triton {triton.__version__}")
     cols = ["kernel", "ctas", "num_warps", "num_stages", "regs", "local_bytes", "smem_bytes", "ctas_per_sm", "sass_instructions",
-            "ldg_128", "ldg_64", "ldg_narrow", "ldgsts", "hmma", "bar_sync", "shfl", "redux", "ublkpf", "f2f"]
+            "ldg_128", "ldg_64", "ldg_narrow", "ldgsts", "utmaldg", "hmma", "bar_sync", "shfl", "redux", "ublkpf", "f2f"]
     print(" | ".join(cols))
     for r in rows:
         print(" | ".join(str(r.get(c, "")) for c in cols))

@@ -31,8 +31,16 @@ def test_resource_report_on_a_small_shape(tmp_path):
     fp8 = ["score (fp8 metadata)", "attention (fp8 K/V)"]
     big = "score (over 8 MiB of metadata)"
     searches = ["select (narrowing search)", "select (ranking the last 64 keys)"]
+    tma = ["score (TMA read, one block a program)", "score + select (fused chain, TMA read)"]
     assert set(rows) == {"score", "select", "attention", "merge", *searches, *chained, *fp8, "score + select (fused chain)",
-                         "persistent decode", "persistent decode, two grids: score", "persistent decode, two grids: attention", big}
+                         "persistent decode", "persistent decode, two grids: score", "persistent decode, two grids: attention", big,
+                         *tma}
+    # the TMA reads: the metadata as bulk copies (fewer cp.async left than the metadata's), one program a
+    # 64-page block (4 KV heads x 4 blocks); the fused kernel keeps its register cap with them
+    for name, plain in zip(tma, ("score", "score + select (fused chain)")):
+        assert rows[name]["utmaldg"] > 0 and rows[name]["ldgsts"] < rows[plain]["ldgsts"], (rows[name], rows[plain])
+    assert rows["score"]["utmaldg"] == 0 and rows[tma[0]]["ctas"] == 4 * 4
+    assert rows[tma[1]]["regs"] <= 65536 // (3 * 32 * rows[tma[1]]["num_warps"])
     # the fused chain's register cap (fused_chain_plan) holds without spills
     fused = rows["score + select (fused chain)"]
     assert fused["regs"] <= 65536 // (3 * 32 * fused["num_warps"]) and fused["ctas"] == rows["score"]["ctas"]
@@ -71,7 +79,7 @@ def test_resource_report_on_a_small_shape(tmp_path):
     # the scoring kernels prefetch into L2 before their PDL wait (bulk prefetches with warp-uniform operands:
     # one instruction each, no loop over distinct values): every warp its share of the walk (over 8 MiB of
     # metadata, of its head), and the query group. Nothing else does
-    scoring = ["score", "score (chained)", "score (fp8 metadata)", "score + select (fused chain)", big]
+    scoring = ["score", "score (chained)", "score (fp8 metadata)", "score + select (fused chain)", big, *tma]
     for name, r in rows.items():
         assert r["ublkpf"] == (2 if name in scoring else 0), (name, r["ublkpf"])
         assert r["ublkpf_before_wait"] == r["ublkpf"], (name, r)
