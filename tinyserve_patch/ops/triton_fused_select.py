@@ -186,10 +186,9 @@ def score_and_select_triton(
     out = torch.empty((b, hkv, num_select), dtype=torch.int32, device=meta.device)
     if b * hkv == 0:
         return out
-    tma = use_tma(meta, consts["BLOCK_D"], bool(tma)) if tma else False
+    tma = use_tma(meta, consts["BLOCK_D"], bool(tma))
     walk = plan_walk(consts, pages, b * hkv, meta.device, meta.dtype, block_p, blocks_per_program,
                      num_warps or select_num_warps(block), num_stages)
-    check(not tma or walk["BLOCK_P"] <= 256, f"block_p={walk['BLOCK_P']}: a TMA box holds at most 256 pages")
     per = walk.pop("blocks_per_program")
     nprog = walk.pop("programs_per_row")
     ws = torch.empty((b * hkv, pages), dtype=torch.float32, device=meta.device)

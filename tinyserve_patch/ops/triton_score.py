@@ -459,21 +459,22 @@ def use_tma(meta: torch.Tensor, block_d: int, tma: bool | None) -> bool:
     +1.6 to +4.0 us at four of the six, so that mode keeps the ``cp.async`` walk unless told. Both walks give
     the same bits: the same tiles and tensor-core layout (the sm_90 TTGIR: MMA v2, ``[16, 8]``, 4 warps in
     both)."""
-    if tma is not None and not tma:
-        return False
-    ok = tma_supported(meta, block_d)
+    if tma is None:  # the default: the cheap tests first (every launch on the hot path asks)
+        return (meta.device.type == "cuda" and meta.dtype in (torch.float16, torch.bfloat16)
+                and meta.nbytes >= TMA_MIN_LAUNCH_BYTES and tma_supported(meta, block_d))
     if tma:
-        check(ok, f"tma=True needs a CUDA device of compute capability >= 9, head_dim a power of two <= 128 and "
+        check(tma_supported(meta, block_d), f"tma=True needs a CUDA device of compute capability >= 9, head_dim a power of two <= 128 and "
                   f"16-byte aligned metadata (got {meta.device}, head_dim {meta.shape[-1]}, strides {tuple(meta.stride())})")
         return True
-    return (ok and meta.device.type == "cuda" and meta.dtype in (torch.float16, torch.bfloat16)
-            and meta.nbytes >= TMA_MIN_LAUNCH_BYTES)
+    return False
 
 
 def meta_descriptor(meta: torch.Tensor, block_p: int):
     """The host-side TMA descriptor of ``meta`` ``[B, Hkv, P, 2, D]`` (its own shape and strides), box
-    ``[1, 1, block_p, 1, D]``: one (row, KV head)'s min or max rows of ``block_p`` pages."""
+    ``[1, 1, block_p, 1, D]``: one (row, KV head)'s min or max rows of ``block_p`` (<= 256) pages."""
     from triton.tools.tensor_descriptor import TensorDescriptor
+
+    check(block_p <= 256, f"block_p={block_p}: a TMA box holds at most 256 pages")
 
     return TensorDescriptor(meta, list(meta.shape), list(meta.stride()), [1, 1, block_p, 1, meta.shape[-1]])
 
@@ -536,7 +537,6 @@ def page_scores_triton(
     if tma:
         blocks_per_program = blocks_per_program or 1
     walk = plan_walk(consts, pages, b * hkv, meta.device, meta.dtype, block_p, blocks_per_program, num_warps, num_stages)
-    check(not tma or walk["BLOCK_P"] <= 256, f"block_p={walk['BLOCK_P']}: a TMA box holds at most 256 pages")
     per = walk.pop("blocks_per_program")
     nprog = walk.pop("programs_per_row")
     grid = (nprog, b * hkv) if chain else (b * hkv, nprog)
