@@ -40,20 +40,16 @@ def _max_keep_nan(a, b):
 
 
 @triton.jit
-def load_query_rows(q_ptr, b, h, stride_qb, stride_qh, G: tl.constexpr, G_PAD: tl.constexpr, D, BLOCK_D: tl.constexpr):
-    """KV head ``h``'s query group of row ``b`` as stored, ``[G_PAD, BLOCK_D]`` (zeros past ``G`` and ``D``)."""
+def load_group_query(q_ptr, b, h, stride_qb, stride_qh, G: tl.constexpr, G_PAD: tl.constexpr, D, BLOCK_D: tl.constexpr,
+                     SCALED_F16: tl.constexpr):
+    """``(relu(q), min(q, 0), inv_scale)`` of KV head ``h``'s query group, the halves ``[G_PAD, BLOCK_D]`` in
+    q's dtype and ``inv_scale`` 1.0; with ``SCALED_F16`` (a bfloat16 q against fp8 metadata) the halves
+    in float16 scaled by ``2^k`` and ``inv_scale = 2^-k`` (:func:`_triton_common.scaled_f16_query`), so the
+    metadata needs only the exact fp8 -> fp16 upcast and the scores times ``inv_scale`` are unchanged."""
     rows = tl.arange(0, G_PAD)
     offs_d = tl.arange(0, BLOCK_D)
     ptrs = q_ptr + b.to(tl.int64) * stride_qb + (h * G + rows)[:, None].to(tl.int64) * stride_qh + offs_d[None, :]
-    return tl.load(ptrs, mask=(rows[:, None] < G) & (offs_d[None, :] < D), other=0.0)
-
-
-@triton.jit
-def query_halves(q, SCALED_F16: tl.constexpr):
-    """``(relu(q), min(q, 0), inv_scale)`` of a query group ``q`` ``[G_PAD, BLOCK_D]`` (:func:`load_query_rows`),
-    the halves in q's dtype and ``inv_scale`` 1.0; with ``SCALED_F16`` (a bfloat16 q against fp8 metadata)
-    the halves in float16 scaled by ``2^k`` and ``inv_scale = 2^-k`` (:func:`_triton_common.scaled_f16_query`),
-    so the metadata needs only the exact fp8 -> fp16 upcast and the scores times ``inv_scale`` are unchanged."""
+    q = tl.load(ptrs, mask=(rows[:, None] < G) & (offs_d[None, :] < D), other=0.0)
     qf = q.to(tl.float32)  # (exact; also keeps the CPU interpreter off bfloat16 arithmetic)
     if SCALED_F16:
         qs, inv_scale = scaled_f16_query(qf, tl.float32)
@@ -62,13 +58,6 @@ def query_halves(q, SCALED_F16: tl.constexpr):
     else:
         pos, neg = _relu_halves(qf, q.dtype)
         return pos, neg, 1.0
-
-
-@triton.jit
-def load_group_query(q_ptr, b, h, stride_qb, stride_qh, G: tl.constexpr, G_PAD: tl.constexpr, D, BLOCK_D: tl.constexpr,
-                     SCALED_F16: tl.constexpr):
-    """:func:`query_halves` of KV head ``h``'s query group of row ``b`` (:func:`load_query_rows`)."""
-    return query_halves(load_query_rows(q_ptr, b, h, stride_qb, stride_qh, G, G_PAD, D, BLOCK_D), SCALED_F16)
 
 
 @triton.jit
@@ -163,25 +152,17 @@ def score_blocks(
     copies together: made before the loop, the query's load is waited on before the first metadata copy
     is issued (two memory latencies in series; same-run A/B on the H200, ``benchmarks/NOTES.md``: the
     score at one block a program 2.6 -> 2.2 us, while loading the query inside a walk of several blocks
-    slowed it by up to 1 us, 3-4 us over fp8 metadata). With ``TMA`` and one block: the query's rows are
-    loaded before the loop and its halves made inside it (tied to ``blk`` so that they are not hoisted),
-    so the bulk copies are issued while the query's load is in flight (sm_90 SASS: no wait on it before
-    the first ``UTMALDG``; made before the loop, its halves and their shared-memory stores came first)."""
-    if WALK:
+    slowed it by up to 1 us, 3-4 us over fp8 metadata)."""
+    if WALK or TMA:  # (with TMA as measured: the query before the loop whatever the walk's length)
         q_pos, q_neg, inv_scale = load_group_query(q_ptr, b, h, stride_qb, stride_qh, G, G_PAD, D, BLOCK_D, SCALED_F16)
-    elif TMA:
-        q_raw = load_query_rows(q_ptr, b, h, stride_qb, stride_qh, G, G_PAD, D, BLOCK_D)
     for blk in tl.range(first, last, num_stages=STAGES):
         pages = blk * BLOCK_P + tl.arange(0, BLOCK_P)
         if TMA:
             mn_t, mx_t = load_meta_block_tma(desc, b, h, blk * BLOCK_P, BLOCK_P, BLOCK_D)
         else:
             mn_t, mx_t = load_meta_block(meta_bh, pages, num_pages, stride_mp, stride_mm, D, BLOCK_D)
-        if not WALK:
-            if TMA:
-                q_pos, q_neg, inv_scale = query_halves(tl.where(blk >= first, q_raw, 0.0), SCALED_F16)
-            else:
-                q_pos, q_neg, inv_scale = load_group_query(q_ptr, b, h, stride_qb, stride_qh, G, G_PAD, D, BLOCK_D, SCALED_F16)
+        if not (WALK or TMA):
+            q_pos, q_neg, inv_scale = load_group_query(q_ptr, b, h, stride_qb, stride_qh, G, G_PAD, D, BLOCK_D, SCALED_F16)
         s = block_scores(q_pos, q_neg, inv_scale, mn_t, mx_t, pages, num_pages, start, end, page_size, G, G_PAD,
                          GQA_SUM, F32, SCALED_F16)
         tl.store(out_row + pages, s, mask=pages < num_pages)
@@ -445,13 +426,6 @@ def launch_prefetch(pdl: bool, num_warps: int, q: torch.Tensor, meta: torch.Tens
 TMA_MIN_LAUNCH_BYTES = 32 * 2**20
 
 
-#: Register cap of a score program reading one block through the TMA: the query group's halves, made
-#: after the copies are issued (:func:`score_blocks`), take 83 / 138 registers a thread uncapped at head_dim
-#: 64 / 128 (sm_90, Triton 3.6), 6 / 3 programs an SM where the query made first took 58 / 72 (8 / 5);
-#: capped at 64, no spills and the earlier occupancy (``benchmarks/resource_report.py``).
-TMA_BLOCK_REGS = 64
-
-
 def tma_supported(meta: torch.Tensor, block_d: int) -> bool:
     """Whether ``meta`` ``[B, Hkv, P, 2, D]`` can be read through a TMA descriptor (:func:`meta_descriptor`):
     on a CUDA device of compute capability >= 9 (or under the interpreter, which emulates it), ``D`` equal
@@ -567,8 +541,6 @@ def page_scores_triton(
     nprog = walk.pop("programs_per_row")
     grid = (nprog, b * hkv) if chain else (b * hkv, nprog)
     pdl = use_pdl(meta.device)
-    if tma and per == 1:
-        walk["maxnreg"] = TMA_BLOCK_REGS
     _score_kernel[grid](
         q, meta, meta_descriptor(meta, walk["BLOCK_P"]) if tma else meta, seq_start, seq_end, out, pages, hkv, d,
         q.stride(0), q.stride(1), meta.stride(0), meta.stride(1), meta.stride(2), meta.stride(3), page_size,
