@@ -128,7 +128,7 @@ def probe_shape(text: str, args, bw: float, l2: int, pdl: bool) -> tuple[list[di
     want = ref.page_scores(c0["q"], c0["meta"], start, end, PAGE, "max")
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-3), f"{text}: score differs from the reference"
     _, _, consts = score_meta(c0["q"], c0["meta"], start, end, PAGE, "max")
-    walk = score_walk(consts, c0["meta"], pdl)  # the default score's own plan
+    walk = score_walk(consts, c0["meta"])  # the default score's own plan
     programs = batch * hkv * walk["programs_per_row"]
     per_program = walk["blocks_per_program"] * walk["BLOCK_P"] * 2 * d  # elements a score program reads
     block = walk["BLOCK_P"] * 2 * d

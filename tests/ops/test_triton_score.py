@@ -90,23 +90,6 @@ def test_default_launch():
     assert [walk_stages(per, bf16) for per in (1, 2, 8)] == [2, 3, 3]  # an override of the walk keeps the rule
 
 
-def test_prefetched_walks_take_one_block_a_program():
-    """One block a program by default exactly where the walks are prefetched before the PDL wait: fp16 /
-    bf16 metadata of up to 8 MiB on a PDL launch, the prefetch not turned off."""
-    from tinyserve_patch.ops.triton_score import PREFETCH_MAX_LAUNCH_BYTES, prefetched_walks
-
-    def meta(tokens, dtype=torch.bfloat16, d=64):  # [1, 4, P, 2, d] on the meta device: sizes, no storage
-        return torch.empty((1, 4, tokens // 16, 2, d), dtype=dtype, device="meta")
-
-    assert meta(131072).nbytes == PREFETCH_MAX_LAUNCH_BYTES  # TinyLlama B=1 / 128K: the largest that qualifies
-    assert prefetched_walks(meta(131072), True, None) and prefetched_walks(meta(65536, torch.float16), True, True)
-    assert not prefetched_walks(meta(131072 + 16), True, None)
-    assert not prefetched_walks(meta(131072), False, None)  # no PDL: nothing prefetched
-    assert not prefetched_walks(meta(131072), True, False)
-    assert not prefetched_walks(meta(65536, torch.float8_e4m3fn), True, None)  # not measured: the rule of default_launch
-    assert not prefetched_walks(meta(16384, torch.float32), True, None)
-
-
 def test_prefetch_plan():
     """L2 prefetches only on a PDL launch (the interpreter never gets one: it runs no inline PTX): one
     prefetch a warp of its share of the walk, over at most 8 MiB of metadata, or of its walk's first 4 KB

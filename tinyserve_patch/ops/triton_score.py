@@ -9,8 +9,7 @@ a program walks ``per`` consecutive blocks of ``BLOCK_P`` pages (``BLOCK_P * 2 *
 elements each), software-pipelined over ``STAGES`` (:func:`score_blocks`); :func:`default_launch` picks
 ``per``, the warps and the stages from the H100 and H200 sweeps. Launches of 32 MiB of fp16 / bf16
 metadata and more read each block through the tensor-memory accelerator, one block a program
-(:func:`use_tma`: two bulk copies a block instead of per-thread ``cp.async``); launches of up to 8 MiB,
-whose walks are prefetched into L2 before the PDL wait, give each program one block (:func:`prefetched_walks`).
+(:func:`use_tma`: two bulk copies a block instead of per-thread ``cp.async``).
 
 The summation order differs from the reference's, so a score may differ from it in the last ulp.
 """
@@ -414,21 +413,6 @@ def prefetch_plan(pdl: bool, num_warps: int, meta_bytes: int, prefetch: bool | N
                 PREFETCH_Q=on and query_compact)
 
 
-def prefetched_walks(meta: torch.Tensor, pdl: bool, prefetch: bool | None) -> bool:
-    """Whether a score launch over ``meta`` (not row-chained) gives each program one block by default: where its
-    programs' walks are prefetched into L2 before the PDL wait (:func:`prefetch_plan`: launches of up to
-    :data:`PREFETCH_MAX_LAUNCH_BYTES`, here of fp16 / bf16 metadata, the dtypes measured). The walk then reads
-    from L2, where a program's blocks cost latency one after another (~0.6 us a 16 KB block, the probe's
-    resident score) and a grid of shorter programs ends sooner than the ~1 program an SM that
-    :func:`default_launch` sizes for DRAM. H200, the 36-shape grid with ``--score-plan blocks_per_program=1``
-    (``benchmarks/results/kernels_h200_grid_0dd7a32.*``, same run), the split chain at budgets 1024 / 2048 /
-    4096: TinyLlama B=1 / 128K 19.2 / 19.5 / 20.6 -> 18.1 / 18.6 / 19.9 us, B=1 / 64K 13.6 / 14.3 / 15.4 ->
-    13.4 / 13.9 / 15.1, B=8 / 16K 16.6 / 19.3 / 24.9 -> 16.7 / 19.6 / 25.2 (the three such launches of more
-    than one block a program); the score alone at the two 8 MiB launches 4.4-4.7 -> 3.9-4.0 us."""
-    return (pdl and prefetch is not False and meta.dtype in (torch.float16, torch.bfloat16)
-            and meta.nbytes <= PREFETCH_MAX_LAUNCH_BYTES)
-
-
 def launch_prefetch(pdl: bool, num_warps: int, q: torch.Tensor, meta: torch.Tensor, g: int, prefetch: bool | None,
                     head: bool = True) -> dict:
     """:func:`prefetch_plan` of a launch over ``meta`` ``[B, Hkv, P, 2, D]`` with query ``q`` ``[B, Hq, D]``
@@ -520,15 +504,14 @@ def plan_walk(
     )
 
 
-def score_walk(consts: dict, meta: torch.Tensor, pdl: bool, chain: bool = False, tma: bool | None = None,
-               prefetch: bool | None = None, block_p: int | None = None, blocks_per_program: int | None = None,
-               num_warps: int | None = None, num_stages: int | None = None) -> dict:
+def score_walk(consts: dict, meta: torch.Tensor, chain: bool = False, tma: bool | None = None, block_p: int | None = None,
+               blocks_per_program: int | None = None, num_warps: int | None = None, num_stages: int | None = None) -> dict:
     """The walk of a score launch over ``meta`` ``[B, Hkv, P, 2, D]`` (:func:`plan_walk`'s keys plus ``TMA``):
-    one block a program where it reads through the TMA (:func:`use_tma`) or its walks are prefetched
-    (:func:`prefetched_walks`), unless ``blocks_per_program`` says otherwise; ``chain``: the row-chained mode."""
+    one block a program where it reads through the TMA (:func:`use_tma`) unless ``blocks_per_program`` says
+    otherwise; ``chain``: the row-chained mode."""
     b, hkv, pages, _, _ = meta.shape
     tma = use_tma(meta, consts["BLOCK_D"], False if tma is None and chain else tma)  # (row-chained: see use_tma)
-    if tma or (not chain and prefetched_walks(meta, pdl, prefetch)):
+    if tma:
         blocks_per_program = blocks_per_program or 1
     walk = plan_walk(consts, pages, b * hkv, meta.device, meta.dtype, block_p, blocks_per_program, num_warps, num_stages)
     return dict(walk, TMA=tma)
@@ -564,7 +547,7 @@ def page_scores_triton(
         return out
     chain = signal is not None
     pdl = use_pdl(meta.device)
-    walk = score_walk(consts, meta, pdl, chain, tma, prefetch, block_p, blocks_per_program, num_warps, num_stages)
+    walk = score_walk(consts, meta, chain, tma, block_p, blocks_per_program, num_warps, num_stages)
     tma = walk.pop("TMA")
     per = walk.pop("blocks_per_program")
     nprog = walk.pop("programs_per_row")
