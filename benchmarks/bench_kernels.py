@@ -171,7 +171,7 @@ def parse_options(text: str) -> dict:
 
 
 #: Options of a score launch plan (``--score-plan``) and their initials in row names.
-SCORE_PLAN_KEYS = {"blocks_per_program": "p", "num_stages": "s", "num_warps": "w", "block_p": "b", "tma": "t"}
+SCORE_PLAN_KEYS = {"blocks_per_program": "p", "num_stages": "s", "num_warps": "w", "block_p": "b", "tma": "t", "pages_major": "m"}
 #: Options of an attention launch plan (``--attention-plan``) and their initials in row names (after an ``a``).
 ATTENTION_PLAN_KEYS = {"block_n": "n", "num_stages": "s", "num_warps": "w", "num_splits": "k"}
 #: Integer options of the persistent decode (``--persistent``).

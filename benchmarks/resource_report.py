@@ -234,6 +234,13 @@ def _chain_launches(model: str, batch: int, tokens: int, budget: int) -> list[tu
          capture_launch(triton_score._score_kernel, lambda: triton_score.page_scores_triton(q, meta_big, start, end, PAGE, "max"))),
         ("score (TMA read, one block a program)", triton_score._score_kernel,
          capture_launch(triton_score._score_kernel, lambda: triton_score.page_scores_triton(q, meta, start, end, PAGE, "max", tma=True))),
+        ("score (pages-major products)", triton_score._score_kernel,
+         capture_launch(triton_score._score_kernel, lambda: triton_score.page_scores_triton(q, meta, start, end, PAGE, "max", pages_major=True))),
+        ("score (pages-major products, fp8 metadata)", triton_score._score_kernel,
+         capture_launch(triton_score._score_kernel, lambda: triton_score.page_scores_triton(q, meta8, start, end, PAGE, "max", pages_major=True))),
+        ("score (pages-major products, TMA read)", triton_score._score_kernel,
+         capture_launch(triton_score._score_kernel, lambda: triton_score.page_scores_triton(q, meta, start, end, PAGE, "max", tma=True,
+                                                                                               pages_major=True))),
         ("score + select (fused chain, TMA read)", triton_fused_select._fused_kernel,
          capture_launch(triton_fused_select._fused_kernel, lambda: triton_chain.quest_decode_chained_triton(
              q, k, k, meta, start, end, PAGE, budget // PAGE, 1, 1, "max", d**-0.5, fused=True, fused_options={"tma": True}))),
@@ -254,7 +261,7 @@ def main(argv=None) -> int:
     rows = [report(name, kernel, launch) for name, kernel, launch in chain_launches(args.model, args.batch, args.tokens, args.budget)]
     print(f"{args.model} B={args.batch} {args.tokens} tokens, budget {args.budget}; sm_90, triton {triton.__version__}")
     cols = ["kernel", "ctas", "num_warps", "num_stages", "regs", "local_bytes", "smem_bytes", "ctas_per_sm", "sass_instructions",
-            "ldg_128", "ldg_64", "ldg_narrow", "ldgsts", "utmaldg", "hmma", "bar_sync", "shfl", "redux", "ublkpf", "f2f"]
+            "ldg_128", "ldg_64", "ldg_narrow", "ldgsts", "utmaldg", "hmma", "hgmma", "bar_sync", "shfl", "redux", "ublkpf", "f2f"]
     print(" | ".join(cols))
     for r in rows:
         print(" | ".join(str(r.get(c, "")) for c in cols))

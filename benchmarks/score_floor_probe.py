@@ -16,6 +16,8 @@ back in a CUDA graph over rotating copies beyond the L2 exactly as ``bench_kerne
 * ``amax``: ``torch.amax`` over each page's metadata (PyTorch's reduction)
 * ``copy_meta``: a device copy of half the metadata (read + write), the reference of ``bench_kernels.py``
 * ``score`` (default plan), ``score_cpasync`` (never through the TMA, :func:`triton_score.use_tma`), ``score_noprefetch`` (no L2 prefetch before the wait), ``score_nopdl``
+* ``score_pm`` (``_2stages``, ``_cpasync``, ``_resident``): the score with the pages-major products
+  (``page_scores_triton(pages_major=True)``: warpgroup MMAs straight from the tiles in shared memory)
 * ``score_resident``: the score over one copy, call after call (its metadata stays in L2, and its pages'
   address translations in the TLBs): what the score costs once its bytes no longer come from DRAM
 * ``score_prefetch_<n>``: the L2 prefetch before the wait forced on with ``n`` bytes a program instead of the
@@ -191,6 +193,9 @@ def probe_shape(text: str, args, bw: float, l2: int, pdl: bool) -> tuple[list[di
         ("score_tma_4stages", tma(per=None, stages=4), meta_bytes), ("score_tma_per1_b128", tma(per=1, block_p=128), meta_bytes),
         ("score_per1", score(blocks_per_program=1), meta_bytes), ("score_per2", score(blocks_per_program=2), meta_bytes),
         ("score_per1_b128", score(blocks_per_program=1, block_p=128), meta_bytes),
+        ("score_pm", score(pages_major=True), meta_bytes), ("score_pm_2stages", score(pages_major=True, num_stages=2), meta_bytes),
+        ("score_pm_cpasync", score(pages_major=True, tma=False), meta_bytes),
+        ("score_pm_resident", score(resident=True, pages_major=True), meta_bytes),
     ]
     if args.only:
         variants = [v for v in variants if v[0] in args.only]

@@ -32,15 +32,20 @@ def test_resource_report_on_a_small_shape(tmp_path):
     big = "score (over 8 MiB of metadata)"
     searches = ["select (narrowing search)", "select (ranking the last 64 keys)"]
     tma = ["score (TMA read, one block a program)", "score + select (fused chain, TMA read)"]
+    pages_major = ["score (pages-major products)", "score (pages-major products, fp8 metadata)", "score (pages-major products, TMA read)"]
     assert set(rows) == {"score", "select", "attention", "merge", *searches, *chained, *fp8, "score + select (fused chain)",
                          "persistent decode", "persistent decode, two grids: score", "persistent decode, two grids: attention", big,
-                         *tma}
+                         *tma, *pages_major}
     # the TMA reads: the metadata as bulk copies (fewer cp.async left than the metadata's), one program a
     # 64-page block (4 KV heads x 4 blocks); the fused kernel keeps its register cap with them
     for name, plain in zip(tma, ("score", "score + select (fused chain)")):
         assert rows[name]["utmaldg"] > 0 and rows[name]["ldgsts"] < rows[plain]["ldgsts"], (rows[name], rows[plain])
     assert rows["score"]["utmaldg"] == 0 and rows[tma[0]]["ctas"] == 4 * 4
     assert rows[tma[1]]["regs"] <= 65536 // (3 * 32 * rows[tma[1]]["num_warps"])
+    # the pages-major products run as warpgroup MMAs (HGMMA) and no mma.sync; the default products the other way round
+    for name in pages_major:
+        assert rows[name]["hgmma"] > 0 and rows[name]["hmma"] == 0, rows[name]
+    assert rows["score"]["hgmma"] == 0 and rows["score"]["hmma"] > 0
     # the fused chain's register cap (fused_chain_plan) holds without spills
     fused = rows["score + select (fused chain)"]
     assert fused["regs"] <= 65536 // (3 * 32 * fused["num_warps"]) and fused["ctas"] == rows["score"]["ctas"]
@@ -79,7 +84,7 @@ def test_resource_report_on_a_small_shape(tmp_path):
     # the scoring kernels prefetch into L2 before their PDL wait (bulk prefetches with warp-uniform operands:
     # one instruction each, no loop over distinct values): every warp its share of the walk (over 8 MiB of
     # metadata, of its head), and the query group. Nothing else does
-    scoring = ["score", "score (chained)", "score (fp8 metadata)", "score + select (fused chain)", big, *tma]
+    scoring = ["score", "score (chained)", "score (fp8 metadata)", "score + select (fused chain)", big, *tma, *pages_major]
     for name, r in rows.items():
         assert r["ublkpf"] == (2 if name in scoring else 0), (name, r["ublkpf"])
         assert r["ublkpf_before_wait"] == r["ublkpf"], (name, r)

@@ -140,6 +140,11 @@ def test_gpu_scores_and_select(name, length, batch, ps):
         via_tma = page_scores_triton(q, meta, start, end, ps, red, tma=True)
         assert torch.equal(via_tma, page_scores_triton(q, meta, start, end, ps, red, tma=False))
         assert torch.equal(via_tma, scores)
+        # the opt-in pages-major products (warpgroup MMAs): the reference's scores, both reads
+        for tma in (False, True):
+            pm = page_scores_triton(q, meta, start, end, ps, red, tma=tma, pages_major=True)
+            assert torch.equal(torch.isneginf(pm), torch.isneginf(expect))
+            torch.testing.assert_close(pm[fin], expect[fin], rtol=1e-5, atol=1e-3)
     # fp8 metadata (outward-rounded): the same scores as the reference on it, never below the exact ones
     meta8 = ref.meta_to_fp8(meta)
     s8 = page_scores_triton(q, meta8, start, end, ps, "max")

@@ -61,24 +61,31 @@ def load_group_query(q_ptr, b, h, stride_qb, stride_qh, G: tl.constexpr, G_PAD: 
 
 
 @triton.jit
-def load_meta_block(meta_bh, pages, num_pages, stride_mp, stride_mm, D, BLOCK_D: tl.constexpr):
+def load_meta_block(meta_bh, pages, num_pages, stride_mp, stride_mm, D, BLOCK_D: tl.constexpr, PAGES_MAJOR: tl.constexpr = False):
     """The stored min / max metadata of ``pages`` ``[BLOCK_P]`` of one (row, KV head) as ``[BLOCK_D,
-    BLOCK_P]`` tiles (zeros past ``num_pages``); ``meta_bh`` points at that head's ``[P, 2, D]`` metadata
-    (innermost stride 1)."""
+    BLOCK_P]`` tiles (``[BLOCK_P, BLOCK_D]`` with ``PAGES_MAJOR``; zeros past ``num_pages``); ``meta_bh``
+    points at that head's ``[P, 2, D]`` metadata (innermost stride 1)."""
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (pages < num_pages)[None, :] & (offs_d[:, None] < D)
-    ptrs = meta_bh + pages[None, :].to(tl.int64) * stride_mp + offs_d[:, None]  # [BLOCK_D, BLOCK_P]
+    if PAGES_MAJOR:
+        mask = (pages < num_pages)[:, None] & (offs_d[None, :] < D)
+        ptrs = meta_bh + pages[:, None].to(tl.int64) * stride_mp + offs_d[None, :]  # [BLOCK_P, BLOCK_D]
+    else:
+        mask = (pages < num_pages)[None, :] & (offs_d[:, None] < D)
+        ptrs = meta_bh + pages[None, :].to(tl.int64) * stride_mp + offs_d[:, None]  # [BLOCK_D, BLOCK_P]
     return tl.load(ptrs, mask=mask, other=0.0), tl.load(ptrs + stride_mm, mask=mask, other=0.0)
 
 
 @triton.jit
-def load_meta_block_tma(desc, b, h, first_page, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+def load_meta_block_tma(desc, b, h, first_page, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, PAGES_MAJOR: tl.constexpr = False):
     """:func:`load_meta_block` through the tensor-memory accelerator: ``desc`` describes the whole metadata
     ``[B, Hkv, P, 2, D]`` with box ``[1, 1, BLOCK_P, 1, D]`` (:func:`meta_descriptor`), so each of the two
     tiles is one bulk copy into shared memory, and pages past ``P`` come back as zeros."""
     mn = desc.load([b, h, first_page, 0, 0]).reshape(BLOCK_P, BLOCK_D)
     mx = desc.load([b, h, first_page, 1, 0]).reshape(BLOCK_P, BLOCK_D)
-    return tl.trans(mn), tl.trans(mx)
+    if not PAGES_MAJOR:
+        mn = tl.trans(mn)
+        mx = tl.trans(mx)
+    return mn, mx
 
 
 @triton.jit
@@ -98,16 +105,30 @@ def block_scores(
     GQA_SUM: tl.constexpr,
     F32: tl.constexpr,
     SCALED_F16: tl.constexpr,
+    PAGES_MAJOR: tl.constexpr = False,
 ):
     """float32 scores ``[BLOCK_P]`` of ``pages`` (``-inf`` where invalid) from their metadata tiles
-    (:func:`load_meta_block`) and the query group's halves (:func:`load_group_query`)."""
-    s = mm(q_pos, mx_t.to(q_pos.dtype), None, F32)  # fp8 metadata: exact upcast
-    s = mm(q_neg, mn_t.to(q_pos.dtype), s, F32)
-    rows = tl.arange(0, G_PAD)[:, None]
-    if GQA_SUM:
-        red = tl.sum(tl.where(rows < G, s, 0.0), axis=0)
+    (:func:`load_meta_block`) and the query group's halves (:func:`load_group_query`). ``PAGES_MAJOR``:
+    the tiles are ``[BLOCK_P, BLOCK_D]`` and the products ``[BLOCK_P, BLOCK_D] x [BLOCK_D, G_PAD]``, whose
+    64+ rows let the sm_90 compile use warpgroup MMAs (``HGMMA``) straight from the tiles in shared memory,
+    where the ``[G_PAD, BLOCK_D] x [BLOCK_D, BLOCK_P]`` form runs ``mma.sync`` (M = 16) on register copies
+    of them, as one chain of 16 dependent ``HMMA`` a warp tile at head_dim 128."""
+    if PAGES_MAJOR:
+        s = mm(mx_t.to(q_pos.dtype), tl.trans(q_pos), None, F32)  # [BLOCK_P, G_PAD]
+        s = mm(mn_t.to(q_pos.dtype), tl.trans(q_neg), s, F32)
+        cols = tl.arange(0, G_PAD)[None, :]
+        if GQA_SUM:
+            red = tl.sum(tl.where(cols < G, s, 0.0), axis=1)
+        else:
+            red = tl.reduce(tl.where(cols < G, s, float("-inf")), 1, _max_keep_nan)
     else:
-        red = tl.reduce(tl.where(rows < G, s, float("-inf")), 0, _max_keep_nan)  # a NaN head's score stays NaN
+        s = mm(q_pos, mx_t.to(q_pos.dtype), None, F32)  # fp8 metadata: exact upcast
+        s = mm(q_neg, mn_t.to(q_pos.dtype), s, F32)
+        rows = tl.arange(0, G_PAD)[:, None]
+        if GQA_SUM:
+            red = tl.sum(tl.where(rows < G, s, 0.0), axis=0)
+        else:
+            red = tl.reduce(tl.where(rows < G, s, float("-inf")), 0, _max_keep_nan)  # a NaN head's score stays NaN
     if SCALED_F16:
         red = red * inv_scale
     valid = page_valid(pages, start, end, page_size) & (pages < num_pages)
@@ -143,6 +164,7 @@ def score_blocks(
     WALK: tl.constexpr,
     desc=None,
     TMA: tl.constexpr = False,
+    PAGES_MAJOR: tl.constexpr = False,
 ):
     """Score page blocks ``[first, last)`` (``BLOCK_P`` pages each) of (row ``b``, KV head ``h``) into
     ``out_row`` (float32 ``[P]``), software-pipelined over ``STAGES``; with ``TMA`` each block's tiles come
@@ -158,13 +180,13 @@ def score_blocks(
     for blk in tl.range(first, last, num_stages=STAGES):
         pages = blk * BLOCK_P + tl.arange(0, BLOCK_P)
         if TMA:
-            mn_t, mx_t = load_meta_block_tma(desc, b, h, blk * BLOCK_P, BLOCK_P, BLOCK_D)
+            mn_t, mx_t = load_meta_block_tma(desc, b, h, blk * BLOCK_P, BLOCK_P, BLOCK_D, PAGES_MAJOR)
         else:
-            mn_t, mx_t = load_meta_block(meta_bh, pages, num_pages, stride_mp, stride_mm, D, BLOCK_D)
+            mn_t, mx_t = load_meta_block(meta_bh, pages, num_pages, stride_mp, stride_mm, D, BLOCK_D, PAGES_MAJOR)
         if not (WALK or TMA):
             q_pos, q_neg, inv_scale = load_group_query(q_ptr, b, h, stride_qb, stride_qh, G, G_PAD, D, BLOCK_D, SCALED_F16)
         s = block_scores(q_pos, q_neg, inv_scale, mn_t, mx_t, pages, num_pages, start, end, page_size, G, G_PAD,
-                         GQA_SUM, F32, SCALED_F16)
+                         GQA_SUM, F32, SCALED_F16, PAGES_MAJOR)
         tl.store(out_row + pages, s, mask=pages < num_pages)
 
 
@@ -238,6 +260,7 @@ def _score_kernel(
     PREFETCH_BYTES: tl.constexpr,
     PREFETCH_Q: tl.constexpr,
     TMA: tl.constexpr,
+    PAGES_MAJOR: tl.constexpr,
 ):
     trace_mark(trace_ptr, 0, TRACE)
     if CHAIN:  # grid (programs_per_row, B * Hkv): a row's programs adjacent, rows finish in order
@@ -261,6 +284,7 @@ def _score_kernel(
     score_blocks(
         q_ptr, b, h, stride_qb, stride_qh, meta_bh, out_ptr + bh.to(tl.int64) * num_pages, first, last, num_pages, start, end,
         stride_mp, stride_mm, D, page_size, G, G_PAD, BLOCK_D, BLOCK_P, GQA_SUM, F32, SCALED_F16, STAGES, WALK, desc, TMA,
+        PAGES_MAJOR,
     )
     if CHAIN:  # count the pages scored: the row's selection waits until all num_pages are
         signal_row(signal_ptr + bh, tl.minimum(last * BLOCK_P, num_pages) - first * BLOCK_P)
@@ -532,6 +556,7 @@ def page_scores_triton(
     trace: KernelTrace | None = None,
     prefetch: bool | None = None,
     tma: bool | None = None,
+    pages_major: bool = False,
 ) -> torch.Tensor:
     """float32 ``[B, Hkv, P]`` Quest upper bounds (see module docstring). ``block_p``, ``num_warps``,
     ``blocks_per_program`` and ``num_stages`` override the tuned defaults. ``signal`` (int32 ``[>= B * Hkv]``,
@@ -539,7 +564,8 @@ def page_scores_triton(
     its row's counter once their scores are stored. ``trace``: record each program's timestamps
     (:mod:`trace`). ``prefetch``: force the L2 prefetch of the metadata and the query before the wait on / off (:func:`prefetch_plan`).
     ``tma``: force the metadata's reads through the tensor-memory accelerator on / off (:func:`use_tma`).
-    The walk: :func:`score_walk`."""
+    The walk: :func:`score_walk`. ``pages_major``: the products as ``[pages, D] x [D, G]`` (:func:`block_scores`;
+    off by default: not yet timed)."""
     q, meta, consts = score_meta(q, meta, seq_start, seq_end, page_size, gqa_reduction)
     b, hkv, pages, _, d = meta.shape
     out = torch.empty((b, hkv, pages), dtype=torch.float32, device=meta.device)
@@ -556,7 +582,7 @@ def page_scores_triton(
         q, meta, meta_descriptor(meta, walk["BLOCK_P"]) if tma else meta, seq_start, seq_end, out, pages, hkv, d,
         q.stride(0), q.stride(1), meta.stride(0), meta.stride(1), meta.stride(2), meta.stride(3), page_size,
         per, signal if chain else out, out if trace is None else trace.region("score", grid[0] * grid[1], meta.device),
-        CHAIN=chain, PDL=pdl, TRACE=trace is not None, TMA=tma, launch_pdl=pdl, **launch_prefetch(pdl, walk["num_warps"], q, meta, consts["G"], prefetch),
+        CHAIN=chain, PDL=pdl, TRACE=trace is not None, TMA=tma, PAGES_MAJOR=bool(pages_major), launch_pdl=pdl, **launch_prefetch(pdl, walk["num_warps"], q, meta, consts["G"], prefetch),
         **walk, **consts,
     )
     return out
