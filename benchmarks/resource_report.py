@@ -244,6 +244,9 @@ def _chain_launches(model: str, batch: int, tokens: int, budget: int) -> list[tu
         ("score + select (fused chain, TMA read)", triton_fused_select._fused_kernel,
          capture_launch(triton_fused_select._fused_kernel, lambda: triton_chain.quest_decode_chained_triton(
              q, k, k, meta, start, end, PAGE, budget // PAGE, 1, 1, "max", d**-0.5, fused=True, fused_options={"tma": True}))),
+        ("score + select (fused chain, pages-major products)", triton_fused_select._fused_kernel,
+         capture_launch(triton_fused_select._fused_kernel, lambda: triton_chain.quest_decode_chained_triton(
+             q, k, k, meta, start, end, PAGE, budget // PAGE, 1, 1, "max", d**-0.5, fused=True, fused_options={"pages_major": True}))),
         ("attention (fp8 K/V)", triton_decode._decode_split_kernel,
          capture_launch(triton_decode._decode_split_kernel,
                         lambda: triton_decode.sparse_decode_attention_triton(q, k8, k8, idx, start, end, PAGE, d**-0.5))),

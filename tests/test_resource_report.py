@@ -32,7 +32,8 @@ def test_resource_report_on_a_small_shape(tmp_path):
     big = "score (over 8 MiB of metadata)"
     searches = ["select (narrowing search)", "select (ranking the last 64 keys)"]
     tma = ["score (TMA read, one block a program)", "score + select (fused chain, TMA read)"]
-    pages_major = ["score (pages-major products)", "score (pages-major products, fp8 metadata)", "score (pages-major products, TMA read)"]
+    pages_major = ["score (pages-major products)", "score (pages-major products, fp8 metadata)", "score (pages-major products, TMA read)",
+                   "score + select (fused chain, pages-major products)"]
     assert set(rows) == {"score", "select", "attention", "merge", *searches, *chained, *fp8, "score + select (fused chain)",
                          "persistent decode", "persistent decode, two grids: score", "persistent decode, two grids: attention", big,
                          *tma, *pages_major}

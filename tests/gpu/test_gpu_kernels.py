@@ -182,8 +182,10 @@ def test_gpu_fused_select_exact_on_integer_data(name, length, batch, ps):
             _poison(batch * hkv * n, torch.int32)
             out = score_and_select_triton(q, meta, start, end, ps, n, 1, 2, red)
             assert torch.equal(out, expect)
-        # the opt-in TMA read of the metadata (off by default)
+        # the opt-in TMA read of the metadata and the opt-in pages-major products (off by default)
         assert torch.equal(score_and_select_triton(q, meta, start, end, ps, n, 1, 2, red, tma=True), expect)
+        for tma in (False, True):
+            assert torch.equal(score_and_select_triton(q, meta, start, end, ps, n, 1, 2, red, tma=tma, pages_major=True), expect)
 
 
 def test_gpu_fused_select_random_data_up_to_ties():

@@ -99,6 +99,20 @@ def test_fused_tma_read_equals_cp_async(per):
     assert torch.equal(got, _expect(q, meta, start, end, 8, 20, 1, 2, "max"))
 
 
+@pytest.mark.parametrize("per", [1, 3])
+@pytest.mark.parametrize("tma", [False, True])
+def test_fused_pages_major_selects_the_reference_pages(per, tma):
+    """The opt-in pages-major products (``pages_major=True``) select the reference's pages: integer data, so
+    the scores are exact whatever the summation order; one or several scoring programs a (row, head)."""
+    gn = gen(17)
+    _, _, meta = cache(2, 2, 1280, 16, 8, torch.bfloat16, gn, integer=True)  # 160 pages
+    q = randint(-3, 4, (2, 4, 16), torch.bfloat16, gn)
+    start, end = rows(2, 1200, gn)
+    got = score_and_select_triton(q, meta, start, end, 8, 20, 1, 2, "max", blocks_per_program=per, block_p=16, tma=tma,
+                                  pages_major=True)
+    assert torch.equal(got, _expect(q, meta, start, end, 8, 20, 1, 2, "max"))
+
+
 def test_fused_random_inputs_topk_up_to_ties():
     gn = gen(15)
     _, _, meta = cache(2, 2, 256, 32, 16, torch.bfloat16, gn)

@@ -31,7 +31,8 @@ from .triton_score import launch_prefetch, meta_descriptor, plan_walk, prefetch_
 def score_part(q_ptr, meta_ptr, ws_ptr, b, h, bh, part, blocks_per_program, num_pages, start, end, stride_qb, stride_qh,
                stride_mb, stride_mh, stride_mp, stride_mm, D, page_size, G: tl.constexpr, G_PAD: tl.constexpr,
                BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, GQA_SUM: tl.constexpr, F32: tl.constexpr,
-               SCALED_F16: tl.constexpr, STAGES: tl.constexpr, WALK: tl.constexpr, desc=None, TMA: tl.constexpr = False):
+               SCALED_F16: tl.constexpr, STAGES: tl.constexpr, WALK: tl.constexpr, desc=None, TMA: tl.constexpr = False,
+               PAGES_MAJOR: tl.constexpr = False):
     """Score blocks ``[part * blocks_per_program, ...)`` of (row ``b``, KV head ``h``) = ``bh`` into its fp32
     scratch row (:func:`triton_score.score_blocks`, through the TMA descriptor ``desc`` with ``TMA``); returns
     that row's pointer once every thread's scores are stored (CTA barrier: the row may be re-read or its
@@ -42,7 +43,7 @@ def score_part(q_ptr, meta_ptr, ws_ptr, b, h, bh, part, blocks_per_program, num_
     last = tl.minimum(first + blocks_per_program, tl.cdiv(num_pages, BLOCK_P))
     score_blocks(
         q_ptr, b, h, stride_qb, stride_qh, meta_bh, ws, first, last, num_pages, start, end, stride_mp, stride_mm, D, page_size,
-        G, G_PAD, BLOCK_D, BLOCK_P, GQA_SUM, F32, SCALED_F16, STAGES, WALK, desc, TMA,
+        G, G_PAD, BLOCK_D, BLOCK_P, GQA_SUM, F32, SCALED_F16, STAGES, WALK, desc, TMA, PAGES_MAJOR,
     )
     tl.debug_barrier()
     return ws
@@ -115,6 +116,7 @@ def _fused_kernel(
     PREFETCH_BYTES: tl.constexpr,
     PREFETCH_Q: tl.constexpr,
     TMA: tl.constexpr,
+    PAGES_MAJOR: tl.constexpr,
 ):
     trace_mark(trace_ptr, 0, TRACE)
     pid = tl.program_id(0)
@@ -130,7 +132,7 @@ def _fused_kernel(
     end = tl.load(end_ptr + b).to(tl.int32)
     ws = score_part(q_ptr, meta_ptr, ws_ptr, b, h, bh, pid, blocks_per_program, num_pages, start, end, stride_qb, stride_qh,
                     stride_mb, stride_mh, stride_mp, stride_mm, D, page_size, G, G_PAD, BLOCK_D, BLOCK_P, GQA_SUM, F32,
-                    SCALED_F16, STAGES, WALK, desc, TMA)
+                    SCALED_F16, STAGES, WALK, desc, TMA, PAGES_MAJOR)
     offs = tl.arange(0, BLOCK)
     out_bh = out_ptr + bh.to(tl.int64) * num_select
     NOTIFY: tl.constexpr = 1 if CHAIN else 0  # select_if_last: flag the row for its attention programs
@@ -166,6 +168,7 @@ def score_and_select_triton(
     maxnreg: int | None = None,
     prefetch: bool | None = None,
     tma: bool = False,
+    pages_major: bool = False,
 ) -> torch.Tensor:
     """int32 ``[B, Hkv, num_select]`` (see module docstring). ``blocks_per_program``, ``ways``, ``finish``,
     ``num_warps``, ``block_p`` and ``num_stages`` override the tuned defaults (tests, tuning). ``flags``
@@ -175,7 +178,8 @@ def score_and_select_triton(
     ``prefetch``: force the L2 prefetch of the metadata and the query before the wait on / off (:func:`triton_score.prefetch_plan`).
     ``tma``: read the metadata through the tensor-memory accelerator (:func:`triton_score.use_tma`, forced;
     the walk's plan unchanged). Off by default: not yet timed in this kernel (the score kernel's own rule
-    comes from its measurements); the same scores either way."""
+    comes from its measurements); the same scores either way. ``pages_major``: the score's products as
+    ``[pages, D] x [D, G]`` (:func:`triton_score.block_scores`; off by default: not yet timed)."""
     q, meta, consts = score_meta(q, meta, seq_start, seq_end, page_size, gqa_reduction)
     check(num_select >= 1, f"num_select={num_select} must be >= 1")
     check(sink_pages >= 0 and recent_pages >= 0, "sink_pages / recent_pages must be >= 0")
@@ -205,7 +209,7 @@ def score_and_select_triton(
         page_size, sink_pages, recent_pages, out if flags is None else flags,
         out if trace is None else trace.region("score_select", nprog * b * hkv, meta.device),
         BLOCK=block, WAYS=ways, FINISH=finish, SINGLE=nprog == 1, CHAIN=flags is not None, TRACE=trace is not None,
-        PDL=pdl, TMA=tma, launch_pdl=pdl, **({} if maxnreg is None else {"maxnreg": maxnreg}), **launch_prefetch(pdl, walk["num_warps"], q, meta, consts["G"], prefetch, head=False),
+        PDL=pdl, TMA=tma, PAGES_MAJOR=bool(pages_major), launch_pdl=pdl, **({} if maxnreg is None else {"maxnreg": maxnreg}), **launch_prefetch(pdl, walk["num_warps"], q, meta, consts["G"], prefetch, head=False),
         **walk, **consts,
     )
     return out
