@@ -147,14 +147,15 @@ def test_scores_reject_bad_input():
     pages=st.integers(1, 8),
     red=st.sampled_from(["max", "sum"]),
     seed=st.integers(0, 10_000),
+    pages_major=st.booleans(),
 )
-def test_scores_hypothesis(b, h, g, d, ps, pages, red, seed):
+def test_scores_hypothesis(b, h, g, d, ps, pages, red, seed, pages_major):
     gn = gen(seed)
     cap = pages * ps
     _, _, meta = cache(b, h, cap, d, ps, torch.bfloat16, gn)
     q = randn((b, h * g, d), torch.bfloat16, gn)
     start, end = rows(b, cap, gn, empty_row=seed % 3 == 0)
-    _check(q, meta, start, end, ps, red)
+    _check(q, meta, start, end, ps, red, pages_major=pages_major)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
