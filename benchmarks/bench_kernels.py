@@ -419,6 +419,12 @@ def run(args) -> dict:
 
             def plan_rows(key, suffix, **plan):  # the score over c[key] ("meta" / "meta8") with a launch plan, alone and in the chain
                 mb = meta_bytes if key == "meta" else meta_bytes // 2
+                c = copies.items[0]  # correctness first: the plan's scores are the default's at this shape (up to summation order)
+                got = page_scores_triton(c["q"], c[key], start, end, PAGE, "max", **plan)
+                want = page_scores_triton(c["q"], c[key], start, end, PAGE, "max")
+                fin = torch.isfinite(want)
+                assert torch.equal(torch.isneginf(got), torch.isneginf(want)), f"score{suffix}: other pages masked"
+                assert torch.allclose(got[fin], want[fin], rtol=1e-5, atol=1e-3), f"score{suffix}: scores differ from the default's"
                 add(f"score{suffix}", budget, mb + qo_bytes // 2 + score_bytes, scorer(key, **plan))
                 add(f"total_split{suffix}", budget, total_bytes - (meta_bytes - mb), split_over(key, **plan), dense_ms)
 
