@@ -113,22 +113,20 @@ def block_scores(
     64+ rows let the sm_90 compile use warpgroup MMAs (``HGMMA``) straight from the tiles in shared memory,
     where the ``[G_PAD, BLOCK_D] x [BLOCK_D, BLOCK_P]`` form runs ``mma.sync`` (M = 16) on register copies
     of them, as one chain of 16 dependent ``HMMA`` a warp tile at head_dim 128."""
+    heads = tl.arange(0, G_PAD)
     if PAGES_MAJOR:
         s = mm(mx_t.to(q_pos.dtype), tl.trans(q_pos), None, F32)  # [BLOCK_P, G_PAD]
         s = mm(mn_t.to(q_pos.dtype), tl.trans(q_neg), s, F32)
-        cols = tl.arange(0, G_PAD)[None, :]
-        if GQA_SUM:
-            red = tl.sum(tl.where(cols < G, s, 0.0), axis=1)
-        else:
-            red = tl.reduce(tl.where(cols < G, s, float("-inf")), 1, _max_keep_nan)
+        in_group = (heads < G)[None, :]
     else:
-        s = mm(q_pos, mx_t.to(q_pos.dtype), None, F32)  # fp8 metadata: exact upcast
+        s = mm(q_pos, mx_t.to(q_pos.dtype), None, F32)  # [G_PAD, BLOCK_P]; fp8 metadata: exact upcast
         s = mm(q_neg, mn_t.to(q_pos.dtype), s, F32)
-        rows = tl.arange(0, G_PAD)[:, None]
-        if GQA_SUM:
-            red = tl.sum(tl.where(rows < G, s, 0.0), axis=0)
-        else:
-            red = tl.reduce(tl.where(rows < G, s, float("-inf")), 0, _max_keep_nan)  # a NaN head's score stays NaN
+        in_group = (heads < G)[:, None]
+    HEAD_AXIS: tl.constexpr = 1 if PAGES_MAJOR else 0
+    if GQA_SUM:
+        red = tl.sum(tl.where(in_group, s, 0.0), axis=HEAD_AXIS)
+    else:
+        red = tl.reduce(tl.where(in_group, s, float("-inf")), HEAD_AXIS, _max_keep_nan)  # a NaN head's score stays NaN
     if SCALED_F16:
         red = red * inv_scale
     valid = page_valid(pages, start, end, page_size) & (pages < num_pages)
